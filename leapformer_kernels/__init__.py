@@ -1,0 +1,17 @@
+"""leapformer_kernels: fast, exact kernels for LeaPformer attention (arXiv 2405.13046).
+
+    import leapformer_kernels as lk
+    o = lk.leap_attention(q, k, v, pq, pk, causal=True)
+
+See DESIGN section 6 / the README for the API.
+"""
+from . import reference
+from .backends import available_backends
+from .layers import LeaP, LeapAttention, WindowPool
+from .ops import leap_attention, leap_attention_step, window_pool
+from .pooling.naive import dyadic_windows
+
+__version__ = "0.1.0"
+
+__all__ = ["leap_attention", "leap_attention_step", "window_pool", "dyadic_windows", "reference",
+           "available_backends", "LeaP", "LeapAttention", "WindowPool"]

@@ -1,0 +1,234 @@
+"""Argument validation shared by every backend.
+
+Every public op validates its arguments here, before a backend is chosen, so the same bad
+input gives the same error whatever backend would have run. Checks that read tensor
+*values* (``cu_seqlens``) run eagerly only: they are skipped under fake tensors and while
+``torch.compile`` traces.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKEND_NAMES = ("torch", "cpu", "triton")
+REDUCES = ("sum", "mean", "max")
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / state dtype for inputs of ``dtype``: float64 stays, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"
+
+
+def _tensor(x, name: str, ndim: Optional[int] = None, what: str = "") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {what}, got shape {tuple(x.shape)}")
+    return x
+
+
+def _floating(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_backend(backend) -> None:
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {backend!r}")
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return float(eps)
+
+
+@dataclass(frozen=True)
+class AttnDims:
+    """Sizes of a validated attention call."""
+
+    B: int
+    T: int
+    S: int
+    H: int
+    Hkv: int
+    Dk: int
+    Dv: int
+    num_seqs: int  # batch size of the state: B, or N with cu_seqlens
+
+
+def check_qkvp(q, k, v, pq, pk) -> AttnDims:
+    """Ranks, dtypes, devices and matching shapes of q, k, v, pq, pk (see DESIGN section 2)."""
+    q = _tensor(q, "q", 4, "[B, T, H, Dk]")
+    k = _tensor(k, "k", 4, "[B, S, Hkv, Dk]")
+    v = _tensor(v, "v", 4, "[B, S, Hkv, Dv]")
+    pq = _tensor(pq, "pq", 3, "[B, T, H]")
+    pk = _tensor(pk, "pk", 3, "[B, S, Hkv]")
+    for name, t in (("q", q), ("k", k), ("v", v), ("pq", pq), ("pk", pk)):
+        _floating(t, name)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v must share a dtype")
+    for name, t in (("pq", pq), ("pk", pk)):
+        if t.dtype not in (q.dtype, torch.float32, torch.float64):
+            raise TypeError(f"{name} has dtype {t.dtype}; expected q's dtype ({q.dtype}) or float32")
+    for name, t in (("k", k), ("v", v), ("pq", pq), ("pk", pk)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must share a device")
+    B, T, H, Dk = q.shape
+    _, S, Hkv, _ = k.shape
+    Dv = v.shape[3]
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
+    if k.shape[3] != Dk:
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {Dk}")
+    if v.shape[0] != B or v.shape[1] != S or v.shape[2] != Hkv:
+        raise ValueError(f"v has shape {tuple(v.shape)}; expected [B, S, Hkv, Dv] = [{B}, {S}, {Hkv}, Dv] "
+                         f"to match k {tuple(k.shape)}")
+    if min(T, S, H, Hkv, Dk, Dv) < 1:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must have "
+                         "no empty dimension (T, S, H, Hkv, Dk, Dv >= 1)")
+    if H % Hkv != 0:
+        raise ValueError(f"k has {Hkv} heads, which does not divide the {H} heads of q (MQA/GQA needs Hkv | H)")
+    if tuple(pq.shape) != (B, T, H):
+        raise ValueError(f"pq has shape {tuple(pq.shape)}; expected [B, T, H] = {[B, T, H]} from q")
+    if tuple(pk.shape) != (B, S, Hkv):
+        raise ValueError(f"pk has shape {tuple(pk.shape)}; expected [B, S, Hkv] = {[B, S, Hkv]} from k")
+    return AttnDims(B, T, S, H, Hkv, Dk, Dv, B)
+
+
+def check_cu_seqlens(cu_seqlens, dims: AttnDims, causal: bool) -> int:
+    """Returns the number of sequences N. Value checks run eagerly only."""
+    cu = _tensor(cu_seqlens, "cu_seqlens", 1, "[N + 1]")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must have dtype int32 or int64, got {cu.dtype}")
+    if cu.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold N + 1 >= 2 offsets, got {cu.numel()}")
+    if dims.B != 1:
+        raise ValueError(f"cu_seqlens needs q, k, v packed with batch size 1, got q with batch size {dims.B}")
+    if dims.S != dims.T:
+        raise ValueError(f"cu_seqlens needs k of the same length as q (packed sequences), got S={dims.S} and T={dims.T}")
+    if not _is_fake(cu):
+        c = cu.detach().to("cpu", torch.int64)
+        if int(c[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(c[0])}")
+        if bool((c[1:] < c[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {c.tolist()}")
+        if int(c[-1]) != dims.T:
+            raise ValueError(f"cu_seqlens must end at the total length T={dims.T} of q, got {int(c[-1])}")
+    return cu.numel() - 1
+
+
+def check_state(state, name: str, n: int, dims: AttnDims, device) -> None:
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"{name} must be a pair (S, z) of tensors, got {type(state).__name__}")
+    S, z = state
+    S = _tensor(S, f"{name}[0] (S)", 4, "[B or N, H, 2*Dk, Dv]")
+    z = _tensor(z, f"{name}[1] (z)", 3, "[B or N, H, 2*Dk]")
+    _floating(S, f"{name}[0] (S)")
+    _floating(z, f"{name}[1] (z)")
+    want_S = (n, dims.H, 2 * dims.Dk, dims.Dv)
+    want_z = (n, dims.H, 2 * dims.Dk)
+    if tuple(S.shape) != want_S:
+        raise ValueError(f"{name}[0] (S) has shape {tuple(S.shape)}; expected {list(want_S)} "
+                         "= [B or N, H, 2*Dk, Dv] from q, v (and cu_seqlens)")
+    if tuple(z.shape) != want_z:
+        raise ValueError(f"{name}[1] (z) has shape {tuple(z.shape)}; expected {list(want_z)} = [B or N, H, 2*Dk]")
+    for t, nm in ((S, f"{name}[0] (S)"), (z, f"{name}[1] (z)")):
+        if t.device != device:
+            raise ValueError(f"{nm} is on {t.device} but q is on {device}")
+
+
+def check_attention(q, k, v, pq, pk, *, causal, block_size, key_padding_mask, cu_seqlens,
+                    initial_state, output_final_state, eps, normalize, backend) -> AttnDims:
+    """Validate every argument of ``leap_attention``; returns the sizes."""
+    dims = check_qkvp(q, k, v, pq, pk)
+    for name, flag in (("causal", causal), ("output_final_state", output_final_state), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _check_eps(eps)
+    check_backend(backend)
+    if causal and dims.S != dims.T:
+        raise ValueError(f"causal=True needs k of the same length as q: got k length S={dims.S}, "
+                         f"q length T={dims.T} (use causal=False for cross-attention)")
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise TypeError(f"block_size must be an int or None, got {type(block_size).__name__}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not causal:
+            raise ValueError("block_size needs causal=True (block-causal attention); got causal=False")
+    if key_padding_mask is not None:
+        m = _tensor(key_padding_mask, "key_padding_mask", 2, "[B, S]")
+        if m.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = padded), got {m.dtype}")
+        if tuple(m.shape) != (dims.B, dims.S):
+            raise ValueError(f"key_padding_mask has shape {tuple(m.shape)}; expected [B, S] = {[dims.B, dims.S]} from k")
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask is on {m.device} but q is on {q.device}")
+    n = dims.B
+    if cu_seqlens is not None:
+        n = check_cu_seqlens(cu_seqlens, dims, causal)
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if initial_state is not None:
+        check_state(initial_state, "initial_state", n, dims, q.device)
+    return AttnDims(dims.B, dims.T, dims.S, dims.H, dims.Hkv, dims.Dk, dims.Dv, n)
+
+
+def check_step(q, k, v, pq, pk, state, *, eps, normalize, backend) -> AttnDims:
+    """Validate the arguments of ``leap_attention_step``."""
+    dims = check_qkvp(q, k, v, pq, pk)
+    if dims.S != dims.T:
+        raise ValueError(f"leap_attention_step needs k with the same number of new tokens as q: "
+                         f"got k with {dims.S}, q with {dims.T}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    _check_eps(eps)
+    check_backend(backend)
+    if state is not None:
+        check_state(state, "state", dims.B, dims, q.device)
+    return dims
+
+
+def check_window_pool(x, windows, reduce, backend) -> Tuple[Tuple[int, int], ...]:
+    """Validate ``window_pool`` arguments; returns the windows as a tuple of int pairs."""
+    x = _tensor(x, "x", 3, "[B, T, D]")
+    _floating(x, "x")
+    if min(x.shape) < 1:
+        raise ValueError(f"x must have no empty dimension, got shape {tuple(x.shape)}")
+    if not isinstance(reduce, str) or reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    check_backend(backend)
+    if isinstance(windows, torch.Tensor) or not isinstance(windows, Sequence) or isinstance(windows, str):
+        raise TypeError(f"windows must be a list of (a, b) int pairs, got {type(windows).__name__}")
+    if len(windows) == 0:
+        raise ValueError("windows must hold at least one (a, b) pair, got an empty list")
+    out = []
+    for i, w in enumerate(windows):
+        if not isinstance(w, Sequence) or len(w) != 2 or not all(
+                isinstance(e, int) and not isinstance(e, bool) for e in w):
+            raise TypeError(f"windows[{i}] must be a pair of ints (a, b), got {w!r}")
+        a, b = int(w[0]), int(w[1])
+        if a > b:
+            raise ValueError(f"windows[{i}] = ({a}, {b}) has a > b; a window (a, b) needs a <= b")
+        out.append((a, b))
+    return tuple(out)

@@ -1,0 +1,1 @@
+"""LeaP attention: reference (``naive``), PyTorch chunked form (``chunk``), kernels, autograd glue."""

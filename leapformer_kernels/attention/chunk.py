@@ -1,0 +1,107 @@
+"""Chunked O(T)-memory LeaP attention in PyTorch: the ``torch`` backend that users run.
+
+All chunks are processed at once: per-chunk key states ``k~_c^T v_c`` are summed by a
+prefix (cumsum) over chunks, so the state is carried between chunks without a Python loop,
+and each chunk adds its masked intra-chunk scores. Chunk length 64 (causal); for
+block-causal attention with block ``W`` the chunk is a multiple of ``W`` (``W <= 64``) or
+``W`` itself (``W > 64``, where a whole block is visible to all its queries, so the
+inclusive chunk state serves without intra-chunk scores). Memory is O(T * (Dk + Dv) +
+T/C * Dk * Dv); no T x T buffer. Autograd provides the backward.
+"""
+from typing import Optional
+
+import torch
+
+from .._validate import state_dtype
+from .features import expand_kv_heads, reweight
+
+CHUNK = 64
+
+
+def _chunk_plan(causal: bool, block_size: Optional[int]):
+    """(chunk length, intra-chunk mask kind) with kind in {"causal", "block", None}."""
+    if block_size is None:
+        return CHUNK, "causal"
+    if block_size <= CHUNK:
+        return block_size * (CHUNK // block_size), "block"
+    return block_size, None
+
+
+def chunked_core(qf, kf, v, S0, z0, causal: bool, block_size: Optional[int]):
+    """qf [B, H, T, F], kf [B, H, S, F] (padded keys already zeroed), v [B, H, S, Dv],
+    S0 [B, H, F, Dv], z0 [B, H, F] -> num [B, H, T, Dv], den [B, H, T], S [B, H, F, Dv], z [B, H, F]."""
+    if not causal:
+        S_fin = S0 + kf.transpose(-1, -2) @ v
+        z_fin = z0 + kf.sum(-2)
+        return qf @ S_fin, (qf * z_fin[:, :, None, :]).sum(-1), S_fin, z_fin
+    B, H, T, F = qf.shape
+    Dv = v.shape[-1]
+    C, kind = _chunk_plan(causal, block_size)
+    N = (T + C - 1) // C
+    pad = N * C - T
+    if pad:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad))
+        kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    qc, kc, vc = qf.view(B, H, N, C, F), kf.view(B, H, N, C, F), v.view(B, H, N, C, Dv)
+    kv = kc.transpose(-1, -2) @ vc  # [B, H, N, F, Dv]
+    zc = kc.sum(-2)  # [B, H, N, F]
+    incl = torch.cumsum(kv, dim=2) + S0[:, :, None]
+    zincl = torch.cumsum(zc, dim=2) + z0[:, :, None]
+    S_fin, z_fin = incl[:, :, -1], zincl[:, :, -1]
+    if kind is None:  # whole-block chunks: every query sees its chunk entirely
+        num = qc @ incl
+        den = (qc * zincl[:, :, :, None, :]).sum(-1)
+    else:
+        excl = torch.cat([S0[:, :, None], incl[:, :, :-1]], dim=2)
+        zexcl = torch.cat([z0[:, :, None], zincl[:, :, :-1]], dim=2)
+        i = torch.arange(C, device=qf.device)
+        if kind == "causal":
+            mask = i[None, :] <= i[:, None]
+        else:
+            mask = (i[None, :] // block_size) <= (i[:, None] // block_size)
+        A = (qc @ kc.transpose(-1, -2)) * mask.to(qc.dtype)  # [B, H, N, C, C]
+        num = qc @ excl + A @ vc
+        den = (qc * zexcl[:, :, :, None, :]).sum(-1) + A.sum(-1)
+    num = num.reshape(B, H, N * C, Dv)[:, :, :T]
+    den = den.reshape(B, H, N * C)[:, :, :T]
+    return num, den, S_fin, z_fin
+
+
+def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_padding_mask=None,
+                         cu_seqlens=None, initial_state=None, output_final_state=False,
+                         eps=1e-6, normalize=True):
+    """The torch backend of ``lk.leap_attention`` (arguments already validated).
+    Computes in float32 (float64 for float64 inputs); returns o in q's dtype."""
+    acc = state_dtype(q.dtype)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    qf = reweight(q.to(acc), pq.to(acc)).transpose(1, 2)  # [B, H, T, 2Dk]
+    kf = reweight(expand_kv_heads(k, H).to(acc), expand_kv_heads(pk, H).to(acc))
+    if key_padding_mask is not None:
+        kf = kf * (~key_padding_mask)[:, :, None, None].to(acc)
+    kf = kf.transpose(1, 2)
+    vh = expand_kv_heads(v, H).to(acc).transpose(1, 2)  # [B, H, S, Dv]
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is None:
+        S0 = q.new_zeros(n, H, 2 * Dk, Dv, dtype=acc)
+        z0 = q.new_zeros(n, H, 2 * Dk, dtype=acc)
+    else:
+        S0, z0 = initial_state[0].to(acc), initial_state[1].to(acc)
+    if cu_seqlens is None:
+        num, den, S_fin, z_fin = chunked_core(qf, kf, vh, S0, z0, causal, block_size)
+    else:
+        bounds = cu_seqlens.tolist()
+        parts = [chunked_core(qf[:, :, a:b], kf[:, :, a:b], vh[:, :, a:b], S0[i:i + 1], z0[i:i + 1],
+                              causal, block_size) if b > a else
+                 (qf.new_zeros(1, H, 0, Dv), qf.new_zeros(1, H, 0), S0[i:i + 1], z0[i:i + 1])
+                 for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        num = torch.cat([p[0] for p in parts], dim=2)
+        den = torch.cat([p[1] for p in parts], dim=2)
+        S_fin = torch.cat([p[2] for p in parts], dim=0)
+        z_fin = torch.cat([p[3] for p in parts], dim=0)
+    o = num / torch.clamp(den, min=eps)[..., None] if normalize else num
+    o = o.transpose(1, 2).to(q.dtype)
+    if output_final_state:
+        return o, (S_fin, z_fin)
+    return o

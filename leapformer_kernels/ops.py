@@ -1,0 +1,73 @@
+"""Public functional ops: validate, pick a backend, run it (DESIGN section 6)."""
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import backends
+from ._validate import check_attention, check_step, check_window_pool
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+
+def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor, *,
+                   causal: bool = True, block_size: Optional[int] = None,
+                   key_padding_mask: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                   initial_state: Optional[State] = None, output_final_state: bool = False,
+                   eps: float = 1e-6, normalize: bool = True, backend: Optional[str] = None):
+    """LeaPformer attention with learned proportions.
+
+    Args:
+        q: [B, T, H, Dk]; k: [B, S, Hkv, Dk]; v: [B, S, Hkv, Dv] (Hkv divides H: MQA / GQA).
+        pq: [B, T, H], pk: [B, S, Hkv]: proportions (in [0, 1] normally), q's dtype or float32.
+        causal: key s visible from query t iff s <= t (needs S == T). ``causal=False`` is
+            non-causal / cross-attention (S may differ from T).
+        block_size: with causal=True, block-causal: s visible iff s // W <= t // W.
+        key_padding_mask: [B, S] bool, True = padded key (ignored), any mode.
+        cu_seqlens: [N + 1] int32/int64 offsets of N packed sequences (B == 1, S == T).
+        initial_state: (S0 [B or N, H, 2Dk, Dv], z0 [B or N, H, 2Dk]).
+        output_final_state: also return the final state (S, z), float32 (float64 for float64 inputs).
+        eps: clamp of the denominator, ``o = num / max(den, eps)``.
+        normalize: False returns ``num`` (no denominator).
+        backend: "torch", "cpu", "triton" or None (automatic).
+
+    Returns:
+        o [B, T, H, Dv] in q's dtype, or (o, (S, z)) with output_final_state.
+    """
+    check_attention(q, k, v, pq, pk, causal=causal, block_size=block_size, key_padding_mask=key_padding_mask,
+                    cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+                    eps=eps, normalize=normalize, backend=backend)
+    impl = backends.select("leap_attention", backend, q.device, q.dtype)
+    return impl.leap_attention(q, k, v, pq, pk, causal=causal, block_size=block_size,
+                               key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                               initial_state=initial_state, output_final_state=output_final_state,
+                               eps=eps, normalize=normalize)
+
+
+def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
+                        state: Optional[State] = None, *, eps: float = 1e-6, normalize: bool = True,
+                        backend: Optional[str] = None):
+    """Decode t >= 1 new tokens against a carried state (causal among the new tokens).
+
+    q [B, t, H, Dk], k [B, t, Hkv, Dk], v [B, t, Hkv, Dv], pq [B, t, H], pk [B, t, Hkv];
+    state (S [B, H, 2Dk, Dv], z [B, H, 2Dk]) or None (zeros).
+    Returns (o [B, t, H, Dv], (S, z)) as fresh tensors; the input state is not modified.
+    Equals ``leap_attention`` on the concatenation of everything decoded so far.
+    """
+    check_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize, backend=backend)
+    impl = backends.select("leap_attention_step", backend, q.device, q.dtype)
+    return impl.leap_attention_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize)
+
+
+def window_pool(x: torch.Tensor, windows: Sequence[Tuple[int, int]], reduce: str = "mean",
+                backend: Optional[str] = None):
+    """Pool x [B, T, D] over windows (a, b) of offsets relative to each position t.
+
+    ``pooled[b, t, w] = reduce(x[b, t+a .. t+b])`` over the part inside [0, T) (mean divides
+    by that part's length; wholly outside gives 0); reduce is "sum", "mean" or "max" (ties
+    send the gradient to the first maximal element).
+    Returns pooled [B, T, len(windows), D] in x's dtype and valid [B, T, len(windows)] bool
+    (True where the window lies wholly inside [0, T)).
+    """
+    windows = check_window_pool(x, windows, reduce, backend)
+    impl = backends.select("window_pool", backend, x.device, x.dtype)
+    return impl.window_pool(x, windows, reduce)

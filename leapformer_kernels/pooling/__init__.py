@@ -1,0 +1,1 @@
+"""Window pooling: reference (``naive``), PyTorch prefix-sum form (``prefix``), kernels, autograd glue."""
