@@ -6,6 +6,7 @@
 See DESIGN section 6 / the README for the API.
 """
 from . import reference
+from ._build import build
 from .backends import available_backends
 from .layers import LeaP, LeapAttention, WindowPool
 from .ops import leap_attention, leap_attention_step, window_pool
@@ -14,4 +15,4 @@ from .pooling.naive import dyadic_windows
 __version__ = "0.1.0"
 
 __all__ = ["leap_attention", "leap_attention_step", "window_pool", "dyadic_windows", "reference",
-           "available_backends", "LeaP", "LeapAttention", "WindowPool"]
+           "available_backends", "build", "LeaP", "LeapAttention", "WindowPool"]
