@@ -74,12 +74,12 @@ def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.d
     return get("torch")
 
 
-def available_backends() -> List[str]:
-    """Backends that can serve some tensors on this machine, e.g. ["torch", "cpu", "triton"]."""
+def available_backends(op: str = "leap_attention") -> List[str]:
+    """Backends that can run ``op`` (float32) on this machine, e.g. ["torch", "cpu", "triton"]."""
     out = []
     probes = {"torch": torch.device("cpu"), "cpu": torch.device("cpu"),
               "triton": torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")}
     for name in BACKEND_NAMES:
-        if _reason(name, "leap_attention", probes[name], torch.float32) is None:
+        if _reason(name, op, probes[name], torch.float32) is None:
             out.append(name)
     return out
