@@ -7,11 +7,18 @@ import leapformer_kernels as lk
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+# Relative error needs a reference that is not ~0: a result whose RMS is below FLOOR counts as
+# O(FLOOR) in scale (e.g. dq of a normalised T=1 call is exactly 0 mathematically: o = v).
+FLOOR = 1e-3
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / max(||ref||, FLOOR * sqrt(numel)); NaN/Inf in out fail."""
     out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), "output holds NaN or Inf"
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / max(denom, 1e-30)
+    denom = max(ref.norm().item(), FLOOR * max(ref.numel(), 1) ** 0.5)
+    return (out - ref).norm().item() / denom
 
 
 def assert_close(out, ref, dtype, what="output", factor=1.0, baseline=None):

@@ -12,6 +12,9 @@ with q, k, v in one dtype; pq, pk, S0, z0 (and dS, dz) in the state dtype (float
 float64 for float64 inputs); S0, z0, dS, dz may be None; block_size 0 = not block-causal;
 cu_seqlens int64 or None; dk, dv, dpk have Hkv heads. This module adapts dtypes and
 contiguity around them, so kernels see one layout only.
+
+NUMERICS every kernel must follow: build the cosine half as ``sin(pi/2 * (1 - p))`` (exact 0 at
+p = 1), never ``cos(pi/2 * p)`` (float32 gives -4.4e-8 there): see attention/features.py.
 """
 import torch
 
