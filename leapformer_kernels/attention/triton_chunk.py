@@ -1,0 +1,185 @@
+"""The ``triton`` backend's kernels for LeaP attention: ``fwd``, ``bwd`` and ``step``.
+
+The interface (shapes, dtypes, what may be None) is in ``attention/autograd.py``. Kernels:
+
+- ``triton_fwd.leap_fwd_kernel_sweep``: forward-order chunkwise sweep carrying the fp32
+  state in registers; ``STAGE`` 0 = forward (o and the final state), 1 = the backward's
+  recomputation of ``den`` and ``delta = do . num``, 2 = ``dq`` and ``dpq``.
+- ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``.
+- ``triton_step.leap_step_kernel``: the decode step (one launch per step).
+
+Grid: (value tiles, sequences x query heads). The backward recomputes the chunk states on
+the fly (nothing per chunk is stored); the only extra memory is ``den`` and ``delta``
+(fp32, per query row and head) and, for Dv > BV or GQA, per-tile / per-head partial
+gradients summed here in a fixed order: deterministic, no atomics.
+
+Tiles: the features are ``2 * Dk`` wide (sin and cos halves, each a ``[BT, BK]`` tile with
+``BK = next_pow2(Dk)``); ``BT = 64, BV <= 64`` for Dk <= 64 and ``BT = 32, BV <= 32`` for
+Dk = 128, so that the operand tiles and the two ``[BK, BV]`` fp32 states fit an A100's shared
+memory and registers. The autotuner varies num_warps / num_stages keyed on head sizes and
+flags, never on T (``do_not_specialize``), so a new length does not re-tune.
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_bwd import leap_bwd_kernel_dkv
+from .triton_fwd import interpreting, leap_fwd_kernel_sweep
+from .triton_step import leap_step_kernel
+
+_DT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    """0: fp32 operands with input_precision="ieee"; 1: bf16 operands; 2: fp16 inputs, fp32
+    operands as tf32 (see triton_fwd._dot). The interpreter's bf16 dot is wrong, so bf16 runs
+    its dots in fp32 there."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+        return 0
+    return 2 if dtype == torch.float16 else 1
+
+
+def _tiles(K: int, V: int):
+    BK = max(16, triton.next_power_of_2(K))
+    BT = 64 if BK <= 64 else 32
+    BV = max(16, min(triton.next_power_of_2(V), 64 if BK <= 64 else 32))
+    return BT, BK, BV, triton.cdiv(V, BV)
+
+
+def _sweep(T: int, S: int, causal: bool, block_size: int, BT: int):
+    """(INTRA, W, CL): see triton_fwd's docstring."""
+    longest = max(T, S, 1)
+    if not causal:
+        return False, longest, BT
+    if not block_size:
+        return True, 1, BT
+    if block_size <= BT:
+        return True, block_size, (BT // block_size) * block_size
+    return False, min(block_size, longest), BT
+
+
+def _guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_dtype(q: torch.Tensor):
+    if q.dtype not in _DT:
+        raise ValueError(f"backend='triton' supports float32, float16 and bfloat16, got {q.dtype}")
+
+
+def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
+        output_final_state):
+    _check_dtype(q)
+    B, T, H, K = q.shape
+    S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BT, BK, BV, NV = _tiles(K, V)
+    INTRA, W, CL = _sweep(T, S, causal, block_size, BT)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    if output_final_state:
+        Sf = torch.empty(N, H, 2 * K, V, **f32)
+        zf = torch.empty(N, H, 2 * K, **f32)
+    else:
+        Sf = zf = None
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    dummy = pq
+    with _guard(q):
+        leap_fwd_kernel_sweep[(NV, N * H)](
+            q, k, v, pq, pk, kpm if kpm is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
+            S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
+            o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
+            dummy, dummy, dummy, dummy, dummy,
+            T, S, W, CL, B * T * H, NV, eps,
+            H=H, G=H // Hkv, K=K, V=V, BT=BT, BK=BK, BV=BV, STAGE=0, INTRA=INTRA,
+            IS_VARLEN=cu_seqlens is not None, HAS_KPM=kpm is not None, USE_S0=S0 is not None,
+            STORE_STATE=output_final_state, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype])
+    return o, Sf, zf
+
+
+def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize):
+    _check_dtype(q)
+    B, T, H, K = q.shape
+    S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hkv
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BT, BK, BV, NV = _tiles(K, V)
+    INTRA, W, CL = _sweep(T, S, causal, block_size, BT)
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    NTH, NSH = B * T * H, B * S * H
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    dummy = pq
+    if dS is None and dz is not None:
+        dS = torch.zeros(N, H, 2 * K, V, **f32)
+    if dz is None and dS is not None:
+        dz = torch.zeros(N, H, 2 * K, **f32)
+    common = dict(H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, INTRA=INTRA, IS_VARLEN=cu_seqlens is not None,
+                  HAS_KPM=kpm is not None, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype])
+    cu = cu_seqlens if cu_seqlens is not None else dummy
+    kp = kpm if kpm is not None else dummy
+    s0 = S0 if S0 is not None else dummy
+    z0_ = z0 if z0 is not None else dummy
+    if normalize:
+        den = torch.empty(B, T, H, **f32)
+        delta = torch.empty(NV, B, T, H, **f32)
+    else:
+        den = delta = dummy
+    dq = torch.empty(NV, B, T, H, K, dtype=q.dtype if NV == 1 else torch.float32, device=dev)
+    dpq = torch.empty(NV, B, T, H, **f32)
+    part_k = NV > 1 or G > 1
+    dk = torch.empty(NV, B, S, H, K, dtype=torch.float32 if part_k else q.dtype, device=dev)
+    dpk = torch.empty(NV, B, S, H, **f32)
+    dv = torch.empty(B, S, H, V, dtype=torch.float32 if G > 1 else q.dtype, device=dev)
+    dS0 = torch.empty(N, H, 2 * K, V, **f32) if S0 is not None else None
+    dz0 = torch.empty(N, H, 2 * K, **f32) if S0 is not None else None
+    grid = (NV, N * H)
+    with _guard(q):
+        if normalize:
+            leap_fwd_kernel_sweep[grid](
+                q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
+                do, den, delta, dummy, dummy,
+                T, S, W, CL, NTH, NV, eps,
+                STAGE=1, USE_S0=S0 is not None, STORE_STATE=False, **common)
+        leap_fwd_kernel_sweep[grid](
+            q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
+            do, den, delta, dq, dpq,
+            T, S, W, CL, NTH, NV, eps,
+            STAGE=2, USE_S0=S0 is not None, STORE_STATE=False, **common)
+        leap_bwd_kernel_dkv[grid](
+            q, k, v, pq, pk, kp, cu, dS if dS is not None else dummy, dz if dz is not None else dummy,
+            do, den, delta,
+            dk, dv, dpk, dS0 if dS0 is not None else dummy, dz0 if dz0 is not None else dummy,
+            T, S, W, CL, NTH, NSH, NV, eps,
+            USE_DS=dS is not None, STORE_DS0=S0 is not None, **common)
+    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
+    dpq = dpq[0] if NV == 1 else dpq.sum(0)
+    if part_k:
+        dk = dk.view(NV, B, S, Hkv, G, K).sum((0, 4)).to(q.dtype)
+        dpk = dpk.view(NV, B, S, Hkv, G).sum((0, 4))
+    else:
+        dk, dpk = dk[0], dpk[0]
+    if G > 1:
+        dv = dv.view(B, S, Hkv, G, V).sum(3).to(q.dtype)
+    return dq, dk, dv, dpq.to(pq.dtype), dpk.to(pk.dtype), dS0, dz0
+
+
+def step(q, k, v, pq, pk, S0, z0, eps, normalize):
+    _check_dtype(q)
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[3]
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(triton.next_power_of_2(V), 32))
+    NV = triton.cdiv(V, BV)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    Sn = torch.empty(B, H, 2 * K, V, **f32)
+    zn = torch.empty(B, H, 2 * K, **f32)
+    dummy = pq
+    with _guard(q):
+        leap_step_kernel[(NV, B * H)](
+            q, k, v, pq, pk, S0 if S0 is not None else dummy, z0 if z0 is not None else dummy, o, Sn, zn,
+            T, eps, H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, USE_S0=S0 is not None, NORMALIZE=normalize)
+    return o, Sn, zn

@@ -1,0 +1,269 @@
+"""Triton forward-order sweep of chunkwise LeaP attention (forward and two backward stages).
+
+One program per (value tile ``i_v``, sequence x query head ``i_nh``) walks its sequence
+from the start, carrying the running state ``[S_sin; S_cos]`` (``2 x [BK, BV]``) and
+``[z_sin; z_cos]`` (``2 x [BK]``) in registers, fp32. The re-weighted features
+``[relu(x) sin(pi/2 p), relu(x) cos(pi/2 p)]`` are built in registers from each loaded
+tile, never written to memory. Nothing per chunk is stored: the state is carried.
+
+Two sweep shapes (constexpr ``INTRA``):
+
+- ``INTRA=True`` (causal; block-causal with block ``W <= BT``): chunks of ``CL`` rows
+  (``CL = BT`` causal, a multiple of ``W`` block-causal, so no block spans chunks); each
+  chunk adds masked intra-chunk scores ``(q~ k~^T) * [s//W <= t//W]`` to ``q~ @ state``.
+- ``INTRA=False`` (non-causal / cross-attention with one block of length ``W >= max(T, S)``;
+  block-causal with ``W > BT``): for each block, first fold all its keys into the state,
+  then every query of the block reads the inclusive state (a query sees its whole block).
+
+``STAGE`` picks what a query tile produces:
+  0: forward, ``o = num / max(den, eps)`` (or ``num``), and the final state;
+  1: backward preparation: ``den`` and per-value-tile ``delta = sum(do * num)``;
+  2: backward ``dq``/``dpq`` (per value tile partials when ``NV > 1``).
+The reverse sweep (``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``) is in ``triton_bwd.py``.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+HALF_PI = tl.constexpr(1.5707963267948966)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_configs():
+    """num_warps / num_stages candidates; a single config under the interpreter (the
+    autotuner cannot benchmark without a GPU driver)."""
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 1, 3)]
+    return configs[:1] if interpreting() else configs
+
+
+@triton.jit
+def _dot(a, b, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """fp32-accumulating dot. DOT_MODE 0: fp32 operands at full precision (fp32 inputs, and
+    bf16 under the interpreter, whose bf16 dot is wrong); 1: operands in the input dtype
+    (bf16: fp32's range, so scores, states and do/den round but never overflow);
+    2: fp32 operands as tf32 (fp16 inputs: fp16's 10-bit mantissa with fp32's range, since
+    scores, states and do/den can exceed the fp16 range)."""
+    if DOT_MODE == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _load_feat(x, p, o_r, m_r, stride_x, stride_p, o_d, m_d):
+    """Rows ``o_r`` (masked ``m_r``) of x (columns ``o_d``) and p -> relu(x), sin(pi/2 p),
+    cos(pi/2 p) (fp32)."""
+    o_r64 = o_r.to(tl.int64)
+    b_x = tl.load(x + o_r64[:, None] * stride_x + o_d[None, :], mask=m_r[:, None] & m_d[None, :],
+                  other=0.).to(tl.float32)
+    b_p = tl.load(p + o_r64 * stride_p, mask=m_r, other=0.).to(tl.float32)
+    b_a = tl.maximum(b_x, 0.)
+    # cosine half as sin(pi/2 (1 - p)): exact 0 at p = 1 (fp32 cos(pi/2) is -4.4e-8)
+    return b_a, tl.sin(b_p * HALF_PI), tl.sin((1. - b_p) * HALF_PI)
+
+
+@triton.jit
+def _key_valid(kpm, o_r, m_r, HAS_KPM: tl.constexpr):
+    """In-range and not padded."""
+    if HAS_KPM:
+        b_pad = tl.load(kpm + o_r.to(tl.int64), mask=m_r, other=1)
+        return m_r & (b_pad == 0)
+    else:
+        return m_r
+
+
+@triton.jit
+def _grad_rows(do, den, delta, o_r, m_r, o_v, m_v, stride_do, stride_h, NTH, NV, i_v, eps,
+               NORMALIZE: tl.constexpr):
+    """g = dL/dnum (rows x value tile) and r = dL/dden (rows), r counted on value tile 0 only."""
+    o_r64 = o_r.to(tl.int64)
+    b_do = tl.load(do + o_r64[:, None] * stride_do + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
+                   other=0.).to(tl.float32)
+    if NORMALIZE:
+        b_den = tl.load(den + o_r64 * stride_h, mask=m_r, other=1.)
+        b_delta = tl.zeros_like(b_den)
+        for j in range(0, NV):
+            b_delta += tl.load(delta + j * NTH + o_r64 * stride_h, mask=m_r, other=0.)
+        b_dd = tl.maximum(b_den, eps)
+        b_g = b_do / b_dd[:, None]
+        b_r = tl.where(b_den >= eps, -b_delta / (b_dd * b_dd), 0.)
+        b_r = tl.where(m_r & (i_v == 0), b_r, 0.)
+    else:
+        b_g = b_do
+        b_r = tl.zeros([b_do.shape[0]], dtype=tl.float32)
+    return b_g, b_r
+
+
+@triton.jit
+def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
+                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_v, eps, NTH, NV,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, STAGE: tl.constexpr,
+                HAS_A: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """One query tile of the forward-order sweep against the exclusive state, plus (HAS_A) the
+    masked intra-chunk scores against the chunk's own keys b_ks, b_kc, b_v under mask b_M."""
+    b_a, b_sin, b_cos = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
+    b_qs = b_a * b_sin[:, None]
+    b_qc = b_a * b_cos[:, None]
+    o_t64 = o_t.to(tl.int64)
+    if STAGE < 2:
+        if HAS_A:
+            b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
+            b_A = tl.where(b_M, b_A, 0.)
+        b_num = _dot(b_qs, b_hs, DOT_MODE, DT) + _dot(b_qc, b_hc, DOT_MODE, DT)
+        if HAS_A:
+            b_num += _dot(b_A, b_v, DOT_MODE, DT)
+        if STAGE == 0:
+            if NORMALIZE:
+                b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
+                if HAS_A:
+                    b_den += tl.sum(b_A, 1)
+                b_num = b_num / tl.maximum(b_den, eps)[:, None]
+            tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
+        else:
+            b_do = tl.load(do + o_t64[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                           other=0.).to(tl.float32)
+            tl.store(delta + i_v * NTH + o_t64 * H, tl.sum(b_do * b_num, 1), mask=m_t)
+            if i_v == 0:
+                b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
+                if HAS_A:
+                    b_den += tl.sum(b_A, 1)
+                tl.store(den + o_t64 * H, b_den, mask=m_t)
+    else:
+        b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
+        # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk)
+        b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
+        b_dqc = _dot(b_g, tl.trans(b_hc), DOT_MODE, DT) + b_r[:, None] * b_zc[None, :]
+        if HAS_A:
+            b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
+            b_dqs += _dot(b_dA, b_ks, DOT_MODE, DT)
+            b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
+        b_dq = (b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None]) * (b_a > 0).to(tl.float32)
+        b_dp = HALF_PI * tl.sum(b_a * (b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None]), 1)
+        tl.store(dq + i_v * NTH * K + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+                 mask=m_t[:, None] & m_k[None, :])
+        tl.store(dpq + i_v * NTH + o_t64 * H, b_dp, mask=m_t)
+
+
+@triton.autotune(configs=autotune_configs(),
+                 key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'STAGE', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
+                      'USE_S0', 'STORE_STATE', 'NORMALIZE', 'DOT_MODE'])
+@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'NTH', 'NV', 'eps'])
+def leap_fwd_kernel_sweep(
+    q, k, v, pq, pk, kpm, cu_seqlens, S0, z0,
+    o, Sf, zf,
+    do, den, delta, dq, dpq,
+    T, S, W, CL, NTH, NV, eps,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    STAGE: tl.constexpr, INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    USE_S0: tl.constexpr, STORE_STATE: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_MODE: tl.constexpr, DT: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    HKV: tl.constexpr = H // G
+    i_hk = i_h // G
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        Lq = (eos - bos).to(tl.int32)
+        Lk = Lq
+        kbos = bos
+    else:
+        bos = i_n.to(tl.int64) * T
+        kbos = i_n.to(tl.int64) * S
+        Lq = T
+        Lk = S
+    # per-(sequence, head) base pointers; rows are then plain offsets from the sequence start
+    q += (bos * H + i_h) * K
+    pq += bos * H + i_h
+    k += (kbos * HKV + i_hk) * K
+    pk += kbos * HKV + i_hk
+    v += (kbos * HKV + i_hk) * V
+    kpm += kbos
+    o += (bos * H + i_h) * V
+    do += (bos * H + i_h) * V
+    den += bos * H + i_h
+    delta += bos * H + i_h
+    dq += (bos * H + i_h) * K
+    dpq += bos * H + i_h
+
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_hs = tl.zeros([BK, BV], dtype=tl.float32)
+    b_hc = tl.zeros([BK, BV], dtype=tl.float32)
+    b_zs = tl.zeros([BK], dtype=tl.float32)
+    b_zc = tl.zeros([BK], dtype=tl.float32)
+    if USE_S0:
+        p_s = S0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        m_s = m_k[:, None] & m_v[None, :]
+        b_hs += tl.load(p_s, mask=m_s, other=0.)
+        b_hc += tl.load(p_s + K * V, mask=m_s, other=0.)
+        p_z = z0 + i_nh.to(tl.int64) * (2 * K) + o_k
+        b_zs += tl.load(p_z, mask=m_k, other=0.)
+        b_zc += tl.load(p_z + K, mask=m_k, other=0.)
+
+    o_i = tl.arange(0, BT)
+    if INTRA:
+        b_M = (o_i[:, None] // W) >= (o_i[None, :] // W)
+        for c0 in range(0, Lq, CL):
+            o_t = c0 + o_i
+            m_t = (o_i < CL) & (o_t < Lq)
+            b_ak, b_sk, b_ck = _load_feat(k, pk, o_t, m_t, HKV * K, HKV, o_k, m_k)
+            b_kv = _key_valid(kpm, o_t, m_t, HAS_KPM).to(tl.float32)
+            b_ks = b_ak * (b_sk * b_kv)[:, None]
+            b_kc = b_ak * (b_ck * b_kv)[:, None]
+            o_t64 = o_t.to(tl.int64)
+            b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                          other=0.)
+            _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
+                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_v, eps, NTH, NV,
+                        H, K, V, STAGE, True, NORMALIZE, DOT_MODE, DT)
+            b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
+            b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
+            b_zs += tl.sum(b_ks, 0)
+            b_zc += tl.sum(b_kc, 0)
+    else:
+        b_M = o_i[:, None] >= 0  # unused
+        nb = tl.cdiv(tl.maximum(Lq, Lk), W)
+        for ib in range(0, nb):
+            b0 = ib * W
+            ke = tl.minimum(b0 + W, Lk)
+            for s0 in range(b0, ke, BT):
+                o_s = s0 + o_i
+                m_s = o_s < ke
+                b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, m_s, HKV * K, HKV, o_k, m_k)
+                b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM).to(tl.float32)
+                b_ks = b_ak * (b_sk * b_kv)[:, None]
+                b_kc = b_ak * (b_ck * b_kv)[:, None]
+                b_v = tl.load(v + o_s.to(tl.int64)[:, None] * (HKV * V) + o_v[None, :],
+                              mask=m_s[:, None] & m_v[None, :], other=0.)
+                b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
+                b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
+                b_zs += tl.sum(b_ks, 0)
+                b_zc += tl.sum(b_kc, 0)
+            qe = tl.minimum(b0 + W, Lq)
+            for t0 in range(b0, qe, BT):
+                o_t = t0 + o_i
+                m_t = o_t < qe
+                _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
+                            b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
+                            H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
+    if STORE_STATE:
+        p_s = Sf + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        m_s = m_k[:, None] & m_v[None, :]
+        tl.store(p_s, b_hs, mask=m_s)
+        tl.store(p_s + K * V, b_hc, mask=m_s)
+        if i_v == 0:
+            p_z = zf + i_nh.to(tl.int64) * (2 * K) + o_k
+            tl.store(p_z, b_zs, mask=m_k)
+            tl.store(p_z + K, b_zc, mask=m_k)
