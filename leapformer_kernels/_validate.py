@@ -23,6 +23,12 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def effective_eps(eps: float, dtype: torch.dtype) -> float:
+    """The clamp actually applied: ``eps``, but at least the smallest normal number of the state
+    dtype, so that ``eps=0`` gives 0 (not 0/0 = NaN) where no key is visible."""
+    return max(float(eps), torch.finfo(state_dtype(dtype)).tiny)
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True

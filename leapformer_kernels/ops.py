@@ -4,7 +4,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import backends
-from ._validate import check_attention, check_step, check_window_pool
+from ._validate import check_attention, check_step, check_window_pool, effective_eps
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -26,7 +26,9 @@ def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.
         cu_seqlens: [N + 1] int32/int64 offsets of N packed sequences (B == 1, S == T).
         initial_state: (S0 [B or N, H, 2Dk, Dv], z0 [B or N, H, 2Dk]).
         output_final_state: also return the final state (S, z), float32 (float64 for float64 inputs).
-        eps: clamp of the denominator, ``o = num / max(den, eps)``.
+        eps: clamp of the denominator, ``o = num / max(den, eps)`` (eps >= 0; at least the smallest
+            normal float of the state dtype is used, so eps=0 gives 0 where nothing is visible;
+            its gradient there is unbounded, so train with eps > 0).
         normalize: False returns ``num`` (no denominator).
         backend: "torch", "cpu", "triton" or None (automatic).
 
@@ -40,7 +42,7 @@ def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.
     return impl.leap_attention(q, k, v, pq, pk, causal=causal, block_size=block_size,
                                key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
                                initial_state=initial_state, output_final_state=output_final_state,
-                               eps=eps, normalize=normalize)
+                               eps=effective_eps(eps, q.dtype), normalize=normalize)
 
 
 def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
@@ -55,7 +57,7 @@ def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: t
     """
     check_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize, backend=backend)
     impl = backends.select("leap_attention_step", backend, q.device, q.dtype)
-    return impl.leap_attention_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize)
+    return impl.leap_attention_step(q, k, v, pq, pk, state, eps=effective_eps(eps, q.dtype), normalize=normalize)
 
 
 def window_pool(x: torch.Tensor, windows: Sequence[Tuple[int, int]], reduce: str = "mean",

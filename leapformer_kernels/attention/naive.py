@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._validate import check_attention, check_step, state_dtype
+from .._validate import check_attention, check_step, effective_eps, state_dtype
 from .features import expand_kv_heads, reweight, visible_mask
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -46,6 +46,7 @@ def leap_attention(q, k, v, pq, pk, *, causal: bool = True, block_size: Optional
                            initial_state=initial_state, output_final_state=output_final_state,
                            eps=eps, normalize=normalize, backend=backend)
     acc = state_dtype(q.dtype)
+    eps = effective_eps(eps, q.dtype)
     H = dims.H
     qa, ka, va = q.to(acc), expand_kv_heads(k.to(acc), H), expand_kv_heads(v.to(acc), H)
     pqa, pka = pq.to(acc), expand_kv_heads(pk.to(acc), H)

@@ -1,0 +1,179 @@
+"""Parity of ``lk.leap_attention`` (every backend) against the float64 quadratic reference:
+forward, gradients to q, k, v, pq, pk and the initial state, every mode, odd shapes."""
+import pytest
+import torch
+
+import leapformer_kernels as lk
+from utils import TOL, assert_close, make_inputs, make_state, reference
+
+# One half type per backend in the default run (DESIGN section 4); fp16/bf16 grids are "slow".
+DTYPES = {
+    "torch": [torch.float64, torch.float32, torch.bfloat16],
+    "cpu": [torch.float64, torch.float32, torch.bfloat16],
+    "triton": [torch.float32, torch.float16, torch.bfloat16],
+}
+
+MODES = {
+    "causal": dict(causal=True),
+    "block1": dict(causal=True, block_size=1),
+    "block5": dict(causal=True, block_size=5),
+    "block100": dict(causal=True, block_size=100),
+    "noncausal": dict(causal=False),
+}
+
+
+def _run(backend, dtype, *, B=2, T=65, S=None, H=2, Hkv=None, Dk=16, Dv=16, mode="causal", padding=False,
+         state=False, normalize=True, eps=1e-6, grads=True):
+    kw = dict(MODES[mode], normalize=normalize, eps=eps)
+    if (T if S is None else S) == 1 and normalize and not state:
+        # one key, no state: o = v exactly, so dq, dk, dpq, dpk are exactly 0 and their relative
+        # error is meaningless; a carried state makes the case informative (it is a decode step).
+        state = True
+    q, k, v, pq, pk = make_inputs(B, T, S, H, Hkv, Dk, Dv, dtype=torch.float32)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if dtype == torch.float64:
+        pq, pk = pq.double(), pk.double()
+    S_len = k.shape[1]
+    if padding:
+        kpm = torch.rand(B, S_len) < 0.3
+        kpm[:, 0] = True  # left padding shape too
+        kw["key_padding_mask"] = kpm
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    st = make_state(B, H, Dk, Dv, dtype=sdt) if state else None
+    inputs = [q, k, v, pq, pk] + (list(st) if st else [])
+    for t in inputs:
+        t.requires_grad_(grads)
+
+    def call(fn, ins, **extra):
+        init = (ins[5], ins[6]) if state else None
+        return fn(*ins[:5], initial_state=init, output_final_state=True, **kw, **extra)
+
+    o, (Sf, zf) = call(lk.leap_attention, inputs, backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_(grads) for t in inputs]
+    o_ref, (Sf_ref, zf_ref) = call(lk.reference.leap_attention, ref_inputs)
+    # flash-attn's rule: no worse than 2x the plain PyTorch (quadratic) form in the same dtype
+    base_inputs = [t.detach().clone().requires_grad_(grads) for t in inputs]
+    o_base, (Sf_base, zf_base) = call(lk.reference.leap_attention, base_inputs)
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    assert Sf.dtype == sdt and zf.dtype == sdt
+    assert_close(o, o_ref, dtype, "o", baseline=o_base)
+    assert_close(Sf, Sf_ref, dtype, "final S", baseline=Sf_base)
+    assert_close(zf, zf_ref, dtype, "final z", baseline=zf_base)
+    if not grads:
+        return
+    do = torch.randn_like(o_ref)
+    dS = torch.randn_like(Sf_ref)
+    dz = torch.randn_like(zf_ref)
+    torch.autograd.backward([o, Sf, zf], [do.to(o.dtype), dS.to(Sf.dtype), dz.to(zf.dtype)])
+    torch.autograd.backward([o_base, Sf_base, zf_base], [do.to(o.dtype), dS.to(Sf.dtype), dz.to(zf.dtype)])
+    torch.autograd.backward([o_ref, Sf_ref, zf_ref], [do.to(dtype).double(), dS, dz])
+    names = ["dq", "dk", "dv", "dpq", "dpk", "dS0", "dz0"]
+    for name, t, r, b in zip(names, inputs, ref_inputs, base_inputs):
+        assert t.grad is not None, f"{name} missing"
+        assert t.grad.dtype == t.dtype, f"{name} has dtype {t.grad.dtype}, expected {t.dtype}"
+        assert_close(t.grad, r.grad, dtype, name, factor=2.0, baseline=b.grad)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("T", [1, 7, 65])
+def test_modes(backend, mode, T):
+    for dtype in DTYPES[backend][:2]:
+        _run(backend, dtype, T=T, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["causal", "block5", "noncausal"])
+def test_half_precision(backend, mode):
+    for dtype in DTYPES[backend][2:]:
+        _run(backend, dtype, T=130 if backend != "triton" else 65, mode=mode)
+
+
+@pytest.mark.parametrize("S", [1, 37, 200])
+def test_cross_attention(backend, S):
+    _run(backend, torch.float32, T=63, S=S, mode="noncausal", Dk=32, Dv=16)
+
+
+@pytest.mark.parametrize("mode", ["causal", "block5", "noncausal"])
+def test_gqa_padding_state(backend, mode):
+    _run(backend, torch.float32, T=70, H=4, Hkv=2, mode=mode, padding=True, state=True)
+    _run(backend, torch.float32, T=9, H=3, Hkv=1, mode=mode, padding=True)
+
+
+@pytest.mark.parametrize("normalize,eps", [(False, 1e-6), (True, 0.1), (True, 0.0)])
+def test_normalize_eps(backend, normalize, eps):
+    # eps=0: the forward is finite (0 where den = 0) but the gradient at den = 0 is unbounded
+    # by definition of num / den, so only the forward is compared there.
+    _run(backend, torch.float32, T=65, mode="causal", normalize=normalize, eps=eps, grads=eps > 0)
+
+
+@pytest.mark.parametrize("Dk,Dv", [(16, 32), (32, 16), (64, 64), (128, 16)])
+def test_head_dims(backend, Dk, Dv):
+    _run(backend, torch.float32, B=1, T=63, H=1, Dk=Dk, Dv=Dv)
+
+
+def test_clamped_denominator_has_zero_grad(backend):
+    """Where den < eps the output is num / eps: its gradient does not flow through den."""
+    q, k, v, pq, pk = make_inputs(1, 20, None, 1, None, 8, 8, dtype=torch.float64 if backend != "triton"
+                                  else torch.float32)
+    eps = 1e6  # every position clamped: o = num / eps exactly
+    o = lk.leap_attention(q, k, v, pq, pk, eps=eps, backend=backend)
+    num = lk.leap_attention(q, k, v, pq, pk, normalize=False, backend=backend)
+    tol = 1e-12 if q.dtype == torch.float64 else 1e-6
+    assert torch.allclose(o, num / eps, rtol=tol, atol=0)
+
+
+def test_noncontiguous_inputs(backend):
+    q, k, v, pq, pk = make_inputs(2, 40, None, 4, None, 16, 16)
+    qn, kn, vn = q[:, 3:30], k[:, 3:30, :2], v[:, 3:30, :2]
+    pqn, pkn = pq[:, 3:30], pk[:, 3:30, :2]
+    assert not kn.is_contiguous()
+    o = lk.leap_attention(qn, kn, vn, pqn, pkn, backend=backend)
+    ref = reference(qn, kn, vn, pqn, pkn)
+    assert_close(o, ref, torch.float32)
+
+
+def test_float32_proportions_with_half_inputs(backend):
+    dtype = torch.bfloat16
+    q, k, v, pq, pk = make_inputs(1, 33, None, 2, None, 16, 16)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    pq.requires_grad_()
+    pk.requires_grad_()
+    o = lk.leap_attention(q, k, v, pq, pk, backend=backend)
+    o.float().sum().backward()
+    assert o.dtype == dtype and pq.grad.dtype == torch.float32 and pk.grad.dtype == torch.float32
+    assert_close(o, reference(q, k, v, pq, pk), dtype)
+
+
+def test_gradcheck_float64(backend):
+    if backend == "triton":
+        pytest.skip("the triton backend refuses float64 by contract")
+    g = dict(dtype=torch.float64)
+    for mode, T, S, extra in [("causal", 6, 6, {}), ("block5", 7, 7, {}), ("noncausal", 5, 4, {}),
+                              ("causal", 6, 6, {"pad": True})]:
+        q, k, v, pq, pk = make_inputs(1, T, S, 2, 1, 3, 2, dtype=torch.float64, p_extremes=False,
+                                      requires_grad=True)
+        S0, z0 = make_state(1, 2, 3, 2, requires_grad=True, **g)
+        kpm = None
+        if extra.get("pad"):
+            kpm = torch.zeros(1, S, dtype=torch.bool)
+            kpm[0, 1] = True
+
+        def f(q, k, v, pq, pk, S0, z0):
+            o, (Sf, zf) = lk.leap_attention(q, k, v, pq, pk, initial_state=(S0, z0), output_final_state=True,
+                                            key_padding_mask=kpm, backend=backend, **MODES[mode])
+            return o, Sf, zf
+
+        assert torch.autograd.gradcheck(f, (q, k, v, pq, pk, S0, z0), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("T", [1, 7, 63, 65, 200])
+@pytest.mark.parametrize("Dk,Dv", [(16, 16), (32, 64), (64, 32), (128, 128)])
+@pytest.mark.parametrize("H", [1, 2, 3, 4])
+def test_full_grid(backend, mode, T, Dk, Dv, H):
+    for dtype in DTYPES[backend]:
+        _run(backend, dtype, B=1, T=T, H=H, Dk=Dk, Dv=Dv, mode=mode, padding=H == 3, state=H == 2)
+
+
+def test_tolerance_table_is_design():
+    assert TOL[torch.float32] == 1e-5 and TOL[torch.float16] == 2e-3 and TOL[torch.bfloat16] == 1e-2
