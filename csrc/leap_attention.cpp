@@ -1,0 +1,1024 @@
+// LeaPformer attention: chunkwise C++/OpenMP kernels for the "cpu" backend.
+//
+// Math (DESIGN section 2): with a = relu(x), theta = pi/2 * p, the re-weighted feature is
+// x~ = [a sin(theta), a cos(theta)] (2*Dk, never stored for the whole sequence: built per
+// chunk in thread-local buffers). o_t = num_t / max(den_t, eps) with
+// num_t = q~_t S0 + sum_{s visible} A_ts v_s, den_t = q~_t z0 + sum A_ts, A_ts = q~_t . k~_s
+// = (a_t . b_s) cos(theta_t - theta_s) (the intra-chunk scores use this Dk-sized form).
+//
+// Visibility is always a prefix of the keys: query t sees keys s < lim(t) (causal: t+1,
+// block-causal: the end of t's block, non-causal: S), minus padded keys. Keys are cut into
+// chunks of CH; query t belongs to "group" j(t) = lim(t)/CH (or NK when lim(t) = S): it reads
+// the state of all chunks < j plus a partial (masked) part of chunk j. Groups partition the
+// queries into contiguous ranges, so a query sees later chunks when its block ends there.
+//
+// Two drivers with bitwise identical results (the same per-chunk functions, the same
+// summation order): per (sequence, head) sequentially over chunks (the state stays in
+// cache), or across chunks in phases (chunk-local states, a prefix over chunk states, then
+// outputs; the backward adds a suffix over chunk state-gradients) so that few heads with long
+// sequences use every core. Parallelism is at::parallel_for with a task counter; every
+// output element is written by exactly one task and every sum has a fixed order: the
+// results are deterministic and independent of the number of threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int CH = 64;  // key chunk length
+constexpr int QB = 64;  // query sub-block length
+int g_mode = 0;         // 0 automatic, 1 sequential per (sequence, head), 2 across chunks
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// ---------------------------------------------------------------------------------------
+// Small GEMM: C[i*ldc + j] += sum_k A[i*sai + k*sak] * B[k*ldb + j]   (i < M, j < N, k < K)
+// Register-blocked MR x NR tiles accumulate over the whole K in registers (fixed order:
+// k ascending), then add into C. Results depend on the shapes only (deterministic).
+// ---------------------------------------------------------------------------------------
+template <typename T, int MR, int NR>
+inline void micro(int K, const T* __restrict A, long sai, long sak, const T* __restrict B, long ldb,
+                  T* __restrict C, long ldc) {
+  T acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) acc[r][c] = T(0);
+  for (int k = 0; k < K; ++k) {
+    const T* b = B + (long)k * ldb;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * sai + (long)k * sak];
+#pragma GCC unroll 16
+      for (int c = 0; c < NR; ++c) acc[r][c] += a * b[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NR; ++c) C[r * ldc + c] += acc[r][c];
+}
+
+template <typename T>
+inline void gemm_edge(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C,
+                      long ldc) {
+  for (int i = 0; i < M; ++i) {
+    T* c = C + (long)i * ldc;
+    for (int k = 0; k < K; ++k) {
+      const T a = A[i * sai + (long)k * sak];
+      const T* b = B + (long)k * ldb;
+      for (int j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+template <typename T, int NR>
+inline void gemm_cols(int M, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc) {
+  constexpr int MR = 4;
+  int i = 0;
+  for (; i + MR <= M; i += MR) micro<T, MR, NR>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
+  for (; i < M; ++i) micro<T, 1, NR>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
+}
+
+template <typename T>
+void gemm(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc) {
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  constexpr int NR = sizeof(T) == 4 ? 16 : 8;
+  int j = 0;
+  for (; j + NR <= N; j += NR) gemm_cols<T, NR>(M, K, A, sai, sak, B + j, ldb, C + j, ldc);
+  if (N - j >= NR / 2) {
+    gemm_cols<T, NR / 2>(M, K, A, sai, sak, B + j, ldb, C + j, ldc);
+    j += NR / 2;
+  }
+  if (j < N) gemm_edge<T>(M, N - j, K, A, sai, sak, B + j, ldb, C + j, ldc);
+}
+
+template <typename T>
+inline void transpose(int R, int Cc, const T* src, long lds, T* dst, long ldd) {  // dst[c][r] = src[r][c]
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < Cc; ++c) dst[(long)c * ldd + r] = src[(long)r * lds + c];
+}
+
+// Runs fn(task, scratch) for task in [0, n) on all threads; a shared counter hands tasks out
+// (load balance only: each task's result does not depend on the thread that runs it).
+template <typename Scratch, typename MakeScratch, typename Fn>
+void run_tasks(int64_t n, const MakeScratch& make, const Fn& fn) {
+  if (n <= 0) return;
+  int nt = std::max(1, at::get_num_threads());
+  if (nt == 1 || n == 1 || at::in_parallel_region()) {
+    Scratch sc = make();
+    for (int64_t i = 0; i < n; ++i) fn(i, sc);
+    return;
+  }
+  std::atomic<int64_t> next(0);
+  at::parallel_for(0, std::min<int64_t>(nt, n), 1, [&](int64_t, int64_t) {
+    Scratch sc = make();
+    for (;;) {
+      int64_t i = next.fetch_add(1);
+      if (i >= n) break;
+      fn(i, sc);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernel context: sizes, flags, pointers.
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct Leap {
+  using acc_t = typename AccOf<scalar_t>::type;
+  static constexpr double HALF_PI = 1.57079632679489661923;
+
+  int B = 0, T = 0, S = 0, H = 0, Hkv = 0, G = 1, Dk = 0, Dv = 0, F = 0, W = 0, N = 0;
+  bool causal = true, normalize = true;
+  acc_t eps = 0;
+  const int64_t* cu = nullptr;
+  const bool* kpm = nullptr;
+  const scalar_t *q = nullptr, *k = nullptr, *v = nullptr;
+  const acc_t *pq = nullptr, *pk = nullptr;
+
+  struct Item {
+    int b, n, qo, ko, Tn, Sn, NK;
+  };
+
+  Item item(int n) const {
+    Item it;
+    it.n = n;
+    if (cu) {
+      it.b = 0;
+      it.qo = it.ko = (int)cu[n];
+      it.Tn = it.Sn = (int)(cu[n + 1] - cu[n]);
+    } else {
+      it.b = n;
+      it.qo = it.ko = 0;
+      it.Tn = T;
+      it.Sn = S;
+    }
+    it.NK = (it.Sn + CH - 1) / CH;
+    return it;
+  }
+
+  int lim(const Item& it, int t) const {
+    if (!causal) return it.Sn;
+    if (W <= 0) return t + 1;
+    long e = ((long)t / W + 1) * (long)W;
+    return (int)std::min<long>(e, it.Sn);
+  }
+  int group_of(const Item& it, int t) const {
+    int l = lim(it, t);
+    return l >= it.Sn ? it.NK : l / CH;
+  }
+  // gb[j] = first query of group j (j = 0..NK), gb[NK+1] = Tn
+  void groups(const Item& it, std::vector<int>& gb) const {
+    gb.assign(it.NK + 2, it.Tn);
+    int t = 0;
+    for (int j = 0; j <= it.NK; ++j) {
+      while (t < it.Tn && group_of(it, t) < j) ++t;
+      gb[j] = t;
+    }
+  }
+
+  // ---------------- scratch ----------------
+  struct Scratch {
+    // keys of one chunk
+    std::vector<acc_t> Kb, KbT, sk, ck, Kf, V, VT, msk;
+    int nk = 0;
+    // queries of one sub-block
+    std::vector<acc_t> Qa, sq, cq, Qf, num, den, P, A, E, dA, dn, dd, g, da, dth;
+    std::vector<int> nv;
+    // states
+    std::vector<acc_t> S, z, dS, dz, ST;
+    // key gradients of one chunk
+    std::vector<acc_t> dKf, dvv, db, dthk;
+    std::vector<int> gb;
+  };
+  Scratch make_scratch() const {
+    Scratch s;
+    s.Kb.resize((size_t)CH * Dk);
+    s.KbT.resize((size_t)Dk * CH);
+    s.sk.resize(CH);
+    s.ck.resize(CH);
+    s.msk.resize(CH);
+    s.Kf.resize((size_t)CH * F);
+    s.V.resize((size_t)CH * Dv);
+    s.VT.resize((size_t)Dv * CH);
+    s.Qa.resize((size_t)QB * Dk);
+    s.sq.resize(QB);
+    s.cq.resize(QB);
+    s.Qf.resize((size_t)QB * F);
+    s.num.resize((size_t)QB * Dv);
+    s.den.resize(QB);
+    s.P.resize((size_t)QB * CH);
+    s.A.resize((size_t)QB * CH);
+    s.E.resize((size_t)QB * CH);
+    s.dA.resize((size_t)QB * CH);
+    s.dn.resize((size_t)QB * Dv);
+    s.dd.resize(QB);
+    s.g.resize((size_t)QB * F);
+    s.da.resize((size_t)QB * Dk);
+    s.dth.resize(QB);
+    s.nv.resize(QB);
+    s.S.resize((size_t)F * Dv);
+    s.z.resize(F);
+    s.dS.resize((size_t)F * Dv);
+    s.dz.resize(F);
+    s.ST.resize((size_t)Dv * F);
+    s.dKf.resize((size_t)CH * F);
+    s.dvv.resize((size_t)CH * Dv);
+    s.db.resize((size_t)CH * Dk);
+    s.dthk.resize(CH);
+    return s;
+  }
+
+  static inline acc_t relu(acc_t x) { return x < acc_t(0) ? acc_t(0) : x; }
+  // sin(pi/2 p) and the cosine half as sin(pi/2 (1 - p)): exact 0 at p = 1 and p = 0
+  // (attention/features.py: every backend builds the features this way)
+  static inline void sincos_p(acc_t p, acc_t& sn, acc_t& cs) {
+    sn = std::sin(acc_t(HALF_PI) * p);
+    cs = std::sin(acc_t(HALF_PI) * (acc_t(1) - p));
+  }
+
+  // ---------------- feature builders ----------------
+  void load_keys(const Item& it, int h, int j, Scratch& sc) const {
+    const int hk = h / G;
+    const int s0 = j * CH;
+    const int nk = std::min(CH, it.Sn - s0);
+    sc.nk = nk;
+    for (int s = 0; s < nk; ++s) {
+      const long gs = (long)it.b * S + it.ko + s0 + s;
+      const bool pad = kpm && kpm[gs];
+      acc_t sn, cs;
+      sincos_p(pk[gs * Hkv + hk], sn, cs);
+      sc.sk[s] = sn;
+      sc.ck[s] = cs;
+      sc.msk[s] = pad ? acc_t(0) : acc_t(1);
+      const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
+      acc_t* kb = sc.Kb.data() + (long)s * Dk;
+      acc_t* kf = sc.Kf.data() + (long)s * F;
+      for (int d = 0; d < Dk; ++d) {
+        const acc_t x = pad ? acc_t(0) : relu(static_cast<acc_t>(kr[d]));
+        kb[d] = x;
+        kf[d] = x * sn;
+        kf[Dk + d] = x * cs;
+      }
+      const scalar_t* vr = v + (gs * Hkv + hk) * Dv;
+      acc_t* vv = sc.V.data() + (long)s * Dv;
+      for (int e = 0; e < Dv; ++e) vv[e] = static_cast<acc_t>(vr[e]);
+    }
+    transpose(nk, Dk, sc.Kb.data(), Dk, sc.KbT.data(), CH);
+    transpose(nk, Dv, sc.V.data(), Dv, sc.VT.data(), CH);
+  }
+
+  void load_queries(const Item& it, int h, int t0, int nq, Scratch& sc) const {
+    for (int i = 0; i < nq; ++i) {
+      const long gt = (long)it.b * T + it.qo + t0 + i;
+      acc_t sn, cs;
+      sincos_p(pq[gt * H + h], sn, cs);
+      sc.sq[i] = sn;
+      sc.cq[i] = cs;
+      const scalar_t* qr = q + (gt * H + h) * Dk;
+      acc_t* qa = sc.Qa.data() + (long)i * Dk;
+      acc_t* qf = sc.Qf.data() + (long)i * F;
+      for (int d = 0; d < Dk; ++d) {
+        const acc_t x = relu(static_cast<acc_t>(qr[d]));
+        qa[d] = x;
+        qf[d] = x * sn;
+        qf[Dk + d] = x * cs;
+      }
+    }
+  }
+
+  // dS = Kf^T V, dz = sum_s Kf_s over the loaded key chunk (zero first)
+  void chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const {
+    std::fill(dS, dS + (size_t)F * Dv, acc_t(0));
+    gemm<acc_t>(F, Dv, sc.nk, sc.Kf.data(), 1, F, sc.V.data(), Dv, dS, Dv);
+    for (int f = 0; f < F; ++f) dz[f] = 0;
+    for (int s = 0; s < sc.nk; ++s) {
+      const acc_t* kf = sc.Kf.data() + (long)s * F;
+      for (int f = 0; f < F; ++f) dz[f] += kf[f];
+    }
+  }
+
+  // num, den of queries [t0, t0+nq) of group j from state (S, z) and, for j < NK, the
+  // visible part of the loaded key chunk j; leaves P (raw scores) in sc.P, A in sc.A.
+  void attend(const Item& it, int j, int t0, int nq, const acc_t* S_, const acc_t* z_, Scratch& sc) const {
+    std::fill(sc.num.begin(), sc.num.begin() + (size_t)nq * Dv, acc_t(0));
+    gemm<acc_t>(nq, Dv, F, sc.Qf.data(), F, 1, S_, Dv, sc.num.data(), Dv);
+    for (int i = 0; i < nq; ++i) {
+      const acc_t* qf = sc.Qf.data() + (long)i * F;
+      acc_t d = 0;
+      for (int f = 0; f < F; ++f) d += qf[f] * z_[f];
+      sc.den[i] = d;
+    }
+    if (j >= it.NK) return;
+    const int nk = sc.nk;
+    std::fill(sc.P.begin(), sc.P.begin() + (size_t)nq * CH, acc_t(0));
+    gemm<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH);
+    for (int i = 0; i < nq; ++i) {
+      const int n_vis = std::max(0, std::min(nk, lim(it, t0 + i) - j * CH));
+      sc.nv[i] = n_vis;
+      const acc_t* p = sc.P.data() + (long)i * CH;
+      acc_t* a = sc.A.data() + (long)i * CH;
+      const acc_t sn = sc.sq[i], cs = sc.cq[i];
+      acc_t rs = 0;
+      for (int s = 0; s < nk; ++s) {
+        const acc_t val = s < n_vis ? p[s] * (sn * sc.sk[s] + cs * sc.ck[s]) : acc_t(0);
+        a[s] = val;
+        rs += val;
+      }
+      sc.den[i] += rs;
+    }
+    gemm<acc_t>(nq, Dv, nk, sc.A.data(), CH, 1, sc.V.data(), Dv, sc.num.data(), Dv);
+  }
+
+  void out_group(const Item& it, int h, int j, int ta, int tb, const acc_t* S_, const acc_t* z_, Scratch& sc,
+                 scalar_t* o) const {
+    for (int t0 = ta; t0 < tb; t0 += QB) {
+      const int nq = std::min(QB, tb - t0);
+      load_queries(it, h, t0, nq, sc);
+      attend(it, j, t0, nq, S_, z_, sc);
+      for (int i = 0; i < nq; ++i) {
+        const long gt = (long)it.b * T + it.qo + t0 + i;
+        scalar_t* orow = o + (gt * H + h) * Dv;
+        const acc_t* nm = sc.num.data() + (long)i * Dv;
+        if (normalize) {
+          const acc_t dd = std::max(sc.den[i], eps);
+          for (int e = 0; e < Dv; ++e) orow[e] = static_cast<scalar_t>(nm[e] / dd);
+        } else {
+          for (int e = 0; e < Dv; ++e) orow[e] = static_cast<scalar_t>(nm[e]);
+        }
+      }
+    }
+  }
+
+  // ---------------- backward pieces ----------------
+  // Workspace of dL/dnum (Dv) and dL/dden per query: index ((b*H + h)*T + t).
+  // Queries of group j: recompute num/den, store dnum/dden, write dq and dpq.
+  void bwd_q_group(const Item& it, int h, int j, int ta, int tb, const acc_t* S_, const acc_t* z_,
+                   const acc_t* ST, Scratch& sc, const scalar_t* dout, acc_t* wdn, acc_t* wdd, scalar_t* dq,
+                   acc_t* dpq) const {
+    for (int t0 = ta; t0 < tb; t0 += QB) {
+      const int nq = std::min(QB, tb - t0);
+      load_queries(it, h, t0, nq, sc);
+      attend(it, j, t0, nq, S_, z_, sc);
+      for (int i = 0; i < nq; ++i) {
+        const long gt = (long)it.b * T + it.qo + t0 + i;
+        const scalar_t* dor = dout + (gt * H + h) * Dv;
+        const acc_t* nm = sc.num.data() + (long)i * Dv;
+        acc_t* dn = sc.dn.data() + (long)i * Dv;
+        acc_t ddv = 0;
+        if (normalize) {
+          const acc_t den = sc.den[i];
+          const acc_t dd = std::max(den, eps);
+          acc_t dot = 0;
+          for (int e = 0; e < Dv; ++e) {
+            const acc_t g = static_cast<acc_t>(dor[e]);
+            dn[e] = g / dd;
+            dot += g * (nm[e] / dd);
+          }
+          ddv = den >= eps ? -dot / dd : acc_t(0);
+        } else {
+          for (int e = 0; e < Dv; ++e) dn[e] = static_cast<acc_t>(dor[e]);
+        }
+        sc.dd[i] = ddv;
+        const long w = ((long)it.b * H + h) * T + it.qo + t0 + i;
+        std::memcpy(wdn + w * Dv, dn, sizeof(acc_t) * Dv);
+        wdd[w] = ddv;
+      }
+      // inter: g = dn S^T + dd z^T  (nq x F)
+      std::fill(sc.g.begin(), sc.g.begin() + (size_t)nq * F, acc_t(0));
+      gemm<acc_t>(nq, F, Dv, sc.dn.data(), Dv, 1, ST, F, sc.g.data(), F);
+      for (int i = 0; i < nq; ++i) {
+        acc_t* g = sc.g.data() + (long)i * F;
+        const acc_t ddv = sc.dd[i];
+        for (int f = 0; f < F; ++f) g[f] += ddv * z_[f];
+        const acc_t* qa = sc.Qa.data() + (long)i * Dk;
+        acc_t* da = sc.da.data() + (long)i * Dk;
+        const acc_t sn = sc.sq[i], cs = sc.cq[i];
+        acc_t th = 0;
+        for (int d = 0; d < Dk; ++d) {
+          da[d] = g[d] * sn + g[Dk + d] * cs;
+          th += qa[d] * (g[d] * cs - g[Dk + d] * sn);
+        }
+        sc.dth[i] = th;
+      }
+      if (j < it.NK) {
+        const int nk = sc.nk;
+        std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
+        gemm<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH);
+        for (int i = 0; i < nq; ++i) {
+          acc_t* dA = sc.dA.data() + (long)i * CH;
+          acc_t* E = sc.E.data() + (long)i * CH;
+          const acc_t* p = sc.P.data() + (long)i * CH;
+          const int n_vis = sc.nv[i];
+          const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i];
+          acc_t th = 0;
+          for (int s = 0; s < nk; ++s) {
+            const acc_t dav = s < n_vis ? dA[s] + ddv : acc_t(0);
+            dA[s] = dav;
+            E[s] = dav * (sn * sc.sk[s] + cs * sc.ck[s]);
+            th -= dav * p[s] * (sn * sc.ck[s] - cs * sc.sk[s]);
+          }
+          sc.dth[i] += th;
+        }
+        gemm<acc_t>(nq, Dk, nk, sc.E.data(), CH, 1, sc.Kb.data(), Dk, sc.da.data(), Dk);
+      }
+      for (int i = 0; i < nq; ++i) {
+        const long gt = (long)it.b * T + it.qo + t0 + i;
+        const scalar_t* qr = q + (gt * H + h) * Dk;
+        scalar_t* dqr = dq + (gt * H + h) * Dk;
+        const acc_t* da = sc.da.data() + (long)i * Dk;
+        for (int d = 0; d < Dk; ++d)
+          dqr[d] = static_cast<scalar_t>(static_cast<acc_t>(qr[d]) > acc_t(0) ? da[d] : acc_t(0));
+        dpq[gt * H + h] = acc_t(HALF_PI) * sc.dth[i];
+      }
+    }
+  }
+
+  void load_dn(const Item& it, int h, int t0, int nq, Scratch& sc, const acc_t* wdn, const acc_t* wdd) const {
+    const long w = ((long)it.b * H + h) * T + it.qo + t0;
+    std::memcpy(sc.dn.data(), wdn + w * Dv, sizeof(acc_t) * (size_t)nq * Dv);
+    std::memcpy(sc.dd.data(), wdd + w, sizeof(acc_t) * (size_t)nq);
+  }
+
+  // dS_j = sum over group-j queries of q~ dnum^T, dz_j = sum q~ dden (zero first)
+  void group_dstate(const Item& it, int h, int ta, int tb, Scratch& sc, const acc_t* wdn, const acc_t* wdd,
+                    acc_t* dS, acc_t* dz) const {
+    std::fill(dS, dS + (size_t)F * Dv, acc_t(0));
+    for (int f = 0; f < F; ++f) dz[f] = 0;
+    for (int t0 = ta; t0 < tb; t0 += QB) {
+      const int nq = std::min(QB, tb - t0);
+      load_queries(it, h, t0, nq, sc);
+      load_dn(it, h, t0, nq, sc, wdn, wdd);
+      gemm<acc_t>(F, Dv, nq, sc.Qf.data(), 1, F, sc.dn.data(), Dv, dS, Dv);
+      for (int i = 0; i < nq; ++i) {
+        const acc_t* qf = sc.Qf.data() + (long)i * F;
+        const acc_t ddv = sc.dd[i];
+        for (int f = 0; f < F; ++f) dz[f] += qf[f] * ddv;
+      }
+    }
+  }
+
+  // Gradients of the keys / values of the loaded chunk j, from the state gradient (dSt, dzt:
+  // everything that sees the whole chunk) and the group-j queries (partial visibility).
+  // Writes per query head: dkh [B, S, H, Dk], dvh [B, S, H, Dv], dpkh [B, S, H].
+  void kv_chunk(const Item& it, int h, int j, int ta, int tb, const acc_t* dSt, const acc_t* dzt,
+                const acc_t* dStT, Scratch& sc, const acc_t* wdn, const acc_t* wdd, acc_t* dkh, acc_t* dvh,
+                acc_t* dpkh) const {
+    const int nk = sc.nk;
+    std::fill(sc.dKf.begin(), sc.dKf.begin() + (size_t)nk * F, acc_t(0));
+    gemm<acc_t>(nk, F, Dv, sc.V.data(), Dv, 1, dStT, F, sc.dKf.data(), F);
+    std::fill(sc.dvv.begin(), sc.dvv.begin() + (size_t)nk * Dv, acc_t(0));
+    gemm<acc_t>(nk, Dv, F, sc.Kf.data(), F, 1, dSt, Dv, sc.dvv.data(), Dv);
+    for (int s = 0; s < nk; ++s) {
+      acc_t* g = sc.dKf.data() + (long)s * F;
+      for (int f = 0; f < F; ++f) g[f] += dzt[f];
+      const acc_t* kb = sc.Kb.data() + (long)s * Dk;
+      acc_t* db = sc.db.data() + (long)s * Dk;
+      const acc_t sn = sc.sk[s], cs = sc.ck[s];
+      acc_t th = 0;
+      for (int d = 0; d < Dk; ++d) {
+        db[d] = g[d] * sn + g[Dk + d] * cs;
+        th += kb[d] * (g[d] * cs - g[Dk + d] * sn);
+      }
+      sc.dthk[s] = th;
+    }
+    for (int t0 = ta; t0 < tb; t0 += QB) {
+      const int nq = std::min(QB, tb - t0);
+      load_queries(it, h, t0, nq, sc);
+      load_dn(it, h, t0, nq, sc, wdn, wdd);
+      std::fill(sc.P.begin(), sc.P.begin() + (size_t)nq * CH, acc_t(0));
+      gemm<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH);
+      std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
+      gemm<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH);
+      for (int i = 0; i < nq; ++i) {
+        const int n_vis = std::max(0, std::min(nk, lim(it, t0 + i) - j * CH));
+        const acc_t* p = sc.P.data() + (long)i * CH;
+        acc_t* a = sc.A.data() + (long)i * CH;
+        acc_t* dA = sc.dA.data() + (long)i * CH;
+        acc_t* E = sc.E.data() + (long)i * CH;
+        const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i];
+        for (int s = 0; s < nk; ++s) {
+          const bool vis = s < n_vis;
+          const acc_t wv = sn * sc.sk[s] + cs * sc.ck[s];
+          const acc_t dav = vis ? dA[s] + ddv : acc_t(0);
+          a[s] = vis ? p[s] * wv : acc_t(0);
+          dA[s] = dav * p[s] * (sn * sc.ck[s] - cs * sc.sk[s]);  // theta_k part
+          E[s] = dav * wv;
+        }
+      }
+      gemm<acc_t>(nk, Dv, nq, sc.A.data(), 1, CH, sc.dn.data(), Dv, sc.dvv.data(), Dv);
+      gemm<acc_t>(nk, Dk, nq, sc.E.data(), 1, CH, sc.Qa.data(), Dk, sc.db.data(), Dk);
+      for (int s = 0; s < nk; ++s) {
+        acc_t th = 0;
+        for (int i = 0; i < nq; ++i) th += sc.dA[(long)i * CH + s];
+        sc.dthk[s] += th;
+      }
+    }
+    for (int s = 0; s < nk; ++s) {
+      const long gs = (long)it.b * S + it.ko + j * CH + s;
+      const long row = gs * H + h;
+      const int hk = h / G;
+      const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
+      const bool keep = sc.msk[s] != acc_t(0);
+      const acc_t* db = sc.db.data() + (long)s * Dk;
+      acc_t* dkr = dkh + row * Dk;
+      for (int d = 0; d < Dk; ++d) dkr[d] = keep && static_cast<acc_t>(kr[d]) > acc_t(0) ? db[d] : acc_t(0);
+      std::memcpy(dvh + row * Dv, sc.dvv.data() + (long)s * Dv, sizeof(acc_t) * Dv);
+      dpkh[row] = keep ? acc_t(HALF_PI) * sc.dthk[s] : acc_t(0);
+    }
+  }
+
+  // ---------------- drivers ----------------
+  bool use_chunks(int items) const {
+    if (g_mode == 1) return false;
+    if (g_mode == 2) return true;
+    const int nt = at::get_num_threads();
+    if (nt <= 1) return false;
+    long total = 0, mx = 0;
+    for (int n = 0; n < N; ++n) {
+      const Item it = item(n);
+      total += (long)(it.NK + 1) * H;
+      mx = std::max<long>(mx, it.NK + 1);
+    }
+    (void)items;
+    return mx * 2 * nt > total && total >= 2;
+  }
+
+  const acc_t* state_ptr(const acc_t* base, int n, int h) const {
+    return base ? base + ((long)n * H + h) * F * Dv : nullptr;
+  }
+  const acc_t* zstate_ptr(const acc_t* base, int n, int h) const {
+    return base ? base + ((long)n * H + h) * F : nullptr;
+  }
+  void init_state(acc_t* S_, acc_t* z_, const acc_t* S0, const acc_t* z0) const {
+    if (S0) std::memcpy(S_, S0, sizeof(acc_t) * (size_t)F * Dv);
+    else std::fill(S_, S_ + (size_t)F * Dv, acc_t(0));
+    if (z0) std::memcpy(z_, z0, sizeof(acc_t) * F);
+    else std::fill(z_, z_ + F, acc_t(0));
+  }
+  void add_state(acc_t* S_, acc_t* z_, const acc_t* dS, const acc_t* dz) const {  // S = S + dS
+    const size_t n = (size_t)F * Dv;
+    for (size_t x = 0; x < n; ++x) S_[x] = S_[x] + dS[x];
+    for (int f = 0; f < F; ++f) z_[f] = z_[f] + dz[f];
+  }
+
+  void forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const {
+    const int items = N * H;
+    if (!use_chunks(items)) {
+      run_tasks<Scratch>(items, [&] { return make_scratch(); }, [&](int64_t idx, Scratch& sc) {
+        const int n = (int)(idx / H), h = (int)(idx % H);
+        const Item it = item(n);
+        groups(it, sc.gb);
+        init_state(sc.S.data(), sc.z.data(), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
+        for (int j = 0; j <= it.NK; ++j) {
+          if (j < it.NK) load_keys(it, h, j, sc);
+          out_group(it, h, j, sc.gb[j], sc.gb[j + 1], sc.S.data(), sc.z.data(), sc, o);
+          if (j < it.NK) {
+            chunk_state(sc, sc.dS.data(), sc.dz.data());
+            add_state(sc.S.data(), sc.z.data(), sc.dS.data(), sc.dz.data());
+          }
+        }
+        if (Sout) {
+          std::memcpy(Sout + ((long)n * H + h) * F * Dv, sc.S.data(), sizeof(acc_t) * (size_t)F * Dv);
+          std::memcpy(zout + ((long)n * H + h) * F, sc.z.data(), sizeof(acc_t) * F);
+        }
+      });
+      return;
+    }
+    // across chunks
+    std::vector<long> off(items + 1, 0);
+    std::vector<std::pair<int, int>> tasks;  // (item, j)
+    for (int n = 0; n < N; ++n) {
+      const Item it = item(n);
+      for (int h = 0; h < H; ++h) {
+        const int idx = n * H + h;
+        off[idx + 1] = off[idx] + it.NK + 1;
+        for (int j = 0; j <= it.NK; ++j) tasks.emplace_back(idx, j);
+      }
+    }
+    const long slot = (long)F * Dv + F;
+    std::vector<acc_t> X((size_t)off[items] * slot);
+    auto XS = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot; };
+    auto Xz = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot + (long)F * Dv; };
+    // phase 1: chunk-local states into slot j+1
+    run_tasks<Scratch>((int64_t)tasks.size(), [&] { return make_scratch(); }, [&](int64_t ti, Scratch& sc) {
+      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const Item it = item(idx / H);
+      if (j >= it.NK) return;
+      load_keys(it, idx % H, j, sc);
+      chunk_state(sc, XS(idx, j + 1), Xz(idx, j + 1));
+    });
+    // phase 2: prefix over chunk states
+    run_tasks<int>(items, [] { return 0; }, [&](int64_t idx, int&) {
+      const int n = (int)(idx / H), h = (int)(idx % H);
+      const Item it = item(n);
+      init_state(XS(idx, 0), Xz(idx, 0), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
+      for (int j = 1; j <= it.NK; ++j) add_state(XS(idx, j), Xz(idx, j), XS(idx, j - 1), Xz(idx, j - 1));
+      if (Sout) {
+        std::memcpy(Sout + ((long)n * H + h) * F * Dv, XS(idx, it.NK), sizeof(acc_t) * (size_t)F * Dv);
+        std::memcpy(zout + ((long)n * H + h) * F, Xz(idx, it.NK), sizeof(acc_t) * F);
+      }
+    });
+    // phase 3: outputs
+    run_tasks<Scratch>((int64_t)tasks.size(), [&] { return make_scratch(); }, [&](int64_t ti, Scratch& sc) {
+      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const int h = idx % H;
+      const Item it = item(idx / H);
+      groups(it, sc.gb);
+      if (sc.gb[j] >= sc.gb[j + 1]) return;
+      if (j < it.NK) load_keys(it, h, j, sc);
+      out_group(it, h, j, sc.gb[j], sc.gb[j + 1], XS(idx, j), Xz(idx, j), sc, o);
+    });
+  }
+
+  void backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
+                scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const {
+    const int items = N * H;
+    std::vector<acc_t> wdn((size_t)B * H * T * Dv), wdd((size_t)B * H * T);
+    if (!use_chunks(items)) {
+      run_tasks<Scratch>(items, [&] { return make_scratch(); }, [&](int64_t idx, Scratch& sc) {
+        const int n = (int)(idx / H), h = (int)(idx % H);
+        const Item it = item(n);
+        groups(it, sc.gb);
+        init_state(sc.S.data(), sc.z.data(), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
+        for (int j = 0; j <= it.NK; ++j) {
+          if (j < it.NK) load_keys(it, h, j, sc);
+          if (sc.gb[j] < sc.gb[j + 1]) {
+            transpose(F, Dv, sc.S.data(), Dv, sc.ST.data(), F);
+            bwd_q_group(it, h, j, sc.gb[j], sc.gb[j + 1], sc.S.data(), sc.z.data(), sc.ST.data(), sc, dout,
+                        wdn.data(), wdd.data(), dq, dpq);
+          }
+          if (j < it.NK) {
+            chunk_state(sc, sc.dS.data(), sc.dz.data());
+            add_state(sc.S.data(), sc.z.data(), sc.dS.data(), sc.dz.data());
+          }
+        }
+        // reverse: S, z now hold the state gradient
+        init_state(sc.S.data(), sc.z.data(), state_ptr(dSin, n, h), zstate_ptr(dzin, n, h));
+        for (int j = it.NK; j >= 0; --j) {
+          if (j < it.NK) {
+            load_keys(it, h, j, sc);
+            transpose(F, Dv, sc.S.data(), Dv, sc.ST.data(), F);
+            kv_chunk(it, h, j, sc.gb[j], sc.gb[j + 1], sc.S.data(), sc.z.data(), sc.ST.data(), sc, wdn.data(),
+                     wdd.data(), dkh, dvh, dpkh);
+          }
+          group_dstate(it, h, sc.gb[j], sc.gb[j + 1], sc, wdn.data(), wdd.data(), sc.dS.data(), sc.dz.data());
+          add_state(sc.S.data(), sc.z.data(), sc.dS.data(), sc.dz.data());
+        }
+        if (dS0) {
+          std::memcpy(dS0 + ((long)n * H + h) * F * Dv, sc.S.data(), sizeof(acc_t) * (size_t)F * Dv);
+          std::memcpy(dz0 + ((long)n * H + h) * F, sc.z.data(), sizeof(acc_t) * F);
+        }
+      });
+      return;
+    }
+    std::vector<long> off(items + 1, 0);
+    std::vector<std::pair<int, int>> tasks;
+    for (int n = 0; n < N; ++n) {
+      const Item it = item(n);
+      for (int h = 0; h < H; ++h) {
+        const int idx = n * H + h;
+        off[idx + 1] = off[idx] + it.NK + 1;
+        for (int j = 0; j <= it.NK; ++j) tasks.emplace_back(idx, j);
+      }
+    }
+    const long slot = (long)F * Dv + F;
+    std::vector<acc_t> X((size_t)off[items] * slot), Y((size_t)off[items] * slot);
+    auto XS = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot; };
+    auto Xz = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot + (long)F * Dv; };
+    auto YS = [&](int idx, int j) { return Y.data() + (off[idx] + j) * slot; };
+    auto Yz = [&](int idx, int j) { return Y.data() + (off[idx] + j) * slot + (long)F * Dv; };
+    auto mk = [&] { return make_scratch(); };
+    const int64_t nt = (int64_t)tasks.size();
+    run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
+      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const Item it = item(idx / H);
+      if (j >= it.NK) return;
+      load_keys(it, idx % H, j, sc);
+      chunk_state(sc, XS(idx, j + 1), Xz(idx, j + 1));
+    });
+    run_tasks<int>(items, [] { return 0; }, [&](int64_t idx, int&) {
+      const int n = (int)(idx / H), h = (int)(idx % H);
+      const Item it = item(n);
+      init_state(XS(idx, 0), Xz(idx, 0), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
+      for (int j = 1; j <= it.NK; ++j) add_state(XS(idx, j), Xz(idx, j), XS(idx, j - 1), Xz(idx, j - 1));
+    });
+    run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
+      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const int h = idx % H;
+      const Item it = item(idx / H);
+      groups(it, sc.gb);
+      if (sc.gb[j] >= sc.gb[j + 1]) return;
+      if (j < it.NK) load_keys(it, h, j, sc);
+      transpose(F, Dv, XS(idx, j), Dv, sc.ST.data(), F);
+      bwd_q_group(it, h, j, sc.gb[j], sc.gb[j + 1], XS(idx, j), Xz(idx, j), sc.ST.data(), sc, dout, wdn.data(),
+                  wdd.data(), dq, dpq);
+    });
+    run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
+      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const Item it = item(idx / H);
+      groups(it, sc.gb);
+      group_dstate(it, idx % H, sc.gb[j], sc.gb[j + 1], sc, wdn.data(), wdd.data(), YS(idx, j), Yz(idx, j));
+    });
+    // suffix: Y[j] <- dS_in + sum_{j' > j} dS_{j'}; the state gradient dS0 = that plus dS_0
+    run_tasks<Scratch>(items, mk, [&](int64_t idx, Scratch& sc) {
+      const int n = (int)(idx / H), h = (int)(idx % H);
+      const Item it = item(n);
+      acc_t* r = sc.S.data();
+      acc_t* rz = sc.z.data();
+      init_state(r, rz, state_ptr(dSin, n, h), zstate_ptr(dzin, n, h));
+      for (int j = it.NK; j >= 0; --j) {
+        std::memcpy(sc.dS.data(), YS(idx, j), sizeof(acc_t) * (size_t)F * Dv);
+        std::memcpy(sc.dz.data(), Yz(idx, j), sizeof(acc_t) * F);
+        std::memcpy(YS(idx, j), r, sizeof(acc_t) * (size_t)F * Dv);
+        std::memcpy(Yz(idx, j), rz, sizeof(acc_t) * F);
+        add_state(r, rz, sc.dS.data(), sc.dz.data());
+      }
+      if (dS0) {
+        std::memcpy(dS0 + ((long)n * H + h) * F * Dv, r, sizeof(acc_t) * (size_t)F * Dv);
+        std::memcpy(dz0 + ((long)n * H + h) * F, rz, sizeof(acc_t) * F);
+      }
+    });
+    run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
+      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const int h = idx % H;
+      const Item it = item(idx / H);
+      if (j >= it.NK) return;
+      groups(it, sc.gb);
+      load_keys(it, h, j, sc);
+      transpose(F, Dv, YS(idx, j), Dv, sc.ST.data(), F);
+      kv_chunk(it, h, j, sc.gb[j], sc.gb[j + 1], YS(idx, j), Yz(idx, j), sc.ST.data(), sc, wdn.data(), wdd.data(),
+               dkh, dvh, dpkh);
+    });
+  }
+
+  // Decode step: t new tokens, causal among them, on top of (S0, z0); one sweep over the state.
+  void step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const {
+    const int items = B * H;
+    const int t = T;
+    auto mk = [&] {
+      std::vector<acc_t> buf((size_t)t * (2 * F + 2 * Dv + 1));
+      return buf;
+    };
+    run_tasks<std::vector<acc_t>>(items, mk, [&](int64_t idx, std::vector<acc_t>& buf) {
+      const int b = (int)(idx / H), h = (int)(idx % H), hk = h / G;
+      acc_t* qf = buf.data();
+      acc_t* kf = qf + (size_t)t * F;
+      acc_t* vv = kf + (size_t)t * F;
+      acc_t* num = vv + (size_t)t * Dv;
+      acc_t* den = num + (size_t)t * Dv;
+      for (int i = 0; i < t; ++i) {
+        const long gt = (long)b * T + i;
+        acc_t sn, cs;
+        sincos_p(pq[gt * H + h], sn, cs);
+        const scalar_t* qr = q + (gt * H + h) * Dk;
+        for (int d = 0; d < Dk; ++d) {
+          const acc_t x = relu(static_cast<acc_t>(qr[d]));
+          qf[(long)i * F + d] = x * sn;
+          qf[(long)i * F + Dk + d] = x * cs;
+        }
+        sincos_p(pk[gt * Hkv + hk], sn, cs);
+        const scalar_t* kr = k + (gt * Hkv + hk) * Dk;
+        for (int d = 0; d < Dk; ++d) {
+          const acc_t x = relu(static_cast<acc_t>(kr[d]));
+          kf[(long)i * F + d] = x * sn;
+          kf[(long)i * F + Dk + d] = x * cs;
+        }
+        const scalar_t* vr = v + (gt * Hkv + hk) * Dv;
+        for (int e = 0; e < Dv; ++e) vv[(long)i * Dv + e] = static_cast<acc_t>(vr[e]);
+        den[i] = 0;
+      }
+      std::fill(num, num + (size_t)t * Dv, acc_t(0));
+      const acc_t* Sin = S0 ? S0 + idx * F * Dv : nullptr;
+      const acc_t* zin = z0 ? z0 + idx * F : nullptr;
+      acc_t* So = Sout + idx * F * Dv;
+      acc_t* zo = zout + idx * F;
+      for (int f = 0; f < F; ++f) {
+        acc_t* srow = So + (long)f * Dv;
+        if (Sin) std::memcpy(srow, Sin + (long)f * Dv, sizeof(acc_t) * Dv);
+        else std::fill(srow, srow + Dv, acc_t(0));
+        acc_t zf = zin ? zin[f] : acc_t(0);
+        for (int i = 0; i < t; ++i) {
+          const acc_t kv = kf[(long)i * F + f], qv = qf[(long)i * F + f];
+          const acc_t* vr = vv + (long)i * Dv;
+          acc_t* nm = num + (long)i * Dv;
+          for (int e = 0; e < Dv; ++e) {
+            const acc_t s = srow[e] + kv * vr[e];
+            srow[e] = s;
+            nm[e] += qv * s;
+          }
+          zf += kv;
+          den[i] += qv * zf;
+        }
+        zo[f] = zf;
+      }
+      for (int i = 0; i < t; ++i) {
+        const long gt = (long)b * T + i;
+        scalar_t* orow = o + (gt * H + h) * Dv;
+        const acc_t dd = normalize ? std::max(den[i], eps) : acc_t(1);
+        for (int e = 0; e < Dv; ++e)
+          orow[e] = static_cast<scalar_t>(normalize ? num[(long)i * Dv + e] / dd : num[(long)i * Dv + e]);
+      }
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Python bindings
+// ---------------------------------------------------------------------------------------
+using OptT = c10::optional<at::Tensor>;
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
+                  const at::Tensor& pk) {
+  for (const at::Tensor* t : {&q, &k, &v, &pq, &pk}) {
+    TORCH_CHECK(t->device().is_cpu(), "leap_attention cpu kernels need CPU tensors");
+    TORCH_CHECK(t->is_contiguous(), "leap_attention cpu kernels need contiguous tensors");
+  }
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(pq.scalar_type() == acc && pk.scalar_type() == acc, "pq, pk must be in the state dtype");
+}
+
+template <typename scalar_t>
+Leap<scalar_t> make_ctx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
+                        const at::Tensor& pk, const OptT& kpm, const OptT& cu, bool causal, int64_t block_size,
+                        double eps, bool normalize) {
+  Leap<scalar_t> L;
+  L.B = (int)q.size(0);
+  L.T = (int)q.size(1);
+  L.H = (int)q.size(2);
+  L.Dk = (int)q.size(3);
+  L.S = (int)k.size(1);
+  L.Hkv = (int)k.size(2);
+  L.Dv = (int)v.size(3);
+  L.G = L.H / L.Hkv;
+  L.F = 2 * L.Dk;
+  L.W = (int)block_size;
+  L.causal = causal;
+  L.normalize = normalize;
+  using acc_ty = typename Leap<scalar_t>::acc_t;
+  // at least the smallest normal number (as _validate.effective_eps): eps=0 gives 0, not 0/0
+  L.eps = std::max(static_cast<acc_ty>(eps), std::numeric_limits<acc_ty>::min());
+  L.q = q.data_ptr<scalar_t>();
+  L.k = k.data_ptr<scalar_t>();
+  L.v = v.data_ptr<scalar_t>();
+  using acc_t = typename Leap<scalar_t>::acc_t;
+  L.pq = pq.data_ptr<acc_t>();
+  L.pk = pk.data_ptr<acc_t>();
+  if (kpm.has_value() && kpm->defined()) {
+    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->is_contiguous(), "key_padding_mask: contiguous bool");
+    L.kpm = kpm->data_ptr<bool>();
+  }
+  if (cu.has_value() && cu->defined()) {
+    TORCH_CHECK(cu->scalar_type() == at::kLong && cu->is_contiguous(), "cu_seqlens: contiguous int64");
+    L.cu = cu->data_ptr<int64_t>();
+    L.N = (int)cu->numel() - 1;
+  } else {
+    L.N = L.B;
+  }
+  return L;
+}
+
+template <typename T>
+const T* opt_ptr(const OptT& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+py::tuple fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
+              const at::Tensor& pk, const OptT& S0, const OptT& z0, const OptT& kpm, const OptT& cu, bool causal,
+              int64_t block_size, double eps, bool normalize, bool output_final_state) {
+  check_inputs(q, k, v, pq, pk);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  const int64_t n = (cu.has_value() && cu->defined()) ? cu->numel() - 1 : q.size(0);
+  at::Tensor S, z;
+  if (output_final_state) {
+    S = at::empty({n, q.size(2), 2 * q.size(3), v.size(3)}, q.options().dtype(acc));
+    z = at::empty({n, q.size(2), 2 * q.size(3)}, q.options().dtype(acc));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_fwd", [&] {
+    using acc_t = typename Leap<scalar_t>::acc_t;
+    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
+    L.forward(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(),
+              output_final_state ? S.data_ptr<acc_t>() : nullptr, output_final_state ? z.data_ptr<acc_t>() : nullptr);
+  });
+  if (!output_final_state) return py::make_tuple(o, py::none(), py::none());
+  return py::make_tuple(o, S, z);
+}
+
+py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& pq, const at::Tensor& pk, const OptT& S0, const OptT& z0,
+              const OptT& kpm, const OptT& cu, bool causal, int64_t block_size, double eps, bool normalize) {
+  check_inputs(q, k, v, pq, pk);
+  TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "do: contiguous, q's dtype");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3), S = k.size(1), Hkv = k.size(2),
+                Dv = v.size(3);
+  const int64_t n = (cu.has_value() && cu->defined()) ? cu->numel() - 1 : B;
+  auto dq = at::empty_like(q);
+  auto dpq = at::empty({B, T, H}, q.options().dtype(acc));
+  auto dkh = at::empty({B, S, H, Dk}, q.options().dtype(acc));
+  auto dvh = at::empty({B, S, H, Dv}, q.options().dtype(acc));
+  auto dpkh = at::empty({B, S, H}, q.options().dtype(acc));
+  const bool has_state = S0.has_value() && S0->defined();
+  at::Tensor dS0, dz0;
+  if (has_state) {
+    dS0 = at::empty({n, H, 2 * Dk, Dv}, q.options().dtype(acc));
+    dz0 = at::empty({n, H, 2 * Dk}, q.options().dtype(acc));
+  }
+  // the state gradient may come without the state (output_final_state without initial_state)
+  at::Tensor dSc, dzc;
+  if ((dS.has_value() && dS->defined()) || (dz.has_value() && dz->defined())) {
+    dSc = (dS.has_value() && dS->defined()) ? dS->contiguous() : at::zeros({n, H, 2 * Dk, Dv}, q.options().dtype(acc));
+    dzc = (dz.has_value() && dz->defined()) ? dz->contiguous() : at::zeros({n, H, 2 * Dk}, q.options().dtype(acc));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_bwd", [&] {
+    using acc_t = typename Leap<scalar_t>::acc_t;
+    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
+    L.backward(dout.data_ptr<scalar_t>(), dSc.defined() ? dSc.data_ptr<acc_t>() : nullptr,
+               dzc.defined() ? dzc.data_ptr<acc_t>() : nullptr, opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0),
+               dq.data_ptr<scalar_t>(), dpq.data_ptr<acc_t>(), dkh.data_ptr<acc_t>(), dvh.data_ptr<acc_t>(),
+               dpkh.data_ptr<acc_t>(), has_state ? dS0.data_ptr<acc_t>() : nullptr,
+               has_state ? dz0.data_ptr<acc_t>() : nullptr);
+  });
+  // reduce over the GQA group (fixed order) and cast to the input dtype
+  at::Tensor dk, dv, dpk;
+  if (Hkv == H) {
+    dk = dkh.to(q.scalar_type());
+    dv = dvh.to(q.scalar_type());
+    dpk = dpkh;
+  } else {
+    const int64_t G = H / Hkv;
+    dk = at::empty({B, S, Hkv, Dk}, q.options());
+    dv = at::empty({B, S, Hkv, Dv}, q.options());
+    dpk = at::empty({B, S, Hkv}, q.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_bwd_reduce", [&] {
+      using acc_t = typename Leap<scalar_t>::acc_t;
+      const acc_t* pdk = dkh.data_ptr<acc_t>();
+      const acc_t* pdv = dvh.data_ptr<acc_t>();
+      const acc_t* pdp = dpkh.data_ptr<acc_t>();
+      scalar_t* odk = dk.data_ptr<scalar_t>();
+      scalar_t* odv = dv.data_ptr<scalar_t>();
+      acc_t* odp = dpk.data_ptr<acc_t>();
+      at::parallel_for(0, B * S * Hkv, 256, [&](int64_t a, int64_t e) {
+        for (int64_t r = a; r < e; ++r) {  // r = (b*S + s)*Hkv + hk
+          const int64_t bs = r / Hkv, hk = r % Hkv;
+          for (int64_t d = 0; d < Dk; ++d) {
+            acc_t x = 0;
+            for (int64_t g = 0; g < G; ++g) x += pdk[(bs * H + hk * G + g) * Dk + d];
+            odk[r * Dk + d] = static_cast<scalar_t>(x);
+          }
+          for (int64_t d = 0; d < Dv; ++d) {
+            acc_t x = 0;
+            for (int64_t g = 0; g < G; ++g) x += pdv[(bs * H + hk * G + g) * Dv + d];
+            odv[r * Dv + d] = static_cast<scalar_t>(x);
+          }
+          acc_t x = 0;
+          for (int64_t g = 0; g < G; ++g) x += pdp[bs * H + hk * G + g];
+          odp[r] = x;
+        }
+      });
+    });
+  }
+  py::object pdS0 = has_state ? py::cast(dS0) : py::none();
+  py::object pdz0 = has_state ? py::cast(dz0) : py::none();
+  return py::make_tuple(dq, dk, dv, dpq, dpk, pdS0, pdz0);
+}
+
+py::tuple step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
+               const at::Tensor& pk, const OptT& S0, const OptT& z0, double eps, bool normalize) {
+  check_inputs(q, k, v, pq, pk);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto S = at::empty({q.size(0), q.size(2), 2 * q.size(3), v.size(3)}, q.options().dtype(acc));
+  auto z = at::empty({q.size(0), q.size(2), 2 * q.size(3)}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_step", [&] {
+    using acc_t = typename Leap<scalar_t>::acc_t;
+    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, c10::nullopt, c10::nullopt, true, 0, eps, normalize);
+    L.step(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(), S.data_ptr<acc_t>(), z.data_ptr<acc_t>());
+  });
+  return py::make_tuple(o, S, z);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "LeaPformer attention: chunkwise C++ CPU kernels (forward, backward, decode step)";
+  m.def("fwd", &fwd, "LeaP attention forward -> (o, S, z)");
+  m.def("bwd", &bwd, "LeaP attention backward -> (dq, dk, dv, dpq, dpk, dS0, dz0)");
+  m.def("step", &step, "LeaP attention decode step -> (o, S, z)");
+  m.def("set_mode", [](int mode) { g_mode = mode; },
+        "0: automatic, 1: sequential over chunks per (sequence, head), 2: parallel across chunks");
+  m.def("get_mode", [] { return g_mode; });
+  m.attr("CHUNK") = CH;
+}
