@@ -5,6 +5,8 @@ import torch
 
 from . import backends
 from ._validate import check_attention, check_step, check_window_pool, effective_eps
+from .attention import op as attention_op
+from .pooling import op as pooling_op
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -38,11 +40,12 @@ def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.
     check_attention(q, k, v, pq, pk, causal=causal, block_size=block_size, key_padding_mask=key_padding_mask,
                     cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
                     eps=eps, normalize=normalize, backend=backend)
-    impl = backends.select("leap_attention", backend, q.device, q.dtype)
-    return impl.leap_attention(q, k, v, pq, pk, causal=causal, block_size=block_size,
-                               key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
-                               initial_state=initial_state, output_final_state=output_final_state,
-                               eps=effective_eps(eps, q.dtype), normalize=normalize)
+    q, k, v = _autocast(q, k, v)
+    name = backends.choose("leap_attention", backend, q.device, q.dtype)
+    return attention_op.leap_attention(name, q, k, v, pq, pk, causal=causal, block_size=block_size,
+                                       key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                                       initial_state=initial_state, output_final_state=output_final_state,
+                                       eps=effective_eps(eps, q.dtype), normalize=normalize)
 
 
 def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
@@ -56,8 +59,10 @@ def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: t
     Equals ``leap_attention`` on the concatenation of everything decoded so far.
     """
     check_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize, backend=backend)
-    impl = backends.select("leap_attention_step", backend, q.device, q.dtype)
-    return impl.leap_attention_step(q, k, v, pq, pk, state, eps=effective_eps(eps, q.dtype), normalize=normalize)
+    q, k, v = _autocast(q, k, v)
+    name = backends.choose("leap_attention_step", backend, q.device, q.dtype)
+    return attention_op.leap_attention_step(name, q, k, v, pq, pk, state, eps=effective_eps(eps, q.dtype),
+                                            normalize=normalize)
 
 
 def window_pool(x: torch.Tensor, windows: Sequence[Tuple[int, int]], reduce: str = "mean",
@@ -71,5 +76,15 @@ def window_pool(x: torch.Tensor, windows: Sequence[Tuple[int, int]], reduce: str
     (True where the window lies wholly inside [0, T)).
     """
     windows = check_window_pool(x, windows, reduce, backend)
-    impl = backends.select("window_pool", backend, x.device, x.dtype)
-    return impl.window_pool(x, windows, reduce)
+    (x,) = _autocast(x)
+    name = backends.choose("window_pool", backend, x.device, x.dtype)
+    return pooling_op.window_pool(name, x, windows, reduce)
+
+
+def _autocast(*tensors):
+    """Under ``torch.autocast`` for the tensors' device, run in the autocast dtype (as matmuls do)."""
+    dev = tensors[0].device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and tensors[0].dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dtype) for t in tensors)
+    return tensors

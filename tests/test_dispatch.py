@@ -16,8 +16,9 @@ def test_torch_always_available():
 
 def test_explicit_backend_is_used(monkeypatch):
     calls = []
-    real = backends.get("torch").leap_attention
-    monkeypatch.setattr(backends.get("torch"), "leap_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kern = backends.get("torch").attention_kernels()
+    real = kern.fwd
+    monkeypatch.setattr(kern, "fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     q, k, v, pq, pk = make_inputs(1, 5, None, 1, None, 4, 4)
     lk.leap_attention(q, k, v, pq, pk, backend="torch")
     assert calls == [1]

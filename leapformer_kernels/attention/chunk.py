@@ -105,3 +105,42 @@ def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_p
     if output_final_state:
         return o, (S_fin, z_fin)
     return o
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel interface (see attention/op.py) for the torch backend: the forward runs the
+# chunked form without autograd; the backward recomputes it and differentiates (nothing but
+# the inputs is kept between the two).
+def _call(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize):
+    return chunk_leap_attention(q, k, v, pq, pk, causal=causal, block_size=block_size or None,
+                                key_padding_mask=kpm, cu_seqlens=cu_seqlens,
+                                initial_state=None if S0 is None else (S0, z0), output_final_state=True,
+                                eps=eps, normalize=normalize)
+
+
+def fwd(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize, output_final_state):
+    with torch.no_grad():
+        o, (S, z) = _call(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize)
+    return (o, S, z) if output_final_state else (o, None, None)
+
+
+def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize):
+    # torch.func.vjp, not torch.autograd: this runs inside a custom op, below the autograd key
+    has_state = S0 is not None
+
+    def f(q, k, v, pq, pk, *st):
+        S0_, z0_ = st if has_state else (None, None)
+        o, (S, z) = _call(q, k, v, pq, pk, S0_, z0_, kpm, cu_seqlens, causal, block_size, eps, normalize)
+        return o, S, z
+
+    primals = (q, k, v, pq, pk) + ((S0, z0) if has_state else ())
+    (o, S, z), vjp = torch.func.vjp(f, *primals)
+    grads = vjp((do, torch.zeros_like(S) if dS is None else dS, torch.zeros_like(z) if dz is None else dz))
+    dS0, dz0 = (grads[5], grads[6]) if has_state else (None, None)
+    return (*grads[:5], dS0, dz0)
+
+
+def step(q, k, v, pq, pk, S0, z0, eps, normalize):
+    with torch.no_grad():
+        o, (S, z) = _call(q, k, v, pq, pk, S0, z0, None, None, True, 0, eps, normalize)
+    return o, S, z

@@ -1,9 +1,9 @@
 """Backend registry and selection (DESIGN section 3).
 
-Three backends, tried in order of preference for a device: ``triton`` (CUDA tensors, or CPU
-tensors under ``TRITON_INTERPRET=1``), ``cpu`` (C++ kernels for CPU tensors), ``torch``
-(anywhere). Each backend module provides ``unavailable(op, device, dtype) -> str | None``
-and the ops ``leap_attention``, ``leap_attention_step`` and ``window_pool``.
+Three backends: ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``cpu``
+(C++ kernels for CPU tensors), ``torch`` (anywhere). Each backend module provides
+``unavailable(op, device, dtype) -> str | None`` and its kernel modules
+``attention_kernels()`` and ``pool_kernels()`` (interfaces in attention/op.py, pooling/op.py).
 
 Selection: the ``backend=`` argument (raises ``ValueError`` if it cannot serve), else the
 ``LEAPFORMER_BACKEND`` environment variable (a preference: falls back to torch with one
@@ -72,6 +72,17 @@ def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.d
             _warn_once(f"leapformer_kernels: the {name} backend is unavailable ({reason}); "
                        "falling back to the torch backend")
     return get("torch")
+
+
+def choose(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The name of the backend that runs ``op``; evaluated once per trace under torch.compile."""
+    return _choose_cached(op, backend, device.type, device.index, dtype)
+
+
+@torch._dynamo.assume_constant_result
+def _choose_cached(op, backend, device_type, device_index, dtype) -> str:
+    mod = select(op, backend, torch.device(device_type, device_index), dtype)
+    return next(name for name, m in _MODULES.items() if mod.__name__.endswith(m))
 
 
 def available_backends(op: str = "leap_attention") -> List[str]:

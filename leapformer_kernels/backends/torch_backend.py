@@ -1,20 +1,19 @@
-"""The ``torch`` backend: pure PyTorch, any device, any float dtype; autograd backward."""
-from ..attention.chunk import chunk_leap_attention
-from ..pooling.prefix import prefix_window_pool
+"""The ``torch`` backend: pure PyTorch, any device, any float dtype.
+
+Kernel modules: ``attention/chunk.py`` (chunked O(T)-memory form; its backward recomputes the
+forward and differentiates it) and ``pooling/prefix.py`` (prefix sums, sparse-table max).
+"""
+from ..attention import chunk
+from ..pooling import prefix
 
 
 def unavailable(op, device, dtype):
     return None
 
 
-def leap_attention(q, k, v, pq, pk, **kw):
-    return chunk_leap_attention(q, k, v, pq, pk, **kw)
+def attention_kernels():
+    return chunk
 
 
-def leap_attention_step(q, k, v, pq, pk, state, *, eps, normalize):
-    return chunk_leap_attention(q, k, v, pq, pk, causal=True, initial_state=state, output_final_state=True,
-                                eps=eps, normalize=normalize)
-
-
-def window_pool(x, windows, reduce):
-    return prefix_window_pool(x, windows, reduce)
+def pool_kernels():
+    return prefix

@@ -30,8 +30,19 @@ def prefix_window_pool(x, windows, reduce="mean"):
         if reduce == "mean":
             out = out / count.clamp(min=1)[None, :, :, None].to(out.dtype)
         return out.to(x.dtype), valid[None].expand(B, T, W).clone()
-    # max: sparse table over levels 2^j covering the longest clipped window
+    idx = max_index(x, lo, hi)
+    out = torch.gather(x, 1, idx.reshape(B, T * W, D)).reshape(B, T, W, D)
+    out = torch.where((count > 0)[None, :, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
+    return out, valid[None].expand(B, T, W).clone()
+
+
+def max_index(x, lo, hi):
+    """Index [B, T, W, D] (int64, into T) of the first maximum of x over [lo, hi) per window,
+    by a sparse table of (value, first index) pairs; an empty range gives index 0."""
+    B, T, D = x.shape
+    count = hi - lo
     longest = int(count.max())
+    x = x.detach()
     values = [x]
     index = [torch.arange(T, device=x.device)[None, :, None].expand(B, T, D)]
     j = 0
@@ -46,15 +57,45 @@ def prefix_window_pool(x, windows, reduce="mean"):
         j += 1
     level = torch.floor(torch.log2(count.clamp(min=1).to(torch.float64))).to(torch.int64)  # [T, W]
     stacked_i = torch.stack(index, 0)  # [L, B, T, D]
-    stacked_v = torch.stack(values, 0).detach()
-    first = lo
+    stacked_v = torch.stack(values, 0)
+    first = lo.clamp(max=T - 1)  # empty ranges (lo == hi == T) are masked by the caller
     second = (hi - (1 << level)).clamp(min=0)
-    va = stacked_v[level, :, first]  # [T, W, B, D]
-    ia = stacked_i[level, :, first]
-    vb = stacked_v[level, :, second]
-    ib = stacked_i[level, :, second]
+    va, ia = stacked_v[level, :, first], stacked_i[level, :, first]  # [T, W, B, D]
+    vb, ib = stacked_v[level, :, second], stacked_i[level, :, second]
     _, idx = _first_max(va, ia, vb, ib)
-    idx = idx.clamp(max=T - 1).permute(2, 0, 1, 3).reshape(B, T * W, D)
-    out = torch.gather(x, 1, idx).reshape(B, T, W, D)
-    out = torch.where((count > 0)[None, :, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
-    return out, valid[None].expand(B, T, W).clone()
+    return idx.clamp(max=T - 1).permute(2, 0, 1, 3).contiguous()
+
+
+# The kernel interface (see pooling/op.py) for the torch backend.
+def argmax_dtype(windows):
+    return torch.int64
+
+
+def pool_fwd(x, windows, reduce):
+    """-> pooled, valid, argmax (absolute int64 indices into T for "max", else None)."""
+    B, T, D = x.shape
+    with torch.no_grad():
+        if reduce != "max":
+            pooled, valid = prefix_window_pool(x, windows, reduce)
+            return pooled, valid, None
+        lo, hi, valid = window_bounds(T, windows, x.device)
+        idx = max_index(x, lo, hi)
+        out = torch.gather(x, 1, idx.reshape(B, -1, D)).reshape(idx.shape)
+        out = torch.where((hi > lo)[None, :, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
+        return out, valid[None].expand(B, T, len(windows)).clone(), idx
+
+
+def pool_bwd(grad, T, windows, reduce, argmax):
+    """dx [B, T, D]: sum / mean are linear (differentiate the prefix form at x = 0); max scatters
+    to the saved first-maximum indices."""
+    B, _, W, D = grad.shape
+    if reduce == "max":
+        lo, hi, _ = window_bounds(T, windows, grad.device)
+        g = grad * (hi > lo)[None, :, :, None].to(grad.dtype)
+        dx = torch.zeros(B, T, D, dtype=torch.float32 if grad.dtype != torch.float64 else grad.dtype,
+                         device=grad.device)
+        dx.scatter_add_(1, argmax.reshape(B, T * W, D), g.reshape(B, T * W, D).to(dx.dtype))
+        return dx.to(grad.dtype)
+    x0 = torch.zeros(B, T, D, dtype=grad.dtype, device=grad.device)
+    _, vjp = torch.func.vjp(lambda x: prefix_window_pool(x, windows, reduce)[0], x0)  # runs below autograd
+    return vjp(grad)[0]

@@ -1,0 +1,161 @@
+"""LeaP attention as ``torch.library`` custom ops, with registered autograd and fake tensors.
+
+One op per function, one implementation per backend (the ``backend`` string argument):
+
+    leapformer::leap_attention_fwd   -> (o, S, z)          (S, z empty unless requested)
+    leapformer::leap_attention_bwd   -> (dq, dk, dv, dpq, dpk, dS0, dz0)   (dS0, dz0 empty without S0)
+    leapformer::leap_attention_step  -> (o, S, z)
+
+so ``torch.compile(fullgraph=True)`` traces models through them and ``opcheck`` tests them.
+A backend provides a kernel module (``backends.<name>.attention_kernels()``) with, for
+contiguous inputs:
+
+    fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps,
+        normalize, output_final_state) -> (o, S, z)        # S, z None unless requested
+    bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal,
+        block_size, eps, normalize) -> (dq, dk, dv, dpq, dpk, dS0, dz0)
+    step(q, k, v, pq, pk, S0, z0, eps, normalize) -> (o, S, z)
+
+with q, k, v in one dtype; pq, pk, S0, z0, dS, dz in the state dtype (float32, or float64 for
+float64 inputs); S0, z0, dS, dz may be None; block_size 0 = not block-causal; cu_seqlens int64
+or None; dk, dv, dpk with Hkv heads. ``leap_attention`` below adapts dtypes and contiguity
+(differentiably), so kernels see one layout only.
+
+Numerics every kernel follows: the cosine half of the features is ``sin(pi/2 * (1 - p))``
+(exactly 0 at p = 1), see ``attention/features.py``.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._validate import state_dtype
+
+_EMPTY = 0  # size of the placeholder returned for an absent optional tensor
+
+
+def _kernels(backend: str):
+    return backends.get(backend).attention_kernels()
+
+
+def _device_guard(t: Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return torch.device(t.device)
+
+
+def _opt(t: Optional[Tensor], like: Tensor, dtype) -> Tensor:
+    return like.new_empty(_EMPTY, dtype=dtype) if t is None else t
+
+
+@torch.library.custom_op("leapformer::leap_attention_fwd", mutates_args=())
+def leap_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, S0: Optional[Tensor],
+                       z0: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                       causal: bool, block_size: int, eps: float, normalize: bool, output_final_state: bool,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    with _device_guard(q):
+        o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal,
+                                        block_size, eps, normalize, output_final_state)
+    acc = state_dtype(q.dtype)
+    return o, _opt(S, q, acc), _opt(z, q, acc)
+
+
+@leap_attention_fwd.register_fake
+def _(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
+      output_final_state, backend):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = state_dtype(q.dtype)
+    o = q.new_empty(B, T, H, Dv)
+    if not output_final_state:
+        return o, q.new_empty(_EMPTY, dtype=acc), q.new_empty(_EMPTY, dtype=acc)
+    n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return o, q.new_empty(n, H, 2 * Dk, Dv, dtype=acc), q.new_empty(n, H, 2 * Dk, dtype=acc)
+
+
+@torch.library.custom_op("leapformer::leap_attention_bwd", mutates_args=())
+def leap_attention_bwd(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                       pq: Tensor, pk: Tensor, S0: Optional[Tensor], z0: Optional[Tensor],
+                       key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor], causal: bool,
+                       block_size: int, eps: float, normalize: bool,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _device_guard(q):
+        dq, dk, dv, dpq, dpk, dS0, dz0 = _kernels(backend).bwd(do, dS, dz, q, k, v, pq, pk, S0, z0,
+                                                               key_padding_mask, cu_seqlens, causal, block_size,
+                                                               eps, normalize)
+    return dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype)
+
+
+@leap_attention_bwd.register_fake
+def _(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
+      backend):
+    dS0 = pq.new_empty(_EMPTY) if S0 is None else torch.empty_like(S0)
+    dz0 = pq.new_empty(_EMPTY) if z0 is None else torch.empty_like(z0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(pq),
+            torch.empty_like(pk), dS0, dz0)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize, ofs, backend = inputs
+    ctx.save_for_backward(q, k, v, pq, pk, S0, z0, kpm, cu)
+    ctx.flags = (causal, block_size, eps, normalize, backend)
+    ctx.output_final_state = ofs
+
+
+def _backward(ctx, do, dS, dz):
+    q, k, v, pq, pk, S0, z0, kpm, cu = ctx.saved_tensors
+    if not ctx.output_final_state:
+        dS = dz = None
+    causal, block_size, eps, normalize, backend = ctx.flags
+    dq, dk, dv, dpq, dpk, dS0, dz0 = leap_attention_bwd(do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm,
+                                                        cu, causal, block_size, eps, normalize, backend)
+    if S0 is None:
+        dS0 = dz0 = None
+    return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None
+
+
+leap_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("leapformer::leap_attention_step", mutates_args=())
+def leap_attention_step_op(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, S0: Optional[Tensor],
+                           z0: Optional[Tensor], eps: float, normalize: bool,
+                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    with _device_guard(q):
+        return _kernels(backend).step(q, k, v, pq, pk, S0, z0, eps, normalize)
+
+
+@leap_attention_step_op.register_fake
+def _(q, k, v, pq, pk, S0, z0, eps, normalize, backend):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = state_dtype(q.dtype)
+    return q.new_empty(B, T, H, Dv), q.new_empty(B, H, 2 * Dk, Dv, dtype=acc), q.new_empty(B, H, 2 * Dk, dtype=acc)
+
+
+def _prepare(q, k, v, pq, pk, S0, z0):
+    acc = state_dtype(q.dtype)
+    c = [t.contiguous() for t in (q, k, v)] + [pq.to(acc).contiguous(), pk.to(acc).contiguous()]
+    S0 = None if S0 is None else S0.to(acc).contiguous()
+    z0 = None if z0 is None else z0.to(acc).contiguous()
+    return c, S0, z0
+
+
+def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_padding_mask, cu_seqlens,
+                   initial_state, output_final_state, eps, normalize):
+    """Validated arguments -> the custom op of ``backend``; returns o or (o, (S, z))."""
+    S0, z0 = (None, None) if initial_state is None else initial_state
+    c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0)
+    kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
+    o, S, z = leap_attention_fwd(*c, S0, z0, kpm, cu, causal, block_size or 0, float(eps), normalize,
+                                 output_final_state, backend)
+    return (o, (S, z)) if output_final_state else o
+
+
+def leap_attention_step(backend: str, q, k, v, pq, pk, state, *, eps, normalize):
+    S0, z0 = (None, None) if state is None else state
+    c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0)
+    o, S, z = leap_attention_step_op(*c, S0, z0, float(eps), normalize, backend)
+    return o, (S, z)

@@ -1,0 +1,79 @@
+"""Window pooling as ``torch.library`` custom ops, with registered autograd and fake tensors.
+
+    leapformer::window_pool_fwd(x, starts, ends, reduce, backend) -> (pooled, valid, argmax)
+    leapformer::window_pool_bwd(grad, argmax, T, starts, ends, reduce, backend) -> dx
+
+A backend provides a kernel module (``backends.<name>.pool_kernels()``) with, for a contiguous
+x [B, T, D] and windows as a tuple of (a, b):
+
+    pool_fwd(x, windows, reduce) -> (pooled [B, T, W, D] in x's dtype, valid [B, T, W] bool,
+                                     argmax [B, T, W, D] for "max" (any integer form), else None)
+    pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D] in grad's dtype
+    argmax_dtype(windows) -> the integer dtype of argmax (for fake tensors)
+"""
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+
+def _kernels(backend: str):
+    return backends.get(backend).pool_kernels()
+
+
+def _windows(starts, ends):
+    return tuple(zip(starts, ends))
+
+
+@torch.library.custom_op("leapformer::window_pool_fwd", mutates_args=())
+def window_pool_fwd(x: Tensor, starts: List[int], ends: List[int], reduce: str,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    kern = _kernels(backend)
+    pooled, valid, argmax = kern.pool_fwd(x, _windows(starts, ends), reduce)
+    if argmax is None:
+        argmax = x.new_empty(0, dtype=kern.argmax_dtype(_windows(starts, ends)))
+    return pooled, valid, argmax
+
+
+@window_pool_fwd.register_fake
+def _(x, starts, ends, reduce, backend):
+    B, T, D = x.shape
+    W = len(starts)
+    adt = _kernels(backend).argmax_dtype(_windows(starts, ends))
+    argmax = x.new_empty(B, T, W, D, dtype=adt) if reduce == "max" else x.new_empty(0, dtype=adt)
+    return x.new_empty(B, T, W, D), x.new_empty(B, T, W, dtype=torch.bool), argmax
+
+
+@torch.library.custom_op("leapformer::window_pool_bwd", mutates_args=())
+def window_pool_bwd(grad: Tensor, argmax: Tensor, T: int, starts: List[int], ends: List[int], reduce: str,
+                    backend: str) -> Tensor:
+    return _kernels(backend).pool_bwd(grad, T, _windows(starts, ends), reduce,
+                                      argmax if reduce == "max" else None)
+
+
+@window_pool_bwd.register_fake
+def _(grad, argmax, T, starts, ends, reduce, backend):
+    B, _, W, D = grad.shape
+    return grad.new_empty(B, T, D)
+
+
+def _setup_context(ctx, inputs, output):
+    x, starts, ends, reduce, backend = inputs
+    ctx.save_for_backward(output[2])
+    ctx.args = (x.shape[1], starts, ends, reduce, backend)
+
+
+def _backward(ctx, grad, _gvalid, _gargmax):
+    (argmax,) = ctx.saved_tensors
+    return window_pool_bwd(grad.contiguous(), argmax, *ctx.args), None, None, None, None
+
+
+window_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def window_pool(backend: str, x, windows, reduce):
+    pooled, valid, _ = window_pool_fwd(x.contiguous(), [w[0] for w in windows], [w[1] for w in windows], reduce,
+                                       backend)
+    return pooled, valid
