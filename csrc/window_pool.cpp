@@ -1,0 +1,398 @@
+// Window pooling on the CPU: forward and backward of sum / mean / max over windows (a, b) of
+// offsets relative to t (DESIGN section 2), for x [B, T, D] in float16 / bfloat16 / float32 /
+// float64 (templated; accumulation in float32, float64 for double).
+//
+// Work is split over (b, D-block) tasks with at::parallel_for; each task owns the columns
+// [d0, d0 + DB) of one sequence, reads x once, and keeps its scratch in a thread-local buffer.
+//
+// sum / mean: one blocked two-level prefix sum along T per task, shared by every window.
+//   P[i] = sum x[blk(i)*TB .. i-1] (intra-block, acc_t), C[k] = sum x[0 .. k*TB-1] (double),
+//   so sum x[lo .. hi-1] = (C[hi/TB] - C[lo/TB]) + (P[hi] - P[lo]): the error is that of an
+//   acc_t sum of one block whatever T, and the cost per window is O(T * D) whatever its length.
+//   The backward is the same operation on the gradient over the reversed windows (-b, -a),
+//   summed over windows (mean scales the gradient by 1 / count first).
+// max: van Herk / Gil-Werman per window: the axis is cut into segments of the window's length L
+//   aligned at a, a running prefix max (g) and suffix max (h) inside each segment give every
+//   window as max(h[start], g[end]) in O(T * D) per window. Ties keep the first (lowest)
+//   index. The argmax is saved as an offset from the window's clipped start (int16 where the
+//   longest window fits, else int32, as the caller asks; -1 for a wholly-outside window). The backward
+//   scatters the gradient to the argmax sequentially inside a task: deterministic.
+//
+// Windows arrive clamped to [-T, T] (same result, no overflow) as int64 lists.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TB = 256;  // rows per prefix block
+constexpr int64_t DB = 32;   // columns per task
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+inline int64_t clampi(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Clipped half-open range [lo, hi) of window (a, b) at t.
+inline void bounds(int64_t t, int64_t a, int64_t b, int64_t T, int64_t& lo, int64_t& hi) {
+  lo = clampi(t + a, 0, T);
+  hi = clampi(t + b + 1, 0, T);
+  if (hi < lo) hi = lo;
+}
+
+// Blocked prefix of y[i * ys + j] (i < T, j < cn), each row i scaled by scale[i] if given.
+template <typename scalar_t, typename acc_t>
+void blocked_prefix(const scalar_t* y, int64_t ys, int64_t T, int64_t cn, const acc_t* scale, acc_t* P,
+                    double* C) {
+  acc_t run[DB];
+  double carry[DB];
+  for (int64_t j = 0; j < DB; ++j) {
+    run[j] = 0;
+    carry[j] = 0;
+  }
+  for (int64_t i = 0; i <= T; ++i) {
+    if (i % TB == 0) {
+      double* c = C + (i / TB) * DB;
+      for (int64_t j = 0; j < DB; ++j) {
+        carry[j] += static_cast<double>(run[j]);
+        c[j] = carry[j];
+        run[j] = 0;
+      }
+    }
+    acc_t* p = P + i * DB;
+    for (int64_t j = 0; j < DB; ++j) p[j] = run[j];
+    if (i < T) {
+      const scalar_t* row = y + i * ys;
+      if (scale) {
+        const acc_t s = scale[i];
+        for (int64_t j = 0; j < cn; ++j) run[j] += static_cast<acc_t>(row[j]) * s;
+      } else {
+        for (int64_t j = 0; j < cn; ++j) run[j] += static_cast<acc_t>(row[j]);
+      }
+    }
+  }
+}
+
+// v[j] = (sum over [lo, hi) of the prefixed column j) * scale
+template <typename acc_t>
+inline void range_sum(const acc_t* P, const double* C, int64_t lo, int64_t hi, acc_t scale, acc_t* v) {
+  const acc_t* pl = P + lo * DB;
+  const acc_t* ph = P + hi * DB;
+  const int64_t bl = lo / TB, bh = hi / TB;
+  if (bl == bh) {
+    for (int64_t j = 0; j < DB; ++j) v[j] = (ph[j] - pl[j]) * scale;
+  } else {
+    const double* cl = C + bl * DB;
+    const double* ch = C + bh * DB;
+    for (int64_t j = 0; j < DB; ++j) v[j] = (static_cast<acc_t>(ch[j] - cl[j]) + (ph[j] - pl[j])) * scale;
+  }
+}
+
+struct Problem {
+  int64_t B, T, D, W;
+  std::vector<int64_t> a, b;
+  int64_t ndb() const { return (D + DB - 1) / DB; }
+};
+
+Problem make_problem(const at::Tensor& t3, int64_t T, const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+  TORCH_CHECK(a.size() == b.size() && !a.empty(), "window_pool: a and b must be nonempty lists of equal length");
+  Problem p;
+  p.B = t3.size(0);
+  p.T = T;
+  p.D = t3.size(-1);
+  p.W = static_cast<int64_t>(a.size());
+  p.a = a;
+  p.b = b;
+  for (int64_t w = 0; w < p.W; ++w) {
+    TORCH_CHECK(a[w] <= b[w], "window_pool: window with a > b");
+    p.a[w] = clampi(a[w], -T, T);
+    p.b[w] = clampi(b[w], -T, T);
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------- sum / mean
+template <typename scalar_t>
+void sum_fwd(const scalar_t* x, scalar_t* out, const Problem& pr, bool mean) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
+  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> P((T + 1) * DB);
+    std::vector<double> C((T / TB + 1) * DB);
+    alignas(64) acc_t v[DB];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
+      blocked_prefix<scalar_t, acc_t>(x + bb * T * D + d0, D, T, cn, nullptr, P.data(), C.data());
+      for (int64_t t = 0; t < T; ++t) {
+        scalar_t* orow = out + (bb * T + t) * W * D + d0;
+        for (int64_t w = 0; w < W; ++w) {
+          int64_t lo, hi;
+          bounds(t, pr.a[w], pr.b[w], T, lo, hi);
+          const acc_t scale = mean ? acc_t(1) / static_cast<acc_t>(std::max<int64_t>(hi - lo, 1)) : acc_t(1);
+          range_sum<acc_t>(P.data(), C.data(), lo, hi, scale, v);
+          scalar_t* o = orow + w * D;
+          for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(v[j]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
+  // per-window row scales of the gradient: 1 / count for mean
+  std::vector<acc_t> scales;
+  if (mean) {
+    scales.resize(W * T);
+    for (int64_t w = 0; w < W; ++w)
+      for (int64_t t = 0; t < T; ++t) {
+        int64_t lo, hi;
+        bounds(t, pr.a[w], pr.b[w], T, lo, hi);
+        scales[w * T + t] = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(hi - lo, 1));
+      }
+  }
+  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> P((T + 1) * DB);
+    std::vector<double> C((T / TB + 1) * DB);
+    std::vector<acc_t> acc(T * DB);
+    alignas(64) acc_t v[DB];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t w = 0; w < W; ++w) {
+        blocked_prefix<scalar_t, acc_t>(g + bb * T * W * D + w * D + d0, W * D, T, cn,
+                                        mean ? scales.data() + w * T : nullptr, P.data(), C.data());
+        // position s receives the gradient of every t with s in [t+a, t+b]: t in [s-b, s-a]
+        for (int64_t s = 0; s < T; ++s) {
+          int64_t lo, hi;
+          bounds(s, -pr.b[w], -pr.a[w], T, lo, hi);
+          range_sum<acc_t>(P.data(), C.data(), lo, hi, acc_t(1), v);
+          acc_t* r = acc.data() + s * DB;
+          for (int64_t j = 0; j < DB; ++j) r[j] += v[j];
+        }
+      }
+      for (int64_t s = 0; s < T; ++s) {
+        scalar_t* o = dx + (bb * T + s) * D + d0;
+        const acc_t* r = acc.data() + s * DB;
+        for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(r[j]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- max
+template <typename scalar_t, typename index_t>
+void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
+  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gv(T * DB), hv(T * DB);
+    std::vector<int32_t> gi(T * DB), hi_(T * DB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
+      const scalar_t* xb = x + bb * T * D + d0;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t a = pr.a[w], b = pr.b[w], L = b - a + 1;
+        // segments [a + k L, a + (k + 1) L); r = (p - a) mod L
+        int64_t r = ((-a) % L + L) % L;
+        for (int64_t p = 0; p < T; ++p, r = (r + 1 == L ? 0 : r + 1)) {
+          const scalar_t* row = xb + p * D;
+          acc_t* v = gv.data() + p * DB;
+          int32_t* ix = gi.data() + p * DB;
+          if (p == 0 || r == 0) {
+            for (int64_t j = 0; j < cn; ++j) {
+              v[j] = static_cast<acc_t>(row[j]);
+              ix[j] = static_cast<int32_t>(p);
+            }
+          } else {
+            const acc_t* pv = v - DB;
+            const int32_t* pi = ix - DB;
+            for (int64_t j = 0; j < cn; ++j) {
+              const acc_t e = static_cast<acc_t>(row[j]);
+              const bool take = e > pv[j];
+              v[j] = take ? e : pv[j];
+              ix[j] = take ? static_cast<int32_t>(p) : pi[j];
+            }
+          }
+        }
+        // suffix max: a new segment ends at p when p + 1 starts one, i.e. r(p) == L - 1
+        r = (((T - 1 - a) % L) + L) % L;
+        for (int64_t p = T - 1; p >= 0; --p, r = (r == 0 ? L - 1 : r - 1)) {
+          const scalar_t* row = xb + p * D;
+          acc_t* v = hv.data() + p * DB;
+          int32_t* ix = hi_.data() + p * DB;
+          if (p == T - 1 || r == L - 1) {
+            for (int64_t j = 0; j < cn; ++j) {
+              v[j] = static_cast<acc_t>(row[j]);
+              ix[j] = static_cast<int32_t>(p);
+            }
+          } else {
+            const acc_t* nv = v + DB;
+            const int32_t* ni = ix + DB;
+            for (int64_t j = 0; j < cn; ++j) {
+              const acc_t e = static_cast<acc_t>(row[j]);
+              const bool take = e >= nv[j];  // ties: the lower index wins
+              v[j] = take ? e : nv[j];
+              ix[j] = take ? static_cast<int32_t>(p) : ni[j];
+            }
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          scalar_t* o = out + ((bb * T + t) * W + w) * D + d0;
+          index_t* ao = arg + ((bb * T + t) * W + w) * D + d0;
+          const int64_t sc = std::max<int64_t>(t + a, 0), ec = std::min<int64_t>(t + b, T - 1);
+          if (sc > ec) {
+            for (int64_t j = 0; j < cn; ++j) {
+              o[j] = static_cast<scalar_t>(0);
+              ao[j] = static_cast<index_t>(-1);
+            }
+            continue;
+          }
+          const int64_t ks = (sc - a) / L, ke = (ec - a) / L;  // sc - a >= t >= 0
+          const acc_t* hvp = hv.data() + sc * DB;
+          const int32_t* hip = hi_.data() + sc * DB;
+          const acc_t* gvp = gv.data() + ec * DB;
+          const int32_t* gip = gi.data() + ec * DB;
+          if (ks == ke) {
+            // one segment: the window starts at its (clipped) start -> g[ec], else ends at its end -> h[sc]
+            const bool use_g = sc == std::max<int64_t>(a + ks * L, 0);
+            const acc_t* vv = use_g ? gvp : hvp;
+            const int32_t* ii = use_g ? gip : hip;
+            for (int64_t j = 0; j < cn; ++j) {
+              o[j] = static_cast<scalar_t>(vv[j]);
+              ao[j] = static_cast<index_t>(ii[j] - sc);
+            }
+          } else {
+            for (int64_t j = 0; j < cn; ++j) {
+              const bool take_g = gvp[j] > hvp[j];  // h holds the lower indices: ties keep h
+              o[j] = static_cast<scalar_t>(take_g ? gvp[j] : hvp[j]);
+              ao[j] = static_cast<index_t>((take_g ? gip[j] : hip[j]) - sc);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename index_t>
+void max_bwd(const scalar_t* g, const index_t* arg, scalar_t* dx, const Problem& pr) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
+  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(T * DB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t lo = clampi(t + pr.a[w], 0, T);
+          const int64_t base = ((bb * T + t) * W + w) * D + d0;
+          const scalar_t* gr = g + base;
+          const index_t* ar = arg + base;
+          for (int64_t j = 0; j < cn; ++j) {
+            const int64_t off = static_cast<int64_t>(ar[j]);
+            if (off >= 0) acc[(lo + off) * DB + j] += static_cast<acc_t>(gr[j]);
+          }
+        }
+      }
+      for (int64_t s = 0; s < T; ++s) {
+        scalar_t* o = dx + (bb * T + s) * D + d0;
+        const acc_t* r = acc.data() + s * DB;
+        for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(r[j]);
+      }
+    }
+  });
+}
+
+int reduce_code(const std::string& reduce) {
+  if (reduce == "sum") return 0;
+  if (reduce == "mean") return 1;
+  if (reduce == "max") return 2;
+  TORCH_CHECK(false, "window_pool: unknown reduce '", reduce, "'");
+  return -1;
+}
+
+// Longest clipped window, which bounds the argmax offsets.
+int64_t longest(const Problem& p) {
+  int64_t m = 0;
+  for (int64_t w = 0; w < p.W; ++w) m = std::max(m, std::min(p.b[w] - p.a[w] + 1, p.T));
+  return m;
+}
+
+}  // namespace
+
+// x [B, T, D] -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax [B, T, W, D] int16/int32 or None)
+// wide: int32 argmax offsets (else int16); the caller decides from the windows' lengths.
+std::vector<at::Tensor> pool_fwd(const at::Tensor& x_in, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
+                                 const std::string& reduce, bool wide) {
+  TORCH_CHECK(x_in.dim() == 3, "window_pool: x must be [B, T, D]");
+  TORCH_CHECK(x_in.device().is_cpu(), "window_pool: x must be a CPU tensor");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(1);
+  const Problem pr = make_problem(x, T, a, b);
+  const int code = reduce_code(reduce);
+  at::Tensor out = at::empty({pr.B, T, pr.W, pr.D}, x.options());
+  at::Tensor valid = at::empty({pr.B, T, pr.W}, x.options().dtype(at::kBool));
+  {
+    bool* vp = valid.data_ptr<bool>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t w = 0; w < pr.W; ++w) vp[t * pr.W + w] = (t + pr.a[w] >= 0) && (t + pr.b[w] < T);
+    for (int64_t bb = 1; bb < pr.B; ++bb) std::copy(vp, vp + T * pr.W, vp + bb * T * pr.W);
+  }
+  at::Tensor arg;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_pool_fwd", [&] {
+    if (code < 2) {
+      sum_fwd<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pr, code == 1);
+    } else if (!wide) {
+      TORCH_CHECK(longest(pr) - 1 <= 32767, "window_pool: int16 argmax offsets cannot hold this window");
+      arg = at::empty({pr.B, T, pr.W, pr.D}, x.options().dtype(at::kShort));
+      max_fwd<scalar_t, int16_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int16_t>(), pr);
+    } else {
+      arg = at::empty({pr.B, T, pr.W, pr.D}, x.options().dtype(at::kInt));
+      max_fwd<scalar_t, int32_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), pr);
+    }
+  });
+  if (code < 2) return {out, valid};
+  return {out, valid, arg};
+}
+
+// grad [B, T, W, D] -> dx [B, T, D] in grad's dtype
+at::Tensor pool_bwd(const at::Tensor& g_in, int64_t T, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
+                    const std::string& reduce, const c10::optional<at::Tensor>& arg_in) {
+  TORCH_CHECK(g_in.dim() == 4 && g_in.size(1) == T && g_in.size(2) == static_cast<int64_t>(a.size()),
+              "window_pool backward: grad must be [B, T, W, D]");
+  const at::Tensor g = g_in.contiguous();
+  const Problem pr = make_problem(g, T, a, b);
+  const int code = reduce_code(reduce);
+  at::Tensor dx = at::empty({pr.B, T, pr.D}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "window_pool_bwd", [&] {
+    if (code < 2) {
+      sum_bwd<scalar_t>(g.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pr, code == 1);
+    } else {
+      TORCH_CHECK(arg_in.has_value(), "window_pool backward: max needs the saved argmax");
+      const at::Tensor arg = arg_in->contiguous();
+      TORCH_CHECK(arg.sizes() == g.sizes(), "window_pool backward: argmax must match grad's shape");
+      if (arg.scalar_type() == at::kShort) {
+        max_bwd<scalar_t, int16_t>(g.data_ptr<scalar_t>(), arg.data_ptr<int16_t>(), dx.data_ptr<scalar_t>(), pr);
+      } else {
+        TORCH_CHECK(arg.scalar_type() == at::kInt, "window_pool backward: argmax must be int16 or int32");
+        max_bwd<scalar_t, int32_t>(g.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), dx.data_ptr<scalar_t>(), pr);
+      }
+    }
+  });
+  return dx;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "leapformer_kernels window pooling (CPU)";
+  m.def("pool_fwd", &pool_fwd, "window pooling forward", py::arg("x"), py::arg("a"), py::arg("b"),
+        py::arg("reduce"), py::arg("wide"));
+  m.def("pool_bwd", &pool_bwd, "window pooling backward", py::arg("grad"), py::arg("T"), py::arg("a"),
+        py::arg("b"), py::arg("reduce"), py::arg("argmax"));
+}
