@@ -1,0 +1,157 @@
+"""``leapformer-lm``: a decoder-only LeaPformer language model (the paper's LM setting, scaled down).
+
+Token embedding (scaled by sqrt(d), as fairseq's ``transformer_lm`` that the paper used) plus
+absolute position embeddings: learned by default, sinusoidal (fairseq's default) or none as
+options. ``LeapAttention`` has no RoPE hook (RoPE must rotate q and k inside the attention), so
+rotary embeddings are not available. In short CPU runs on the pydoc text (80 steps, seq 64,
+val loss): sinusoidal 3.01, learned 2.59, none 2.51: unit-amplitude sinusoids slow early
+learning, and causal (LeaP or softmax) attention tells positions apart on its own. Then a stack of
+pre-norm causal blocks with ``LeapAttention`` (``attention="softmax"`` for the baseline), a final
+norm and an output head tied to the token embedding.
+
+Generation carries the recurrent state: with LeaP attention each layer's state is the pair
+(S, z), O(1) in the context length; with softmax it is a KV cache. Prompts of different lengths
+are left-padded and masked with ``key_padding_mask``; positions count real tokens only, so a
+prompt gives the same tokens batched as alone.
+"""
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Block, TiedHead, init_weights, left_pad, make_norm, make_positions, sample_logits
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 256
+    seq_len: int = 128          # training context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"    # gelu | swiglu
+    norm: str = "layernorm"     # layernorm | rmsnorm
+    pos_emb: str = "learned"    # learned | sinusoidal | none
+    max_positions: int = 1024   # learned positions: the longest sequence (prompt + generated)
+    attention: str = "leap"     # leap | softmax
+    leap_hidden: Optional[int] = None  # LeaP predictor width (None = head_dim // 4)
+    eps: float = 0.1            # denominator clamp (official fairseq value)
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@dataclass
+class LMState:
+    """Per-layer attention states plus the number of real tokens seen per sequence ([B] long)."""
+    layers: list
+    pos: torch.Tensor
+
+
+class LeapformerLM(nn.Module):
+    name = "leapformer-lm"
+    description = "decoder-only LeaPformer language model (causal LeapAttention blocks, tied head)"
+    Config = LMConfig
+    causal = True
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.pos_emb = make_positions(c.pos_emb, c.n_embd, c.max_positions)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([
+            Block(c.n_embd, c.n_head, mlp_ratio=c.mlp_ratio, activation=c.activation, norm=c.norm,
+                  attention=c.attention, causal=True, leap_hidden=c.leap_hidden, eps=c.eps, bias=c.bias,
+                  dropout=c.dropout) for _ in range(c.n_layer)])
+        self.norm_f = make_norm(c.norm, c.n_embd)
+        self.head = TiedHead(self.tok_emb)
+        init_weights(self, c.n_layer)
+        # fairseq's transformer_lm scaling: token embeddings N(0, 1/d) times sqrt(d), so token
+        # identity and the (unit-amplitude) sinusoidal positions enter with comparable size; with
+        # nanoGPT's N(0, 0.02) tokens the positions drown them and learning stalls.
+        nn.init.normal_(self.tok_emb.weight, 0.0, c.n_embd ** -0.5)
+        self.embed_scale = c.n_embd ** 0.5
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens, key_padding_mask=None, state: Optional[LMState] = None, use_cache: bool = False):
+        """tokens [B, T] -> logits [B, T, V]; with use_cache -> (logits, LMState).
+
+        key_padding_mask [B, T] bool (True = pad, for left-padded prompts); state continues a
+        sequence (the new tokens follow everything the state has seen).
+        """
+        B, T = tokens.shape
+        real = torch.ones(B, T, dtype=torch.long, device=tokens.device) if key_padding_mask is None \
+            else (~key_padding_mask).long()
+        start = state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=tokens.device)
+        positions = (start[:, None] + real.cumsum(1) - 1).clamp_min(0)
+        x = self.drop(self.embed_scale * self.tok_emb(tokens) + self.pos_emb(positions))
+        layer_states = []
+        for i, blk in enumerate(self.blocks):
+            if use_cache or state is not None:
+                x, s = blk(x, key_padding_mask=key_padding_mask,
+                           state=state.layers[i] if state is not None else None, use_cache=True)
+                layer_states.append(s)
+            else:
+                x = blk(x, key_padding_mask=key_padding_mask)
+        logits = self.head(self.norm_f(x))
+        if use_cache:
+            return logits, LMState(layer_states, start + real.sum(1))
+        return logits
+
+    # ------------------------------------------------------------------ training
+    def get_batch(self, data: torch.Tensor, batch_size: int, generator: torch.Generator):
+        """Random windows of seq_len + 1 tokens from a 1-D token tensor -> (x [B, T], y [B, T])."""
+        T = min(self.config.seq_len, len(data) - 1)
+        if T < 1:
+            raise ValueError(f"the corpus has {len(data)} tokens: too short for training")
+        ix = torch.randint(0, len(data) - T, (batch_size,), generator=generator)
+        x = torch.stack([data[i:i + T] for i in ix.tolist()])
+        y = torch.stack([data[i + 1:i + T + 1] for i in ix.tolist()])
+        return x, y
+
+    def loss(self, batch):
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return batch[0].numel()
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: List[List[int]], max_new_tokens: int = 100, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True) -> List[List[int]]:
+        """Continue each prompt (a list of token ids) by max_new_tokens tokens; returns the new ids.
+
+        Prompts of different lengths run as one left-padded batch. ``use_cache=True`` processes the
+        prompts in one call and then one token per step through the state (O(1) memory per token
+        with LeaP); ``use_cache=False`` recomputes the whole sequence at each step (the reference).
+        """
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        prompts = [list(p) if len(p) else [0] for p in prompts]
+        dev = self.tok_emb.weight.device
+        tokens, pad = left_pad(prompts, device=dev)
+        out = []
+        if use_cache:
+            logits, state = self(tokens, key_padding_mask=pad if pad.any() else None, use_cache=True)
+        for step in range(max_new_tokens):
+            if not use_cache:
+                logits = self(tokens, key_padding_mask=pad if pad.any() else None)
+            nxt = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)
+            out.append(nxt)
+            if step + 1 == max_new_tokens:
+                break
+            if use_cache:
+                logits, state = self(nxt[:, None], state=state, use_cache=True)
+            else:
+                tokens = torch.cat([tokens, nxt[:, None]], 1)
+                pad = torch.cat([pad, torch.zeros_like(pad[:, :1])], 1)
+        if not out:
+            return [[] for _ in prompts]
+        return torch.stack(out, 1).tolist()
