@@ -60,6 +60,15 @@ def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: t
     """
     check_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize, backend=backend)
     q, k, v = _autocast(q, k, v)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, pq, pk) + tuple(state or ())):
+        # the step kernel is inference-only; with autograd on, the same result comes from the
+        # differentiable op (DESIGN: the step equals leap_attention on the concatenation)
+        name = backends.choose("leap_attention", backend, q.device, q.dtype)
+        return attention_op.leap_attention(name, q, k, v, pq, pk, causal=True, block_size=None,
+                                           key_padding_mask=None, cu_seqlens=None, initial_state=state,
+                                           output_final_state=True, eps=effective_eps(eps, q.dtype),
+                                           normalize=normalize)
     name = backends.choose("leap_attention_step", backend, q.device, q.dtype)
     return attention_op.leap_attention_step(name, q, k, v, pq, pk, state, eps=effective_eps(eps, q.dtype),
                                             normalize=normalize)

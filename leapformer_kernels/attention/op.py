@@ -58,7 +58,7 @@ def leap_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, 
         o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal,
                                         block_size, eps, normalize, output_final_state)
     acc = state_dtype(q.dtype)
-    return o, _opt(S, q, acc), _opt(z, q, acc)
+    return o.contiguous(), _opt(S, q, acc).contiguous(), _opt(z, q, acc).contiguous()
 
 
 @leap_attention_fwd.register_fake
@@ -84,7 +84,8 @@ def leap_attention_bwd(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q
         dq, dk, dv, dpq, dpk, dS0, dz0 = _kernels(backend).bwd(do, dS, dz, q, k, v, pq, pk, S0, z0,
                                                                key_padding_mask, cu_seqlens, causal, block_size,
                                                                eps, normalize)
-    return dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype)
+    out = (dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype))
+    return tuple(t.contiguous() for t in out)
 
 
 @leap_attention_bwd.register_fake
@@ -123,7 +124,8 @@ def leap_attention_step_op(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tens
                            z0: Optional[Tensor], eps: float, normalize: bool,
                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     with _device_guard(q):
-        return _kernels(backend).step(q, k, v, pq, pk, S0, z0, eps, normalize)
+        out = _kernels(backend).step(q, k, v, pq, pk, S0, z0, eps, normalize)
+    return tuple(t.contiguous() for t in out)
 
 
 @leap_attention_step_op.register_fake

@@ -34,7 +34,7 @@ def window_pool_fwd(x: Tensor, starts: List[int], ends: List[int], reduce: str,
     pooled, valid, argmax = kern.pool_fwd(x, _windows(starts, ends), reduce)
     if argmax is None:
         argmax = x.new_empty(0, dtype=kern.argmax_dtype(_windows(starts, ends)))
-    return pooled, valid, argmax
+    return pooled.contiguous(), valid.contiguous(), argmax.contiguous()
 
 
 @window_pool_fwd.register_fake
@@ -50,7 +50,7 @@ def _(x, starts, ends, reduce, backend):
 def window_pool_bwd(grad: Tensor, argmax: Tensor, T: int, starts: List[int], ends: List[int], reduce: str,
                     backend: str) -> Tensor:
     return _kernels(backend).pool_bwd(grad, T, _windows(starts, ends), reduce,
-                                      argmax if reduce == "max" else None)
+                                      argmax if reduce == "max" else None).contiguous()
 
 
 @window_pool_bwd.register_fake
