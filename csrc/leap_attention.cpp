@@ -30,6 +30,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int CH = 64;  // key chunk length
@@ -88,9 +92,70 @@ inline void gemm_cols(int M, int K, const T* A, long sai, long sak, const T* B, 
   for (; i < M; ++i) micro<T, 1, NR>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// float32 micro-kernel with explicit AVX2/FMA: MR rows x NV*8 columns in ymm accumulators
+// (6 x 16: 12 accumulators, about 70% of the FMA peak on the 2-core Zen 3 test machine).
+template <int MR, int NV>
+inline void micro_f32(int K, const float* __restrict A, long sai, long sak, const float* __restrict B, long ldb,
+                      float* __restrict C, long ldc) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    const float* b = B + (long)k * ldb;
+    __m256 bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = _mm256_loadu_ps(b + 8 * c);
+    const float* a = A + (long)k * sak;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * sai);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(av, bv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) {
+      float* cp = C + r * ldc + 8 * c;
+      _mm256_storeu_ps(cp, _mm256_add_ps(_mm256_loadu_ps(cp), acc[r][c]));
+    }
+}
+
+template <int NV>
+inline void gemm_cols_f32(int M, int K, const float* A, long sai, long sak, const float* B, long ldb, float* C,
+                          long ldc) {
+  int i = 0;
+  for (; i + 6 <= M; i += 6) micro_f32<6, NV>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
+  for (; i + 4 <= M; i += 4) micro_f32<4, NV>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
+  for (; i < M; ++i) micro_f32<1, NV>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
+}
+
+inline void gemm_f32(int M, int N, int K, const float* A, long sai, long sak, const float* B, long ldb, float* C,
+                     long ldc) {
+  int j = 0;
+  for (; j + 16 <= N; j += 16) gemm_cols_f32<2>(M, K, A, sai, sak, B + j, ldb, C + j, ldc);
+  if (N - j >= 8) {
+    gemm_cols_f32<1>(M, K, A, sai, sak, B + j, ldb, C + j, ldc);
+    j += 8;
+  }
+  if (j < N) gemm_edge<float>(M, N - j, K, A, sai, sak, B + j, ldb, C + j, ldc);
+}
+#define LEAP_HAVE_F32_KERNEL 1
+#endif
+
 template <typename T>
 void gemm(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc) {
   if (M <= 0 || N <= 0 || K <= 0) return;
+#ifdef LEAP_HAVE_F32_KERNEL
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_f32(M, N, K, A, sai, sak, B, ldb, C, ldc);
+    return;
+  }
+#endif
   constexpr int NR = sizeof(T) == 4 ? 16 : 8;
   int j = 0;
   for (; j + NR <= N; j += NR) gemm_cols<T, NR>(M, K, A, sai, sak, B + j, ldb, C + j, ldc);
@@ -103,17 +168,29 @@ void gemm(int M, int N, int K, const T* A, long sai, long sak, const T* B, long 
 
 template <typename T>
 inline void transpose(int R, int Cc, const T* src, long lds, T* dst, long ldd) {  // dst[c][r] = src[r][c]
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < Cc; ++c) dst[(long)c * ldd + r] = src[(long)r * lds + c];
+  constexpr int TB = 8;  // tiles keep both sides within a few cache lines
+  for (int r0 = 0; r0 < R; r0 += TB) {
+    const int r1 = std::min(R, r0 + TB);
+    for (int c0 = 0; c0 < Cc; c0 += TB) {
+      const int c1 = std::min(Cc, c0 + TB);
+      for (int c = c0; c < c1; ++c)
+        for (int r = r0; r < r1; ++r) dst[(long)c * ldd + r] = src[(long)r * lds + c];
+    }
+  }
 }
 
 // Runs fn(task, scratch) for task in [0, n) on all threads; a shared counter hands tasks out
 // (load balance only: each task's result does not depend on the thread that runs it).
+// Calls whose whole work is below this many multiply-adds run on the calling thread: a parallel
+// region costs more than it saves there (and much more on a loaded machine).
+constexpr double kSerialWork = 1 << 21;
+thread_local double g_call_work = 1e30;  // work estimate of the running call
+
 template <typename Scratch, typename MakeScratch, typename Fn>
 void run_tasks(int64_t n, const MakeScratch& make, const Fn& fn) {
   if (n <= 0) return;
   int nt = std::max(1, at::get_num_threads());
-  if (nt == 1 || n == 1 || at::in_parallel_region()) {
+  if (nt == 1 || n == 1 || at::in_parallel_region() || g_call_work < kSerialWork) {
     Scratch sc = make();
     for (int64_t i = 0; i < n; ++i) fn(i, sc);
     return;
@@ -144,6 +221,36 @@ struct Leap {
   const bool* kpm = nullptr;
   const scalar_t *q = nullptr, *k = nullptr, *v = nullptr;
   const acc_t *pq = nullptr, *pk = nullptr;
+
+  static inline acc_t relu(acc_t x) { return x < acc_t(0) ? acc_t(0) : x; }
+  // sin(pi/2 p) and the cosine half as sin(pi/2 (1 - p)): exact 0 at p = 1 and p = 0
+  // (attention/features.py: every backend builds the features this way)
+  static inline void sincos_p(acc_t p, acc_t& sn, acc_t& cs) {
+    sn = std::sin(acc_t(HALF_PI) * p);
+    cs = std::sin(acc_t(HALF_PI) * (acc_t(1) - p));
+  }
+
+  // sin / cosine-half of every proportion, computed once per call (T*H + S*Hkv scalars)
+  std::vector<acc_t> sqv, cqv, skv, ckv;
+  const acc_t *sq_ = nullptr, *cq_ = nullptr, *sk_ = nullptr, *ck_ = nullptr;
+  void prepare() {
+    const long nq = (long)B * T * H, nk = (long)B * S * Hkv;
+    g_call_work = (double)B * std::max(T, S) * H * (double)F * (Dv + CH);
+    sqv.resize(nq);
+    cqv.resize(nq);
+    skv.resize(nk);
+    ckv.resize(nk);
+    at::parallel_for(0, nq + nk, 1 << 15, [&](int64_t a, int64_t e) {
+      for (int64_t i = a; i < e; ++i) {
+        if (i < nq) sincos_p(pq[i], sqv[i], cqv[i]);
+        else sincos_p(pk[i - nq], skv[i - nq], ckv[i - nq]);
+      }
+    });
+    sq_ = sqv.data();
+    cq_ = cqv.data();
+    sk_ = skv.data();
+    ck_ = ckv.data();
+  }
 
   struct Item {
     int b, n, qo, ko, Tn, Sn, NK;
@@ -238,13 +345,7 @@ struct Leap {
     return s;
   }
 
-  static inline acc_t relu(acc_t x) { return x < acc_t(0) ? acc_t(0) : x; }
-  // sin(pi/2 p) and the cosine half as sin(pi/2 (1 - p)): exact 0 at p = 1 and p = 0
-  // (attention/features.py: every backend builds the features this way)
-  static inline void sincos_p(acc_t p, acc_t& sn, acc_t& cs) {
-    sn = std::sin(acc_t(HALF_PI) * p);
-    cs = std::sin(acc_t(HALF_PI) * (acc_t(1) - p));
-  }
+
 
   // ---------------- feature builders ----------------
   void load_keys(const Item& it, int h, int j, Scratch& sc) const {
@@ -255,8 +356,7 @@ struct Leap {
     for (int s = 0; s < nk; ++s) {
       const long gs = (long)it.b * S + it.ko + s0 + s;
       const bool pad = kpm && kpm[gs];
-      acc_t sn, cs;
-      sincos_p(pk[gs * Hkv + hk], sn, cs);
+      const acc_t sn = sk_[gs * Hkv + hk], cs = ck_[gs * Hkv + hk];
       sc.sk[s] = sn;
       sc.ck[s] = cs;
       sc.msk[s] = pad ? acc_t(0) : acc_t(1);
@@ -280,8 +380,7 @@ struct Leap {
   void load_queries(const Item& it, int h, int t0, int nq, Scratch& sc) const {
     for (int i = 0; i < nq; ++i) {
       const long gt = (long)it.b * T + it.qo + t0 + i;
-      acc_t sn, cs;
-      sincos_p(pq[gt * H + h], sn, cs);
+      const acc_t sn = sq_[gt * H + h], cs = cq_[gt * H + h];
       sc.sq[i] = sn;
       sc.cq[i] = cs;
       const scalar_t* qr = q + (gt * H + h) * Dk;
@@ -764,6 +863,7 @@ struct Leap {
   // Decode step: t new tokens, causal among them, on top of (S0, z0); one sweep over the state.
   void step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const {
     const int items = B * H;
+    g_call_work = 4.0 * B * H * (double)F * Dv * (T + 1);  // memory-bound: weigh bytes
     const int t = T;
     auto mk = [&] {
       std::vector<acc_t> buf((size_t)t * (2 * F + 2 * Dv + 1));
@@ -909,6 +1009,7 @@ py::tuple fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_fwd", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
     auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
+    L.prepare();
     L.forward(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(),
               output_final_state ? S.data_ptr<acc_t>() : nullptr, output_final_state ? z.data_ptr<acc_t>() : nullptr);
   });
@@ -945,6 +1046,7 @@ py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_bwd", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
     auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
+    L.prepare();
     L.backward(dout.data_ptr<scalar_t>(), dSc.defined() ? dSc.data_ptr<acc_t>() : nullptr,
                dzc.defined() ? dzc.data_ptr<acc_t>() : nullptr, opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0),
                dq.data_ptr<scalar_t>(), dpq.data_ptr<acc_t>(), dkh.data_ptr<acc_t>(), dvh.data_ptr<acc_t>(),
@@ -970,7 +1072,8 @@ py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::
       scalar_t* odk = dk.data_ptr<scalar_t>();
       scalar_t* odv = dv.data_ptr<scalar_t>();
       acc_t* odp = dpk.data_ptr<acc_t>();
-      at::parallel_for(0, B * S * Hkv, 256, [&](int64_t a, int64_t e) {
+      at::parallel_for(0, B * S * Hkv, std::max<int64_t>(256, (int64_t)(kSerialWork / (G * (Dk + Dv + 1)))),
+                       [&](int64_t a, int64_t e) {
         for (int64_t r = a; r < e; ++r) {  // r = (b*S + s)*Hkv + hk
           const int64_t bs = r / Hkv, hk = r % Hkv;
           for (int64_t d = 0; d < Dk; ++d) {
