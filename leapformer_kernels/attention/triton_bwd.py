@@ -108,10 +108,10 @@ def leap_bwd_kernel_dkv(
     b_dzs = tl.zeros([BK], dtype=tl.float32)
     b_dzc = tl.zeros([BK], dtype=tl.float32)
     if USE_DS:
-        p_s = dS + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_s = m_k[:, None] & m_v[None, :]
-        b_dhs += tl.load(p_s, mask=m_s, other=0.)
-        b_dhc += tl.load(p_s + K * V, mask=m_s, other=0.)
+        p_st = dS + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        m_st = m_k[:, None] & m_v[None, :]
+        b_dhs += tl.load(p_st, mask=m_st, other=0.)
+        b_dhc += tl.load(p_st + K * V, mask=m_st, other=0.)
         if i_v == 0:
             p_z = dz + i_nh.to(tl.int64) * (2 * K) + o_k
             b_dzs += tl.load(p_z, mask=m_k, other=0.)
@@ -162,10 +162,10 @@ def leap_bwd_kernel_dkv(
                           b_dhs, b_dhc, b_dzs, b_dzc, b_dhs, b_dhs, b_dhs, b_dzs, b_M, i_v, NSH,
                           H, HKV, K, V, False, HAS_KPM, DOT_MODE, DT)
     if STORE_DS0:
-        p_s = dS0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_s = m_k[:, None] & m_v[None, :]
-        tl.store(p_s, b_dhs, mask=m_s)
-        tl.store(p_s + K * V, b_dhc, mask=m_s)
+        p_st = dS0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        m_st = m_k[:, None] & m_v[None, :]
+        tl.store(p_st, b_dhs, mask=m_st)
+        tl.store(p_st + K * V, b_dhc, mask=m_st)
         if i_v == 0:
             p_z = dz0 + i_nh.to(tl.int64) * (2 * K) + o_k
             tl.store(p_z, b_dzs, mask=m_k)

@@ -204,10 +204,10 @@ def leap_fwd_kernel_sweep(
     b_zs = tl.zeros([BK], dtype=tl.float32)
     b_zc = tl.zeros([BK], dtype=tl.float32)
     if USE_S0:
-        p_s = S0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_s = m_k[:, None] & m_v[None, :]
-        b_hs += tl.load(p_s, mask=m_s, other=0.)
-        b_hc += tl.load(p_s + K * V, mask=m_s, other=0.)
+        p_st = S0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        m_st = m_k[:, None] & m_v[None, :]
+        b_hs += tl.load(p_st, mask=m_st, other=0.)
+        b_hc += tl.load(p_st + K * V, mask=m_st, other=0.)
         p_z = z0 + i_nh.to(tl.int64) * (2 * K) + o_k
         b_zs += tl.load(p_z, mask=m_k, other=0.)
         b_zc += tl.load(p_z + K, mask=m_k, other=0.)
@@ -259,10 +259,10 @@ def leap_fwd_kernel_sweep(
                             b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
                             H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:
-        p_s = Sf + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_s = m_k[:, None] & m_v[None, :]
-        tl.store(p_s, b_hs, mask=m_s)
-        tl.store(p_s + K * V, b_hc, mask=m_s)
+        p_st = Sf + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        m_st = m_k[:, None] & m_v[None, :]
+        tl.store(p_st, b_hs, mask=m_st)
+        tl.store(p_st + K * V, b_hc, mask=m_st)
         if i_v == 0:
             p_z = zf + i_nh.to(tl.int64) * (2 * K) + o_k
             tl.store(p_z, b_zs, mask=m_k)
