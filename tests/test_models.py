@@ -361,3 +361,22 @@ def test_build_rejects_unknown_fields():
         lm.build("leapformer-lm", n_layers=3)
     with pytest.raises(ValueError, match="unknown model"):
         lm.build("gpt-5")
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous checkpoint intact and no temp file."""
+    from leapformer_models import train as train_mod
+    path = str(tmp_path / "ckpt.pt")
+    train_mod.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
