@@ -34,6 +34,17 @@ constexpr int64_t DB = 32;   // columns per task
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
+// Run fn(begin, end) over the tasks: in parallel, or inline for small problems, where waking
+// the thread pool costs more than the work (and much more on a loaded machine).
+template <typename F>
+void for_tasks(int64_t n, int64_t work_per_task, const F& fn) {
+  if (n * work_per_task < (int64_t(1) << 18) || n == 1) {
+    fn(0, n);
+  } else {
+    at::parallel_for(0, n, 1, fn);
+  }
+}
+
 inline int64_t clampi(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // Clipped half-open range [lo, hi) of window (a, b) at t.
@@ -119,7 +130,7 @@ template <typename scalar_t>
 void sum_fwd(const scalar_t* x, scalar_t* out, const Problem& pr, bool mean) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
-  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> P((T + 1) * DB);
     std::vector<double> C((T / TB + 1) * DB);
     alignas(64) acc_t v[DB];
@@ -156,7 +167,7 @@ void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
         scales[w * T + t] = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(hi - lo, 1));
       }
   }
-  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> P((T + 1) * DB);
     std::vector<double> C((T / TB + 1) * DB);
     std::vector<acc_t> acc(T * DB);
@@ -190,7 +201,7 @@ template <typename scalar_t, typename index_t>
 void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
-  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> gv(T * DB), hv(T * DB);
     std::vector<int32_t> gi(T * DB), hi_(T * DB);
     for (int64_t task = begin; task < end; ++task) {
@@ -284,7 +295,7 @@ template <typename scalar_t, typename index_t>
 void max_bwd(const scalar_t* g, const index_t* arg, scalar_t* dx, const Problem& pr) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
-  at::parallel_for(0, pr.B * ndb, 1, [&](int64_t begin, int64_t end) {
+  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(T * DB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
