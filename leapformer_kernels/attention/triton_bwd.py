@@ -16,7 +16,7 @@ are summed on the host in a fixed order (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, _dot, _grad_rows, _key_valid, _load_feat, autotune_configs
+from .triton_fwd import HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, autotune_configs
 
 
 @triton.jit
@@ -28,8 +28,8 @@ def _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
     b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, m_s, HKV * K, HKV, o_k, m_k)
     b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM)
     b_kvf = b_kv.to(tl.float32)
-    b_ks = b_ak * (b_sk * b_kvf)[:, None]
-    b_kc = b_ak * (b_ck * b_kvf)[:, None]
+    b_ks = _cvt(b_ak * (b_sk * b_kvf)[:, None], DOT_MODE, DT)
+    b_kc = _cvt(b_ak * (b_ck * b_kvf)[:, None], DOT_MODE, DT)
     o_s64 = o_s.to(tl.int64)
     b_v = tl.load(v + o_s64[:, None] * (HKV * V) + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.)
     # dv = k~ dH ; dk~ = v dH^T + dZ
@@ -126,8 +126,8 @@ def leap_bwd_kernel_dkv(
             o_t = c0 + o_i
             m_t = (o_i < CL) & (o_t < Lq)
             b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
-            b_qs = b_aq * b_sq[:, None]
-            b_qc = b_aq * b_cq[:, None]
+            b_qs = _cvt(b_aq * b_sq[:, None], DOT_MODE, DT)
+            b_qc = _cvt(b_aq * b_cq[:, None], DOT_MODE, DT)
             b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
             _key_tile(k, pk, v, kpm, dk, dpk, dv, o_t, m_t, o_k, m_k, o_v, m_v,
                       b_dhs, b_dhc, b_dzs, b_dzc, b_qs, b_qc, b_g, b_r, b_M, i_v, NSH,
@@ -146,8 +146,8 @@ def leap_bwd_kernel_dkv(
                 o_t = t0 + o_i
                 m_t = o_t < qe
                 b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
-                b_qs = b_aq * b_sq[:, None]
-                b_qc = b_aq * b_cq[:, None]
+                b_qs = _cvt(b_aq * b_sq[:, None], DOT_MODE, DT)
+                b_qc = _cvt(b_aq * b_cq[:, None], DOT_MODE, DT)
                 b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps,
                                       NORMALIZE)
                 b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)

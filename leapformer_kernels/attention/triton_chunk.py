@@ -1,6 +1,6 @@
 """The ``triton`` backend's kernels for LeaP attention: ``fwd``, ``bwd`` and ``step``.
 
-The interface (shapes, dtypes, what may be None) is in ``attention/autograd.py``. Kernels:
+The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kernels:
 
 - ``triton_fwd.leap_fwd_kernel_sweep``: forward-order chunkwise sweep carrying the fp32
   state in registers; ``STAGE`` 0 = forward (o and the final state), 1 = the backward's
@@ -69,9 +69,23 @@ def _check_dtype(q: torch.Tensor):
         raise ValueError(f"backend='triton' supports float32, float16 and bfloat16, got {q.dtype}")
 
 
+def _c(t, dtype=None):
+    """Contiguous (and in ``dtype``), or None for an absent or empty placeholder. The kernels
+    index dense row-major tensors: an expanded gradient (``S.sum()`` gives a stride-0 dS)
+    must be materialised first."""
+    if t is None or t.numel() == 0:
+        return None
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
 def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
         output_final_state):
     _check_dtype(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
+    key_padding_mask, cu_seqlens = _c(key_padding_mask), _c(cu_seqlens, torch.int64)
     B, T, H, K = q.shape
     S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -101,6 +115,11 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_siz
 
 def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize):
     _check_dtype(q)
+    pq_dtype, pk_dtype = pq.dtype, pk.dtype
+    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
+    dS, dz = _c(dS, torch.float32), _c(dz, torch.float32)
+    key_padding_mask, cu_seqlens = _c(key_padding_mask), _c(cu_seqlens, torch.int64)
     B, T, H, K = q.shape
     S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
@@ -163,11 +182,13 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
         dk, dpk = dk[0], dpk[0]
     if G > 1:
         dv = dv.view(B, S, Hkv, G, V).sum(3).to(q.dtype)
-    return dq, dk, dv, dpq.to(pq.dtype), dpk.to(pk.dtype), dS0, dz0
+    return dq, dk, dv, dpq.to(pq_dtype), dpk.to(pk_dtype), dS0, dz0
 
 
 def step(q, k, v, pq, pk, S0, z0, eps, normalize):
     _check_dtype(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
     B, T, H, K = q.shape
     Hkv, V = k.shape[2], v.shape[3]
     BK = max(16, triton.next_power_of_2(K))

@@ -56,6 +56,15 @@ def _dot(a, b, DOT_MODE: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _cvt(x, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """Feature tiles kept in the dot operand type: DT (half the registers) when dots run in DT."""
+    if DOT_MODE == 1:
+        return x.to(DT)
+    else:
+        return x
+
+
+@triton.jit
 def _load_feat(x, p, o_r, m_r, stride_x, stride_p, o_d, m_d):
     """Rows ``o_r`` (masked ``m_r``) of x (columns ``o_d``) and p -> relu(x), sin(pi/2 p),
     cos(pi/2 p) (fp32)."""
@@ -108,8 +117,8 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
     """One query tile of the forward-order sweep against the exclusive state, plus (HAS_A) the
     masked intra-chunk scores against the chunk's own keys b_ks, b_kc, b_v under mask b_M."""
     b_a, b_sin, b_cos = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
-    b_qs = b_a * b_sin[:, None]
-    b_qc = b_a * b_cos[:, None]
+    b_qs = _cvt(b_a * b_sin[:, None], DOT_MODE, DT)
+    b_qc = _cvt(b_a * b_cos[:, None], DOT_MODE, DT)
     o_t64 = o_t.to(tl.int64)
     if STAGE < 2:
         if HAS_A:
@@ -220,8 +229,8 @@ def leap_fwd_kernel_sweep(
             m_t = (o_i < CL) & (o_t < Lq)
             b_ak, b_sk, b_ck = _load_feat(k, pk, o_t, m_t, HKV * K, HKV, o_k, m_k)
             b_kv = _key_valid(kpm, o_t, m_t, HAS_KPM).to(tl.float32)
-            b_ks = b_ak * (b_sk * b_kv)[:, None]
-            b_kc = b_ak * (b_ck * b_kv)[:, None]
+            b_ks = _cvt(b_ak * (b_sk * b_kv)[:, None], DOT_MODE, DT)
+            b_kc = _cvt(b_ak * (b_ck * b_kv)[:, None], DOT_MODE, DT)
             o_t64 = o_t.to(tl.int64)
             b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                           other=0.)
@@ -230,8 +239,8 @@ def leap_fwd_kernel_sweep(
                         H, K, V, STAGE, True, NORMALIZE, DOT_MODE, DT)
             b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
             b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
-            b_zs += tl.sum(b_ks, 0)
-            b_zc += tl.sum(b_kc, 0)
+            b_zs += tl.sum(b_ks.to(tl.float32), 0)
+            b_zc += tl.sum(b_kc.to(tl.float32), 0)
     else:
         b_M = o_i[:, None] >= 0  # unused
         nb = tl.cdiv(tl.maximum(Lq, Lk), W)
@@ -243,14 +252,14 @@ def leap_fwd_kernel_sweep(
                 m_s = o_s < ke
                 b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, m_s, HKV * K, HKV, o_k, m_k)
                 b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM).to(tl.float32)
-                b_ks = b_ak * (b_sk * b_kv)[:, None]
-                b_kc = b_ak * (b_ck * b_kv)[:, None]
+                b_ks = _cvt(b_ak * (b_sk * b_kv)[:, None], DOT_MODE, DT)
+                b_kc = _cvt(b_ak * (b_ck * b_kv)[:, None], DOT_MODE, DT)
                 b_v = tl.load(v + o_s.to(tl.int64)[:, None] * (HKV * V) + o_v[None, :],
                               mask=m_s[:, None] & m_v[None, :], other=0.)
                 b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
                 b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
-                b_zs += tl.sum(b_ks, 0)
-                b_zc += tl.sum(b_kc, 0)
+                b_zs += tl.sum(b_ks.to(tl.float32), 0)
+                b_zc += tl.sum(b_kc.to(tl.float32), 0)
             qe = tl.minimum(b0 + W, Lq)
             for t0 in range(b0, qe, BT):
                 o_t = t0 + o_i
