@@ -1,11 +1,9 @@
 """``leapformer-lm``: a decoder-only LeaPformer language model (the paper's LM setting, scaled down).
 
-Token embedding (scaled by sqrt(d), as fairseq's ``transformer_lm`` that the paper used) plus
-absolute position embeddings: learned by default, sinusoidal (fairseq's default) or none as
-options. ``LeapAttention`` has no RoPE hook (RoPE must rotate q and k inside the attention), so
-rotary embeddings are not available. In short CPU runs on the pydoc text (80 steps, seq 64,
-val loss): sinusoidal 3.01, learned 2.59, none 2.51: unit-amplitude sinusoids slow early
-learning, and causal (LeaP or softmax) attention tells positions apart on its own. Then a stack of
+Token embedding plus absolute position embeddings: learned by default (GPT-2 style, both
+N(0, 0.02)), sinusoidal (fairseq's default, which the paper's LM used; then the token embedding is
+scaled by sqrt(d) as in fairseq) or none. ``LeapAttention`` has no RoPE hook (RoPE must rotate q
+and k inside the attention), so rotary embeddings are not available. Then a stack of
 pre-norm causal blocks with ``LeapAttention`` (``attention="softmax"`` for the baseline), a final
 norm and an output head tied to the token embedding.
 
@@ -69,11 +67,13 @@ class LeapformerLM(nn.Module):
         self.norm_f = make_norm(c.norm, c.n_embd)
         self.head = TiedHead(self.tok_emb)
         init_weights(self, c.n_layer)
-        # fairseq's transformer_lm scaling: token embeddings N(0, 1/d) times sqrt(d), so token
-        # identity and the (unit-amplitude) sinusoidal positions enter with comparable size; with
-        # nanoGPT's N(0, 0.02) tokens the positions drown them and learning stalls.
-        nn.init.normal_(self.tok_emb.weight, 0.0, c.n_embd ** -0.5)
-        self.embed_scale = c.n_embd ** 0.5
+        self.embed_scale = 1.0
+        if c.pos_emb == "sinusoidal":
+            # fairseq's transformer_lm: token embeddings N(0, 1/d) times sqrt(d). Unit-amplitude
+            # sinusoids added to GPT-2's N(0, 0.02) token embeddings drown the tokens and stall
+            # learning (seen on the pydoc text: still at the unigram loss, 3.3, after 120 steps).
+            nn.init.normal_(self.tok_emb.weight, 0.0, c.n_embd ** -0.5)
+            self.embed_scale = c.n_embd ** 0.5
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens, key_padding_mask=None, state: Optional[LMState] = None, use_cache: bool = False):

@@ -35,7 +35,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     steps: int = 500
     stop_after: Optional[int] = None    # stop (as if interrupted) after this step; the schedule spans `steps`
-    time_limit: Optional[float] = 270.0  # safety net: stop after this many seconds of training (none = off)
+    time_limit: Optional[float] = 240.0  # safety net: stop after this many seconds of training (none = off)
     batch_size: int = 16
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     threads: Optional[int] = None       # None = auto: the cores not busy with other work (>= 1)
-    out: Optional[str] = None           # None = runs/<model>-<attention>
+    out: Optional[str] = None           # None = runs/<model>-<attention> (runs/<model> for the LSTM)
     progress: bool = True
 
 
@@ -221,7 +221,8 @@ def train(cfg: TrainConfig, model_overrides: Optional[dict] = None, resume: bool
     """
     model_overrides = dict(model_overrides or {})
     torch.set_num_threads(cfg.threads or auto_threads())
-    out = cfg.out or os.path.join("runs", f"{cfg.model}-{model_overrides.get('attention', 'leap')}")
+    att = model_overrides.get("attention", getattr(get_model_class(cfg.model).Config, "attention", None))
+    out = cfg.out or os.path.join("runs", f"{cfg.model}-{att}" if att else cfg.model)
     ckpt_path = os.path.join(out, CKPT_NAME)
     ckpt = None
     if resume:

@@ -268,11 +268,15 @@ def test_lm_same_outputs_on_every_backend():
         torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4, msg=f"backend {be}")
 
 
-def test_lm_learned_positions_and_swiglu(corpus):
-    model = tiny("leapformer-lm", pos_emb="learned", activation="swiglu", norm="rmsnorm", max_positions=64)
+@pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "none"])
+def test_lm_position_options_and_swiglu(corpus, pos_emb):
+    model = tiny("leapformer-lm", pos_emb=pos_emb, activation="swiglu", norm="rmsnorm", max_positions=64)
     x, _ = _batch(model, corpus)
     assert model(x).shape == (4, 32, 256)
     assert model.generate([[1, 2]], 4, temperature=0) == model.generate([[1, 2]], 4, temperature=0, use_cache=False)
+    if pos_emb == "learned":
+        with pytest.raises(ValueError, match="max_positions"):
+            model(torch.zeros(1, 65, dtype=torch.long))
 
 
 def test_lm_sampling_options():
