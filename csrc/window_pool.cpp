@@ -29,7 +29,10 @@
 namespace {
 
 constexpr int64_t TB = 256;  // rows per prefix block
-constexpr int64_t DB = 32;   // columns per task
+#ifndef LK_POOL_DB
+#define LK_POOL_DB 32
+#endif
+constexpr int64_t DB = LK_POOL_DB;  // columns per task
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };

@@ -1,0 +1,141 @@
+"""Benchmark of window_pool on the CPU (issue 7): the cpu backend (C++) against its anchors.
+
+    python benchmarks/bench_window_pool.py [--repeats 5] [--out benchmarks/results/window_pool_cpu.md]
+
+fp32, B=8, T=4096, D=512, the 8 dyadic windows (lk.dyadic_windows(8)), forward, median ms of
+``--repeats`` runs after a warm-up. Every figure is reported as a ratio against an anchor
+measured in the same run (absolute times move between machines and with the load of a shared
+CPU):
+
+- a plain unfold-based PyTorch implementation (what a user writes today; target: cpu >= 3x faster)
+- the torch backend's prefix-sum / sparse-table form (target: cpu at least as fast)
+- merely writing the output: torch.empty + fill_ of the same [B, T, W, D] tensor (target: within 2x)
+- sum / mean with one 4000-wide window against one 1-wide window (target: within 1.5x)
+- max with one window of length L against L = 1 (target: growth at most O(log L))
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import leapformer_kernels as lk
+
+
+def median_ms(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def unfold_pool(x, windows, reduce):
+    """Plain PyTorch: pad, unfold each window into [B, T, D, L], reduce the last axis. O(T * L * D)."""
+    B, T, D = x.shape
+    outs = []
+    t = torch.arange(T)
+    for a, b in windows:
+        L = b - a + 1
+        left, right = max(0, -a), max(0, b)
+        fill = float("-inf") if reduce == "max" else 0.0
+        xp = F.pad(x, (0, 0, left, right), value=fill)  # position p of x sits at p + left
+        win = xp[:, a + left:a + left + T + L - 1].unfold(1, L, 1)  # [B, T, D, L]
+        if reduce == "max":
+            o = win.amax(-1)
+        else:
+            o = win.sum(-1)
+        cnt = (torch.clamp(t + b + 1, 0, T) - torch.clamp(t + a, 0, T)).clamp(min=0)
+        if reduce == "mean":
+            o = o / cnt.clamp(min=1)[None, :, None].to(o.dtype)
+        if reduce == "max":
+            o = torch.where((cnt > 0)[None, :, None], o, torch.zeros((), dtype=o.dtype))
+        outs.append(o)
+    return torch.stack(outs, 2)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--B", type=int, default=8)
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--D", type=int, default=512)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-torch-max", action="store_true", help="skip the memory-hungry torch max form")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    B, T, D, R = args.B, args.T, args.D, args.repeats
+    x = torch.randn(B, T, D)
+    windows = lk.dyadic_windows(8)
+    W = len(windows)
+    assert "cpu" in lk.available_backends("window_pool"), "the cpu backend did not build"
+    lines = []
+
+    def log(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    log("# window_pool on the CPU (cpu backend = C++ kernels)")
+    log()
+    log(f"Device: {os.cpu_count()}-core CPU, no GPU, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); the CPU is shared with other engineers' jobs, so "
+        "absolute times are noisy: every figure is a ratio against an anchor timed in the same run.")
+    log(f"Shape: fp32, B={B}, T={T}, D={D}, windows = lk.dyadic_windows(8) = {windows}; forward only; "
+        f"median of {R} runs after a warm-up.")
+    log()
+
+    def fill_out():
+        torch.empty(B, T, W, D).fill_(1.0)
+
+    t_fill = median_ms(fill_out, R)
+    log(f"Anchor 'write the output' (torch.empty + fill_ of [{B}, {T}, {W}, {D}] fp32, "
+        f"{B * T * W * D * 4 / 2**20:.0f} MiB): {t_fill:.1f} ms")
+    log()
+    log("| reduce | cpu ms | unfold ms | torch ms | unfold / cpu (target >= 3) | torch / cpu (target >= 1) "
+        "| cpu / write-output (target <= 2) |")
+    log("| --- | --- | --- | --- | --- | --- | --- |")
+    for reduce in ("sum", "mean", "max"):
+        with torch.no_grad():
+            ref = lk.window_pool(x, windows, reduce, backend="cpu")[0]
+            chk = unfold_pool(x[:1], windows, reduce)
+            assert (chk - ref[:1]).abs().max() < 1e-3, "unfold baseline disagrees"
+            del ref
+            t_cpu = median_ms(lambda: lk.window_pool(x, windows, reduce, backend="cpu"), R)
+            t_unf = median_ms(lambda: unfold_pool(x, windows, reduce), max(2, R // 2))
+            if reduce == "max" and args.skip_torch_max:
+                t_tor = float("nan")
+            else:
+                t_tor = median_ms(lambda: lk.window_pool(x, windows, reduce, backend="torch"), max(2, R // 2))
+        log(f"| {reduce} | {t_cpu:.1f} | {t_unf:.1f} | {t_tor:.1f} | {t_unf / t_cpu:.2f} | {t_tor / t_cpu:.2f} "
+            f"| {t_cpu / t_fill:.2f} |")
+    log()
+
+    log("Window length (one window, cpu backend; ratio against the 1-wide window in the same run):")
+    log()
+    log("| reduce | L=1 ms | L=16 | L=256 | L=4000 | ratio 4000 / 1 (sum, mean target <= 1.5) |")
+    log("| --- | --- | --- | --- | --- | --- |")
+    for reduce in ("sum", "mean", "max"):
+        ts = {}
+        with torch.no_grad():
+            for L in (1, 16, 256, 4000):
+                ts[L] = median_ms(lambda: lk.window_pool(x, [(0, L - 1)], reduce, backend="cpu"), R)
+        log(f"| {reduce} | {ts[1]:.1f} | {ts[16] / ts[1]:.2f}x | {ts[256] / ts[1]:.2f}x | {ts[4000] / ts[1]:.2f}x "
+            f"| {ts[4000] / ts[1]:.2f} |")
+    log()
+    log("(max: van Herk / Gil-Werman, O(T * D) per window whatever L; the O(log L) target allows "
+        f"up to log2(4000) = 12x.)")
+    log()
+    log("GPU figures (bf16, B=8, T=8192, D=1024 against the memory floor) are not measurable here: "
+        "this machine has no GPU; the Triton kernels were only run through the interpreter.")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
