@@ -22,6 +22,26 @@ import torch.nn.functional as F
 import leapformer_kernels as lk
 
 
+def interleaved_ms(fns, reps, warmup=1):
+    """Median ms of each fn in ``fns`` (a dict), timed round-robin (one call of each per round):
+    on a shared machine load changes hit every contender alike, so ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {name: [] for name in fns}
+    cpu = {name + "_cpu": [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name + "_cpu"].append((time.process_time() - c0) * 1e3)
+    med = {name: statistics.median(v) for name, v in ts.items()}
+    med.update({name: statistics.median(v) for name, v in cpu.items()})  # CPU time of all threads
+    return med, ts
+
+
 def median_ms(fn, reps, warmup=2):
     for _ in range(warmup):
         fn()
@@ -77,7 +97,7 @@ def sdpa_fwd(q, k, v):
 
 
 _MEM_SNIPPET = r"""
-import resource, sys, torch
+import sys, threading, time, torch
 import leapformer_kernels as lk
 torch.manual_seed(0)
 B, T, H, D = 1, int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -85,21 +105,33 @@ q, k, v = (torch.randn(B, T, H, D).requires_grad_() for _ in range(3))
 pq, pk = (torch.rand(B, T, H).requires_grad_() for _ in range(2))
 do = torch.randn(B, T, H, D)
 lk.leap_attention(q[:, :64], k[:, :64], v[:, :64], pq[:, :64], pk[:, :64], backend=sys.argv[4]).sum().backward()
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-base = rss()
+def anon():  # anonymous resident memory (heap, tensors): not the code pages a loaded machine evicts
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+base = anon()
+peak = [base]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.0005)
+th = threading.Thread(target=sample)
+th.start()
 o = lk.leap_attention(q, k, v, pq, pk, backend=sys.argv[4])
 o.backward(do)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print((peak - base) / 2 ** 20)
+stop.set()
+th.join()
+peak[0] = max(peak[0], anon())
+print((peak[0] - base) / 2 ** 20)
 """
 
 
 def peak_extra_mib(T, H, D, backend="cpu"):
-    """Peak resident-memory growth (MiB) of one forward+backward beyond the inputs, measured in
-    a fresh process (ru_maxrss minus the RSS just before the call): includes the C++ kernels'
-    own buffers, which torch's allocator statistics do not see. Includes o, do, dq, dk, dv."""
+    """Peak growth (MiB) of anonymous resident memory during one forward+backward, in a fresh
+    process, sampled every 0.5 ms: includes the C++ kernels' own buffers (which torch's allocator
+    statistics do not see) and o, dq, dk, dv, dpq, dpk (do and the inputs exist before)."""
     import subprocess
     import sys
 
@@ -127,12 +159,15 @@ def main():
         q, k, v, pq, pk = inputs(1, T, H, D)
         do = torch.randn(1, T, H, D)
         r = {"T": T}
-        r["sdpa_fb"] = median_ms(sdpa_fwd_bwd(q, k, v, do), args.reps)
-        r["cpu_fb"] = median_ms(leap_fwd_bwd("cpu", q, k, v, pq, pk, do), args.reps)
-        r["torch_fb"] = None if args.no_torch_backend else median_ms(
-            leap_fwd_bwd("torch", q, k, v, pq, pk, do), max(3, args.reps // 2), warmup=1)
-        r["sdpa_f"] = median_ms(sdpa_fwd(q, k, v), args.reps)
-        r["cpu_f"] = median_ms(leap_fwd("cpu", q, k, v, pq, pk), args.reps)
+        fns = {"sdpa_fb": sdpa_fwd_bwd(q, k, v, do), "cpu_fb": leap_fwd_bwd("cpu", q, k, v, pq, pk, do),
+               "sdpa_f": sdpa_fwd(q, k, v), "cpu_f": leap_fwd("cpu", q, k, v, pq, pk)}
+        if not args.no_torch_backend:
+            fns["torch_fb"] = leap_fwd_bwd("torch", q, k, v, pq, pk, do)
+        med, raw = interleaved_ms(fns, args.reps)
+        r.update(med)
+        r.setdefault("torch_fb", None)
+        r["cpu_fb_min"] = min(raw["cpu_fb"])
+        r["sdpa_fb_min"] = min(raw["sdpa_fb"])
         r["cpu_mem"] = peak_extra_mib(T, H, D)
         rows.append(r)
         print(r, flush=True)
@@ -157,16 +192,18 @@ def main():
     def step_torch():
         lk.leap_attention_step(q, k, v, pq, pk, (S0, z0), backend="torch")
 
-    reps = max(args.reps * 30, 200)
-    dec = {"copy": median_ms(copy, reps, 20), "kernel": median_ms(step_kernel, reps, 20),
-           "op": median_ms(step_op, reps, 20), "torch": median_ms(step_torch, reps, 20)}
+    reps = max(args.reps * 40, 200)
+    dec, raw = interleaved_ms({"copy": copy, "kernel": step_kernel, "op": step_op, "torch": step_torch}, reps, 20)
+    dec_min = {name: min(v) for name, v in raw.items()}
     print(dec, flush=True)
 
     threads = torch.get_num_threads()
     lines = [f"Device: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__} "
-             f"(CPU only). fp32, B=1, H={H}, D={D}, causal; median ms over {args.reps} repeats after warm-up.", "",
+             f"(CPU only). fp32, B=1, H={H}, D={D}, causal; median ms over {args.reps} rounds after warm-up, "
+             "the contenders timed round-robin within each round (the machine is shared: medians, and ratios "
+             "from the same rounds).", "",
              "| T | SDPA fwd+bwd | torch backend fwd+bwd | cpu fwd+bwd | SDPA / cpu | torch / cpu | "
-             "cpu fwd | SDPA fwd / cpu fwd | cpu fwd+bwd peak extra RSS MiB |",
+             "cpu fwd | SDPA fwd / cpu fwd | cpu fwd+bwd peak extra memory MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         tb = "-" if r["torch_fb"] is None else f"{r['torch_fb']:.1f}"
@@ -175,6 +212,19 @@ def main():
         lines.append(f"| {r['T']} | {r['sdpa_fb']:.1f} | {tb} | {r['cpu_fb']:.1f} | "
                      f"{r['sdpa_fb'] / r['cpu_fb']:.2f}x | {tr} | {r['cpu_f']:.1f} | "
                      f"{r['sdpa_f'] / r['cpu_f']:.2f}x | {mem} |")
+    lines += ["", "Process CPU time (all threads; less sensitive to other processes' load than wall time), "
+              "median ms, fwd+bwd: " + "; ".join(
+                  f"T={r['T']}: SDPA {r['sdpa_fb_cpu']:.0f}, cpu {r['cpu_fb_cpu']:.0f} "
+                  f"({r['sdpa_fb_cpu'] / r['cpu_fb_cpu']:.2f}x)"
+                  + ("" if r["torch_fb"] is None else
+                     f", torch backend {r['torch_fb_cpu']:.0f} ({r['torch_fb_cpu'] / r['cpu_fb_cpu']:.2f}x)")
+                  for r in rows) + "."]
+    if 4096 in {r["T"] for r in rows} and 8192 in {r["T"] for r in rows}:
+        c = {r["T"]: r["cpu_fb_cpu"] for r in rows}
+        lines += ["", f"Linearity in CPU time: cpu fwd+bwd T=8192 / T=4096 = {c[8192] / c[4096]:.2f}x."]
+    lines += ["", "Best-of-rounds (min) fwd+bwd, for reference: " + "; ".join(
+        f"T={r['T']}: SDPA {r['sdpa_fb_min']:.1f}, cpu {r['cpu_fb_min']:.1f} "
+        f"({r['sdpa_fb_min'] / r['cpu_fb_min']:.2f}x)" for r in rows) + "."]
     by_t = {r["T"]: r for r in rows}
     if 4096 in by_t and 8192 in by_t:
         lines += ["", f"Linearity: cpu fwd+bwd T=8192 / T=4096 = {by_t[8192]['cpu_fb'] / by_t[4096]['cpu_fb']:.2f}x "
@@ -183,7 +233,9 @@ def main():
               f"C++ step kernel {dec['kernel'] * 1e3:.1f} us ({dec['kernel'] / dec['copy']:.2f}x the copy); "
               f"public op lk.leap_attention_step(backend='cpu') {dec['op'] * 1e3:.1f} us "
               f"({dec['op'] / dec['copy']:.2f}x, includes validation and dispatch in Python); "
-              f"torch backend {dec['torch'] * 1e3:.1f} us."]
+              f"torch backend {dec['torch'] * 1e3:.1f} us. Best of rounds: copy_ {dec_min['copy'] * 1e3:.1f} us, "
+              f"kernel {dec_min['kernel'] * 1e3:.1f} us ({dec_min['kernel'] / dec_min['copy']:.2f}x), "
+              f"op {dec_min['op'] * 1e3:.1f} us ({dec_min['op'] / dec_min['copy']:.2f}x)."]
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -166,6 +166,46 @@ void gemm(int M, int N, int K, const T* A, long sai, long sak, const T* B, long 
   if (j < N) gemm_edge<T>(M, N - j, K, A, sai, sak, B + j, ldb, C + j, ldc);
 }
 
+// The intra-chunk products only need the visible part: row i of the scores sees the keys
+// s < nv[i] (nv non-decreasing in i: causal and block-causal visibility is a staircase), so
+// fully masked tiles are skipped. Rows go in blocks of 6 (the micro-kernel's height).
+constexpr int RB = 6;
+
+// C[i][j] += ..., for j < nv[i] at least (columns rounded up to 16, at most N)
+template <typename T>
+void gemm_prefix_n(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc,
+                   const int* nv) {
+  for (int i0 = 0; i0 < M; i0 += RB) {
+    const int i1 = std::min(M, i0 + RB);
+    const int n = std::min(N, (nv[i1 - 1] + 15) / 16 * 16);
+    if (n > 0) gemm<T>(i1 - i0, n, K, A + i0 * sai, sai, sak, B, ldb, C + (long)i0 * ldc, ldc);
+  }
+}
+
+// row i sums over k < nv[i] only (the A entries beyond are zero)
+template <typename T>
+void gemm_prefix_k(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc,
+                   const int* nv) {
+  for (int i0 = 0; i0 < M; i0 += RB) {
+    const int i1 = std::min(M, i0 + RB);
+    const int kk = std::min(K, nv[i1 - 1]);
+    if (kk > 0) gemm<T>(i1 - i0, N, kk, A + i0 * sai, sai, sak, B, ldb, C + (long)i0 * ldc, ldc);
+  }
+}
+
+// row i sums over k >= ks[i] only (ks non-decreasing; the A entries before are zero)
+template <typename T>
+void gemm_suffix_k(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc,
+                   const int* ks) {
+  for (int i0 = 0; i0 < M; i0 += RB) {
+    const int i1 = std::min(M, i0 + RB);
+    const int k0 = std::max(0, ks[i0]);
+    if (k0 < K)
+      gemm<T>(i1 - i0, N, K - k0, A + i0 * sai + (long)k0 * sak, sai, sak, B + (long)k0 * ldb, ldb,
+              C + (long)i0 * ldc, ldc);
+  }
+}
+
 template <typename T>
 inline void transpose(int R, int Cc, const T* src, long lds, T* dst, long ldd) {  // dst[c][r] = src[r][c]
   constexpr int TB = 8;  // tiles keep both sides within a few cache lines
@@ -300,7 +340,7 @@ struct Leap {
     int nk = 0;
     // queries of one sub-block
     std::vector<acc_t> Qa, sq, cq, Qf, num, den, P, A, E, dA, dn, dd, g, da, dth;
-    std::vector<int> nv;
+    std::vector<int> nv, ks;
     // states
     std::vector<acc_t> S, z, dS, dz, ST;
     // key gradients of one chunk
@@ -333,6 +373,7 @@ struct Leap {
     s.da.resize((size_t)QB * Dk);
     s.dth.resize(QB);
     s.nv.resize(QB);
+    s.ks.resize(CH);
     s.S.resize((size_t)F * Dv);
     s.z.resize(F);
     s.dS.resize((size_t)F * Dv);
@@ -419,11 +460,11 @@ struct Leap {
     }
     if (j >= it.NK) return;
     const int nk = sc.nk;
+    for (int i = 0; i < nq; ++i) sc.nv[i] = std::max(0, std::min(nk, lim(it, t0 + i) - j * CH));
     std::fill(sc.P.begin(), sc.P.begin() + (size_t)nq * CH, acc_t(0));
-    gemm<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH);
+    gemm_prefix_n<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH, sc.nv.data());
     for (int i = 0; i < nq; ++i) {
-      const int n_vis = std::max(0, std::min(nk, lim(it, t0 + i) - j * CH));
-      sc.nv[i] = n_vis;
+      const int n_vis = sc.nv[i];
       const acc_t* p = sc.P.data() + (long)i * CH;
       acc_t* a = sc.A.data() + (long)i * CH;
       const acc_t sn = sc.sq[i], cs = sc.cq[i];
@@ -435,7 +476,7 @@ struct Leap {
       }
       sc.den[i] += rs;
     }
-    gemm<acc_t>(nq, Dv, nk, sc.A.data(), CH, 1, sc.V.data(), Dv, sc.num.data(), Dv);
+    gemm_prefix_k<acc_t>(nq, Dv, nk, sc.A.data(), CH, 1, sc.V.data(), Dv, sc.num.data(), Dv, sc.nv.data());
   }
 
   void out_group(const Item& it, int h, int j, int ta, int tb, const acc_t* S_, const acc_t* z_, Scratch& sc,
@@ -512,7 +553,7 @@ struct Leap {
       if (j < it.NK) {
         const int nk = sc.nk;
         std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
-        gemm<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH);
+        gemm_prefix_n<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH, sc.nv.data());
         for (int i = 0; i < nq; ++i) {
           acc_t* dA = sc.dA.data() + (long)i * CH;
           acc_t* E = sc.E.data() + (long)i * CH;
@@ -528,7 +569,7 @@ struct Leap {
           }
           sc.dth[i] += th;
         }
-        gemm<acc_t>(nq, Dk, nk, sc.E.data(), CH, 1, sc.Kb.data(), Dk, sc.da.data(), Dk);
+        gemm_prefix_k<acc_t>(nq, Dk, nk, sc.E.data(), CH, 1, sc.Kb.data(), Dk, sc.da.data(), Dk, sc.nv.data());
       }
       for (int i = 0; i < nq; ++i) {
         const long gt = (long)it.b * T + it.qo + t0 + i;
@@ -594,12 +635,17 @@ struct Leap {
       const int nq = std::min(QB, tb - t0);
       load_queries(it, h, t0, nq, sc);
       load_dn(it, h, t0, nq, sc, wdn, wdd);
+      for (int i = 0; i < nq; ++i) sc.nv[i] = std::max(0, std::min(nk, lim(it, t0 + i) - j * CH));
+      for (int s = 0, i = 0; s < nk; ++s) {  // first query that sees key s
+        while (i < nq && sc.nv[i] <= s) ++i;
+        sc.ks[s] = i;
+      }
       std::fill(sc.P.begin(), sc.P.begin() + (size_t)nq * CH, acc_t(0));
-      gemm<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH);
+      gemm_prefix_n<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH, sc.nv.data());
       std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
-      gemm<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH);
+      gemm_prefix_n<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH, sc.nv.data());
       for (int i = 0; i < nq; ++i) {
-        const int n_vis = std::max(0, std::min(nk, lim(it, t0 + i) - j * CH));
+        const int n_vis = sc.nv[i];
         const acc_t* p = sc.P.data() + (long)i * CH;
         acc_t* a = sc.A.data() + (long)i * CH;
         acc_t* dA = sc.dA.data() + (long)i * CH;
@@ -614,8 +660,8 @@ struct Leap {
           E[s] = dav * wv;
         }
       }
-      gemm<acc_t>(nk, Dv, nq, sc.A.data(), 1, CH, sc.dn.data(), Dv, sc.dvv.data(), Dv);
-      gemm<acc_t>(nk, Dk, nq, sc.E.data(), 1, CH, sc.Qa.data(), Dk, sc.db.data(), Dk);
+      gemm_suffix_k<acc_t>(nk, Dv, nq, sc.A.data(), 1, CH, sc.dn.data(), Dv, sc.dvv.data(), Dv, sc.ks.data());
+      gemm_suffix_k<acc_t>(nk, Dk, nq, sc.E.data(), 1, CH, sc.Qa.data(), Dk, sc.db.data(), Dk, sc.ks.data());
       for (int s = 0; s < nk; ++s) {
         acc_t th = 0;
         for (int i = 0; i < nq; ++i) th += sc.dA[(long)i * CH + s];

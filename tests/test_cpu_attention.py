@@ -139,6 +139,13 @@ def test_parity_both_drivers(dtype, mode, driver):
 
 
 @needs_cpu
+@pytest.mark.parametrize("mode", ["causal", "block3", "noncausal"])
+def test_parity_float16(mode):
+    # the kernels are also instantiated for float16 (accumulating in float32)
+    _parity(torch.float16, T=100, **MODES[mode])
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_parity_gqa_padding_state_varlen(dtype, driver):
     kpm = torch.rand(2, 130) < 0.3
