@@ -12,8 +12,9 @@
 //   The backward is the same operation on the gradient over the reversed windows (-b, -a),
 //   summed over windows (mean scales the gradient by 1 / count first).
 // max: van Herk / Gil-Werman per window: the axis is cut into segments of the window's length L
-//   aligned at a, a running prefix max (g) and suffix max (h) inside each segment give every
-//   window as max(h[start], g[end]) in O(T * D) per window. Ties keep the first (lowest)
+//   aligned at a, a running prefix max (g, kept in a scratch) and suffix max (h, a running state
+//   in a pass that also writes the outputs) inside each segment give every window as
+//   max(h[start], g[end]) in O(T * D) per window. Ties keep the first (lowest)
 //   index. The argmax is saved as an offset from the window's clipped start (int16 where the
 //   longest window fits, else int32, as the caller asks; -1 for a wholly-outside window). The backward
 //   scatters the gradient to the argmax sequentially inside a task: deterministic.
@@ -205,8 +206,10 @@ void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) 
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
   for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gv(T * DB), hv(T * DB);
-    std::vector<int32_t> gi(T * DB), hi_(T * DB);
+    std::vector<acc_t> gv(T * DB);
+    std::vector<int32_t> gi(T * DB);
+    alignas(64) acc_t hv[DB];
+    alignas(64) int32_t hix[DB];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
       const scalar_t* xb = x + bb * T * D + d0;
@@ -234,58 +237,66 @@ void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) 
             }
           }
         }
-        // suffix max: a new segment ends at p when p + 1 starts one, i.e. r(p) == L - 1
+        // wholly-outside windows
+        for (int64_t t = 0; t < T; ++t) {
+          if (std::max<int64_t>(t + a, 0) <= std::min<int64_t>(t + b, T - 1)) continue;
+          scalar_t* o = out + ((bb * T + t) * W + w) * D + d0;
+          index_t* ao = arg + ((bb * T + t) * W + w) * D + d0;
+          for (int64_t j = 0; j < cn; ++j) {
+            o[j] = static_cast<scalar_t>(0);
+            ao[j] = static_cast<index_t>(-1);
+          }
+        }
+        // suffix max h, running from T-1 down (a new segment ends at p when r(p) == L - 1),
+        // fused with the output: window t is emitted when p reaches its clipped start sc(t)
         r = (((T - 1 - a) % L) + L) % L;
         for (int64_t p = T - 1; p >= 0; --p, r = (r == 0 ? L - 1 : r - 1)) {
           const scalar_t* row = xb + p * D;
-          acc_t* v = hv.data() + p * DB;
-          int32_t* ix = hi_.data() + p * DB;
           if (p == T - 1 || r == L - 1) {
             for (int64_t j = 0; j < cn; ++j) {
-              v[j] = static_cast<acc_t>(row[j]);
-              ix[j] = static_cast<int32_t>(p);
+              hv[j] = static_cast<acc_t>(row[j]);
+              hix[j] = static_cast<int32_t>(p);
             }
           } else {
-            const acc_t* nv = v + DB;
-            const int32_t* ni = ix + DB;
             for (int64_t j = 0; j < cn; ++j) {
               const acc_t e = static_cast<acc_t>(row[j]);
-              const bool take = e >= nv[j];  // ties: the lower index wins
-              v[j] = take ? e : nv[j];
-              ix[j] = take ? static_cast<int32_t>(p) : ni[j];
+              const bool take = e >= hv[j];  // ties: the lower index wins
+              hv[j] = take ? e : hv[j];
+              hix[j] = take ? static_cast<int32_t>(p) : hix[j];
             }
           }
-        }
-        for (int64_t t = 0; t < T; ++t) {
-          scalar_t* o = out + ((bb * T + t) * W + w) * D + d0;
-          index_t* ao = arg + ((bb * T + t) * W + w) * D + d0;
-          const int64_t sc = std::max<int64_t>(t + a, 0), ec = std::min<int64_t>(t + b, T - 1);
-          if (sc > ec) {
-            for (int64_t j = 0; j < cn; ++j) {
-              o[j] = static_cast<scalar_t>(0);
-              ao[j] = static_cast<index_t>(-1);
-            }
-            continue;
-          }
-          const int64_t ks = (sc - a) / L, ke = (ec - a) / L;  // sc - a >= t >= 0
-          const acc_t* hvp = hv.data() + sc * DB;
-          const int32_t* hip = hi_.data() + sc * DB;
-          const acc_t* gvp = gv.data() + ec * DB;
-          const int32_t* gip = gi.data() + ec * DB;
-          if (ks == ke) {
-            // one segment: the window starts at its (clipped) start -> g[ec], else ends at its end -> h[sc]
-            const bool use_g = sc == std::max<int64_t>(a + ks * L, 0);
-            const acc_t* vv = use_g ? gvp : hvp;
-            const int32_t* ii = use_g ? gip : hip;
-            for (int64_t j = 0; j < cn; ++j) {
-              o[j] = static_cast<scalar_t>(vv[j]);
-              ao[j] = static_cast<index_t>(ii[j] - sc);
-            }
-          } else {
-            for (int64_t j = 0; j < cn; ++j) {
-              const bool take_g = gvp[j] > hvp[j];  // h holds the lower indices: ties keep h
-              o[j] = static_cast<scalar_t>(take_g ? gvp[j] : hvp[j]);
-              ao[j] = static_cast<index_t>((take_g ? gip[j] : hip[j]) - sc);
+          // the t whose clipped start is p: t = p - a, or every t <= -a for p == 0
+          int64_t t_lo = p - a, t_hi = p - a;
+          if (p == 0) t_lo = 0;
+          t_lo = std::max<int64_t>(t_lo, 0);
+          t_hi = std::min<int64_t>(t_hi, T - 1);
+          for (int64_t t = t_lo; t <= t_hi; ++t) {
+            const int64_t sc = p, ec = std::min<int64_t>(t + b, T - 1);
+            if (sc > ec) continue;  // wholly outside, written above
+            scalar_t* o = out + ((bb * T + t) * W + w) * D + d0;
+            index_t* ao = arg + ((bb * T + t) * W + w) * D + d0;
+            const int64_t ks = (sc - a) / L, ke = (ec - a) / L;  // sc - a >= t >= 0
+            const acc_t* gvp = gv.data() + ec * DB;
+            const int32_t* gip = gi.data() + ec * DB;
+            if (ks == ke) {
+              // one segment: the window starts at its (clipped) start -> g[ec], else ends at its end -> h
+              if (sc == std::max<int64_t>(a + ks * L, 0)) {
+                for (int64_t j = 0; j < cn; ++j) {
+                  o[j] = static_cast<scalar_t>(gvp[j]);
+                  ao[j] = static_cast<index_t>(gip[j] - sc);
+                }
+              } else {
+                for (int64_t j = 0; j < cn; ++j) {
+                  o[j] = static_cast<scalar_t>(hv[j]);
+                  ao[j] = static_cast<index_t>(hix[j] - sc);
+                }
+              }
+            } else {
+              for (int64_t j = 0; j < cn; ++j) {
+                const bool take_g = gvp[j] > hv[j];  // h holds the lower indices: ties keep h
+                o[j] = static_cast<scalar_t>(take_g ? gvp[j] : hv[j]);
+                ao[j] = static_cast<index_t>((take_g ? gip[j] : hix[j]) - sc);
+              }
             }
           }
         }

@@ -79,7 +79,7 @@ def _check(backend, B, T, D, windows, reduce, dtype, ties=False):
 @pytest.mark.parametrize("reduce", REDUCES)
 @pytest.mark.parametrize("wset", list(WINDOW_SETS))
 def test_parity_float32(backend, reduce, wset):
-    Ts = (1, 17, 100) if backend == "triton" else (1, 2, 17, 100, 1000)
+    Ts = (1, 100) if backend == "triton" else (1, 2, 17, 100, 1000)  # the interpreter is slow: rest in the slow grid
     for T in Ts:
         big_max = T >= 1000 and reduce == "max"  # keeps the quadratic max oracle small
         _check(backend, 1 if big_max else 2, T, 3 if big_max else 37, WINDOW_SETS[wset], reduce, torch.float32)
@@ -131,7 +131,7 @@ def test_gradcheck(backend, reduce):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_deterministic(backend):
-    x = _x(2, 100, 37, torch.float32, ties=True).requires_grad_()
+    x = _x(2, 70, 37, torch.float32, ties=True).requires_grad_()
     windows = [(-5, 0), (1, 1), (2, 40), (-200, 0)]
     for reduce in REDUCES:
         pooled, _ = lk.window_pool(x, windows, reduce, backend=backend)
