@@ -177,3 +177,19 @@ def test_full_grid(backend, mode, T, Dk, Dv, H):
 
 def test_tolerance_table_is_design():
     assert TOL[torch.float32] == 1e-5 and TOL[torch.float16] == 2e-3 and TOL[torch.bfloat16] == 1e-2
+
+
+def test_cross_attention_with_padding(backend):
+    _run(backend, torch.float32, T=20, S=45, mode="noncausal", padding=True, state=True)
+
+
+def test_expanded_state_gradient(backend):
+    """S.sum() hands the backward a stride-0 gradient of the final state."""
+    q, k, v, pq, pk = make_inputs(1, 30, None, 2, None, 8, 8, requires_grad=True)
+    o, (S, z) = lk.leap_attention(q, k, v, pq, pk, output_final_state=True, backend=backend)
+    (o.sum() + S.sum() + z.sum()).backward()
+    qr, kr, vr, pqr, pkr = (t.detach().double().requires_grad_() for t in (q, k, v, pq, pk))
+    o2, (S2, z2) = lk.reference.leap_attention(qr, kr, vr, pqr, pkr, output_final_state=True)
+    (o2.sum() + S2.sum() + z2.sum()).backward()
+    for t, r in ((q, qr), (k, kr), (v, vr), (pq, pqr), (pk, pkr)):
+        assert_close(t.grad, r.grad, torch.float32, factor=2)

@@ -63,8 +63,8 @@ def leap_attention(q, k, v, pq, pk, *, causal: bool = True, block_size: Optional
         pieces = [(b, 0, dims.T, b) for b in range(dims.B)]
     outs, Ss, zs = [], [], []
     for b, lo, hi, si in pieces:
-        kpm = None if key_padding_mask is None else key_padding_mask[b, lo:hi]
         sk = slice(lo, hi) if cu_seqlens is not None else slice(0, dims.S)
+        kpm = None if key_padding_mask is None else key_padding_mask[b, sk]
         o, S_, z_ = _one_sequence(qa[b, lo:hi], ka[b, sk], va[b, sk], pqa[b, lo:hi], pka[b, sk], kpm,
                                   causal, block_size, S0[si], z0[si], eps, normalize)
         outs.append(o)

@@ -108,6 +108,9 @@ def _backward(ctx, do, dS, dz):
     q, k, v, pq, pk, S0, z0, kpm, cu = ctx.saved_tensors
     if not ctx.output_final_state:
         dS = dz = None
+    else:  # e.g. S.sum() gives a stride-0 expanded gradient
+        dS = None if dS is None else dS.contiguous()
+        dz = None if dz is None else dz.contiguous()
     causal, block_size, eps, normalize, backend = ctx.flags
     dq, dk, dv, dpq, dpk, dS0, dz0 = leap_attention_bwd(do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm,
                                                         cu, causal, block_size, eps, normalize, backend)
