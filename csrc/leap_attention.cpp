@@ -695,7 +695,9 @@ struct Leap {
       mx = std::max<long>(mx, it.NK + 1);
     }
     (void)items;
-    return mx * 2 * nt > total && total >= 2;
+    // across chunks only when one (sequence, head) would dominate the makespan: fewer items than
+    // threads, or one sequence much longer than an even share (the chunk driver costs extra passes)
+    return mx * 4 * nt > 5 * total && mx >= 4;
   }
 
   const acc_t* state_ptr(const acc_t* base, int n, int h) const {
@@ -741,7 +743,9 @@ struct Leap {
     }
     // across chunks
     std::vector<long> off(items + 1, 0);
-    std::vector<std::pair<int, int>> tasks;  // (item, j)
+    std::vector<std::pair<int, int>> tasks;
+    std::vector<std::vector<int>> gbs(N);  // group boundaries per sequence (the same for every head)
+    for (int n = 0; n < N; ++n) groups(item(n), gbs[n]);
     for (int n = 0; n < N; ++n) {
       const Item it = item(n);
       for (int h = 0; h < H; ++h) {
@@ -778,10 +782,10 @@ struct Leap {
       const int idx = tasks[ti].first, j = tasks[ti].second;
       const int h = idx % H;
       const Item it = item(idx / H);
-      groups(it, sc.gb);
-      if (sc.gb[j] >= sc.gb[j + 1]) return;
+      const std::vector<int>& gbv = gbs[idx / H];
+      if (gbv[j] >= gbv[j + 1]) return;
       if (j < it.NK) load_keys(it, h, j, sc);
-      out_group(it, h, j, sc.gb[j], sc.gb[j + 1], XS(idx, j), Xz(idx, j), sc, o);
+      out_group(it, h, j, gbv[j], gbv[j + 1], XS(idx, j), Xz(idx, j), sc, o);
     });
   }
 
@@ -828,6 +832,8 @@ struct Leap {
     }
     std::vector<long> off(items + 1, 0);
     std::vector<std::pair<int, int>> tasks;
+    std::vector<std::vector<int>> gbs(N);  // group boundaries per sequence (the same for every head)
+    for (int n = 0; n < N; ++n) groups(item(n), gbs[n]);
     for (int n = 0; n < N; ++n) {
       const Item it = item(n);
       for (int h = 0; h < H; ++h) {
@@ -861,18 +867,18 @@ struct Leap {
       const int idx = tasks[ti].first, j = tasks[ti].second;
       const int h = idx % H;
       const Item it = item(idx / H);
-      groups(it, sc.gb);
-      if (sc.gb[j] >= sc.gb[j + 1]) return;
+      const std::vector<int>& gbv = gbs[idx / H];
+      if (gbv[j] >= gbv[j + 1]) return;
       if (j < it.NK) load_keys(it, h, j, sc);
       transpose(F, Dv, XS(idx, j), Dv, sc.ST.data(), F);
-      bwd_q_group(it, h, j, sc.gb[j], sc.gb[j + 1], XS(idx, j), Xz(idx, j), sc.ST.data(), sc, dout, wdn.data(),
+      bwd_q_group(it, h, j, gbv[j], gbv[j + 1], XS(idx, j), Xz(idx, j), sc.ST.data(), sc, dout, wdn.data(),
                   wdd.data(), dq, dpq);
     });
     run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
       const int idx = tasks[ti].first, j = tasks[ti].second;
       const Item it = item(idx / H);
-      groups(it, sc.gb);
-      group_dstate(it, idx % H, sc.gb[j], sc.gb[j + 1], sc, wdn.data(), wdd.data(), YS(idx, j), Yz(idx, j));
+      const std::vector<int>& gbv = gbs[idx / H];
+      group_dstate(it, idx % H, gbv[j], gbv[j + 1], sc, wdn.data(), wdd.data(), YS(idx, j), Yz(idx, j));
     });
     // suffix: Y[j] <- dS_in + sum_{j' > j} dS_{j'}; the state gradient dS0 = that plus dS_0
     run_tasks<Scratch>(items, mk, [&](int64_t idx, Scratch& sc) {
@@ -898,10 +904,10 @@ struct Leap {
       const int h = idx % H;
       const Item it = item(idx / H);
       if (j >= it.NK) return;
-      groups(it, sc.gb);
+      const std::vector<int>& gbv = gbs[idx / H];
       load_keys(it, h, j, sc);
       transpose(F, Dv, YS(idx, j), Dv, sc.ST.data(), F);
-      kv_chunk(it, h, j, sc.gb[j], sc.gb[j + 1], YS(idx, j), Yz(idx, j), sc.ST.data(), sc, wdn.data(), wdd.data(),
+      kv_chunk(it, h, j, gbv[j], gbv[j + 1], YS(idx, j), Yz(idx, j), sc.ST.data(), sc, wdn.data(), wdd.data(),
                dkh, dvh, dpkh);
     });
   }
