@@ -120,26 +120,7 @@ def test_device_mismatch_names_argument():
         lk.leap_attention(a["q"], a["k"].to("meta"), a["v"], a["pq"], a["pk"])
 
 
-POOL_CASES = [
-    ("a_gt_b", ValueError, "windows", dict(windows=[(1, 1), (3, 2)])),
-    ("empty", ValueError, "windows", dict(windows=[])),
-    ("not_pairs", TypeError, "windows", dict(windows=[(1, 2, 3)])),
-    ("float_window", TypeError, "windows", dict(windows=[(0.5, 2)])),
-    ("reduce", ValueError, "reduce", dict(reduce="median")),
-    ("rank", ValueError, "x", dict(x=torch.randn(4, 5))),
-    ("int_x", TypeError, "x", dict(x=torch.ones(1, 4, 5, dtype=torch.int64))),
-    ("backend", ValueError, "backend", dict(backend="gpu")),
-]
-
-
-@pytest.mark.parametrize("name,exc,word,change", POOL_CASES, ids=[c[0] for c in POOL_CASES])
-def test_window_pool_bad_input(name, exc, word, change):
-    args = dict(x=torch.randn(2, 6, 3), windows=[(1, 2)], reduce="mean")
-    args.update(change)
-    snap = args["x"].clone()
-    with pytest.raises(exc, match=word):
-        lk.window_pool(**args)
-    assert torch.equal(args["x"], snap)
+# window_pool's bad input is tested per backend in test_window_pool.py.
 
 
 def test_dyadic_windows_bad_input():
