@@ -271,6 +271,7 @@ def test_build_failure_falls_back(monkeypatch):
     monkeypatch.setattr(_build, "_loaded", {})  # both caches reset (restored after the test)
     monkeypatch.setattr(_build, "_failed", {})
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_chosen", {})  # memoised backend choices
     monkeypatch.delenv("LEAPFORMER_BACKEND", raising=False)
     assert "cpu" not in lk.available_backends()
     q, k, v, pq, pk = make_inputs(1, 9, None, 2, None, 8, 8)

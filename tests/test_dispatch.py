@@ -32,7 +32,7 @@ def test_float64_automatic_never_goes_to_triton():
 def test_env_preference_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("LEAPFORMER_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    backends._warned.clear()
+    backends.reset()
     q, k, v, pq, pk = make_inputs(1, 5, None, 1, None, 4, 4)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -44,7 +44,7 @@ def test_env_preference_falls_back_with_one_warning(monkeypatch):
 
 def test_env_preference_unknown_name(monkeypatch):
     monkeypatch.setenv("LEAPFORMER_BACKEND", "nope")
-    backends._warned.clear()
+    backends.reset()
     with pytest.warns(RuntimeWarning, match="LEAPFORMER_BACKEND"):
         assert backends.select("leap_attention", None, torch.device("cpu"), torch.float32) is backends.get("torch")
 

@@ -18,10 +18,11 @@ from .features import expand_kv_heads, reweight
 CHUNK = 64
 
 
-def _chunk_plan(causal: bool, block_size: Optional[int]):
-    """(chunk length, intra-chunk mask kind) with kind in {"causal", "block", None}."""
+def _chunk_plan(T: int, block_size: Optional[int]):
+    """(chunk length, intra-chunk mask kind) with kind in {"causal", "block", None}.
+    Short causal calls (a decode step of a few tokens) use one chunk of their own length."""
     if block_size is None:
-        return CHUNK, "causal"
+        return min(CHUNK, T), "causal"
     if block_size <= CHUNK:
         return block_size * (CHUNK // block_size), "block"
     return block_size, None
@@ -36,7 +37,7 @@ def chunked_core(qf, kf, v, S0, z0, causal: bool, block_size: Optional[int]):
         return qf @ S_fin, (qf * z_fin[:, :, None, :]).sum(-1), S_fin, z_fin
     B, H, T, F = qf.shape
     Dv = v.shape[-1]
-    C, kind = _chunk_plan(causal, block_size)
+    C, kind = _chunk_plan(T, block_size)
     N = (T + C - 1) // C
     pad = N * C - T
     if pad:
@@ -46,15 +47,21 @@ def chunked_core(qf, kf, v, S0, z0, causal: bool, block_size: Optional[int]):
     qc, kc, vc = qf.view(B, H, N, C, F), kf.view(B, H, N, C, F), v.view(B, H, N, C, Dv)
     kv = kc.transpose(-1, -2) @ vc  # [B, H, N, F, Dv]
     zc = kc.sum(-2)  # [B, H, N, F]
-    incl = torch.cumsum(kv, dim=2) + S0[:, :, None]
-    zincl = torch.cumsum(zc, dim=2) + z0[:, :, None]
+    if N == 1:  # one chunk (a decode step): no prefix to take
+        incl, zincl = S0[:, :, None] + kv, z0[:, :, None] + zc
+    else:
+        incl = torch.cumsum(kv, dim=2) + S0[:, :, None]
+        zincl = torch.cumsum(zc, dim=2) + z0[:, :, None]
     S_fin, z_fin = incl[:, :, -1], zincl[:, :, -1]
     if kind is None:  # whole-block chunks: every query sees its chunk entirely
         num = qc @ incl
         den = (qc * zincl[:, :, :, None, :]).sum(-1)
     else:
-        excl = torch.cat([S0[:, :, None], incl[:, :, :-1]], dim=2)
-        zexcl = torch.cat([z0[:, :, None], zincl[:, :, :-1]], dim=2)
+        if N == 1:
+            excl, zexcl = S0[:, :, None], z0[:, :, None]
+        else:
+            excl = torch.cat([S0[:, :, None], incl[:, :, :-1]], dim=2)
+            zexcl = torch.cat([z0[:, :, None], zincl[:, :, :-1]], dim=2)
         i = torch.arange(C, device=qf.device)
         if kind == "causal":
             mask = i[None, :] <= i[:, None]

@@ -24,6 +24,7 @@ or None; dk, dv, dpk with Hkv heads. ``leap_attention`` below adapts dtypes and 
 Numerics every kernel follows: the cosine half of the features is ``sin(pi/2 * (1 - p))``
 (exactly 0 at p = 1), see ``attention/features.py``.
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -40,9 +41,11 @@ def _kernels(backend: str):
 
 
 def _device_guard(t: Tensor):
+    """Launch on the tensor's own GPU; nothing to do elsewhere (a ``torch.device`` context would
+    install a TorchFunctionMode that taxes every op inside)."""
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
-    return torch.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _opt(t: Optional[Tensor], like: Tensor, dtype) -> Tensor:
@@ -162,5 +165,9 @@ def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_pad
 def leap_attention_step(backend: str, q, k, v, pq, pk, state, *, eps, normalize):
     S0, z0 = (None, None) if state is None else state
     c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0)
-    o, S, z = leap_attention_step_op(*c, S0, z0, float(eps), normalize, backend)
+    if torch.compiler.is_compiling():
+        o, S, z = leap_attention_step_op(*c, S0, z0, float(eps), normalize, backend)
+    else:  # eager decoding: skip the dispatcher round trip (the step has no autograd to record)
+        with _device_guard(q):
+            o, S, z = _kernels(backend).step(*c, S0, z0, float(eps), normalize)
     return o, (S, z)

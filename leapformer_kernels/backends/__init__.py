@@ -20,6 +20,7 @@ from .._validate import BACKEND_NAMES
 
 _MODULES = {"torch": "torch_backend", "cpu": "cpu_backend", "triton": "triton_backend"}
 _warned = set()
+_chosen = {}
 
 
 def get(name: str):
@@ -75,14 +76,25 @@ def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.d
 
 
 def choose(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The name of the backend that runs ``op``; evaluated once per trace under torch.compile."""
-    return _choose_cached(op, backend, device.type, device.index, dtype)
+    """The name of the backend that runs ``op``; evaluated once per trace under torch.compile,
+    and memoised per (arguments, environment) in eager mode (the decode step is latency-bound)."""
+    env = (os.environ.get("LEAPFORMER_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    return _choose_cached(op, backend, device.type, device.index, dtype, env)
 
 
 @torch._dynamo.assume_constant_result
-def _choose_cached(op, backend, device_type, device_index, dtype) -> str:
-    mod = select(op, backend, torch.device(device_type, device_index), dtype)
-    return next(name for name, m in _MODULES.items() if mod.__name__.endswith(m))
+def _choose_cached(op, backend, device_type, device_index, dtype, env) -> str:
+    key = (op, backend, device_type, device_index, dtype, env)
+    if key not in _chosen:
+        mod = select(op, backend, torch.device(device_type, device_index), dtype)
+        _chosen[key] = next(name for name, m in _MODULES.items() if mod.__name__.endswith(m))
+    return _chosen[key]
+
+
+def reset() -> None:
+    """Forget memoised choices and the warnings already given (for tests, or after a rebuild)."""
+    _chosen.clear()
+    _warned.clear()
 
 
 def available_backends(op: str = "leap_attention") -> List[str]:
