@@ -16,7 +16,7 @@ are summed on the host in a fixed order (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, autotune_configs
+from .triton_fwd import HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, autotune_configs
 
 
 @triton.jit
@@ -75,17 +75,7 @@ def leap_bwd_kernel_dkv(
     i_n, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        Lq = (eos - bos).to(tl.int32)
-        Lk = Lq
-        kbos = bos
-    else:
-        bos = i_n.to(tl.int64) * T
-        kbos = i_n.to(tl.int64) * S
-        Lq = T
-        Lk = S
+    bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
     q += (bos * H + i_h) * K
     pq += bos * H + i_h
     do += (bos * H + i_h) * V

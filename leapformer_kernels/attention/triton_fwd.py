@@ -41,6 +41,23 @@ def autotune_configs():
 
 
 @triton.jit
+def _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN: tl.constexpr):
+    """(first query row, first key row, query length, key length) of sequence i_n (int64 rows)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        Lq = (eos - bos).to(tl.int32)
+        Lk = Lq
+        kbos = bos
+    else:
+        bos = i_n.to(tl.int64) * T
+        kbos = i_n.to(tl.int64) * S
+        Lq = T
+        Lk = S
+    return bos, kbos, Lq, Lk
+
+
+@triton.jit
 def _dot(a, b, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """fp32-accumulating dot. DOT_MODE 0: fp32 operands at full precision (fp32 inputs, and
     bf16 under the interpreter, whose bf16 dot is wrong); 1: operands in the input dtype
@@ -179,17 +196,7 @@ def leap_fwd_kernel_sweep(
     i_n, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        Lq = (eos - bos).to(tl.int32)
-        Lk = Lq
-        kbos = bos
-    else:
-        bos = i_n.to(tl.int64) * T
-        kbos = i_n.to(tl.int64) * S
-        Lq = T
-        Lk = S
+    bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
     # per-(sequence, head) base pointers; rows are then plain offsets from the sequence start
     q += (bos * H + i_h) * K
     pq += bos * H + i_h
