@@ -64,7 +64,7 @@ def test_interpreter_lists_triton(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     got = backends.get("triton").unavailable("leap_attention", torch.device("cpu"), torch.float32)
-    assert got is None or "no Triton kernel yet" in got
+    assert got is None
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "TRITON_INTERPRET" in backends.get("triton").unavailable("leap_attention", torch.device("cpu"),
                                                                     torch.float32)

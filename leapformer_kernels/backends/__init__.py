@@ -40,9 +40,9 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _automatic(device: torch.device) -> List[str]:
+def _automatic(device: torch.device, dtype: torch.dtype) -> List[str]:
     if device.type == "cuda":
-        return ["triton"]
+        return [] if dtype == torch.float64 else ["triton"]  # float64 goes to torch, silently
     if device.type == "cpu":
         return ["cpu"]
     return []
@@ -65,13 +65,12 @@ def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.d
             return get(pref)
         _warn_once(f"LEAPFORMER_BACKEND={pref!r} cannot run {op} here ({reason}); falling back to torch")
         return get("torch")
-    for name in _automatic(device):
+    for name in _automatic(device, dtype):
         reason = _reason(name, op, device, dtype)
         if reason is None:
             return get(name)
-        if not reason.startswith("not built into this package"):
-            _warn_once(f"leapformer_kernels: the {name} backend is unavailable ({reason}); "
-                       "falling back to the torch backend")
+        _warn_once(f"leapformer_kernels: the {name} backend is unavailable ({reason}); "
+                   "falling back to the torch backend")
     return get("torch")
 
 
