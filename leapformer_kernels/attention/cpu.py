@@ -1,6 +1,6 @@
 """The ``cpu`` backend's LeaP attention kernels: ``csrc/leap_attention.cpp`` (C++, OpenMP).
 
-Implements the kernel interface of ``attention/autograd.py`` (fwd / bwd / step on contiguous
+Implements the kernel interface of ``attention/op.py`` (fwd / bwd / step on contiguous
 inputs; pq, pk and states in the state dtype). The extension is built on first use through
 ``leapformer_kernels._build`` (JIT, ninja, cached); a failed build makes ``unavailable``
 return the build error (with the log's tail), which the dispatch turns into a fallback
