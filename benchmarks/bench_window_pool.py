@@ -1,6 +1,6 @@
 """Benchmark of window_pool on the CPU (issue 7): the cpu backend (C++) against its anchors.
 
-    python benchmarks/bench_window_pool.py [--repeats 5] [--out benchmarks/results/window_pool_cpu.md]
+    python -m benchmarks.bench_window_pool [--repeats 5] [--out benchmarks/results/window_pool_cpu.md]
 
 fp32, B=8, T=4096, D=512, the 8 dyadic windows (lk.dyadic_windows(8)), forward, median ms of
 ``--repeats`` runs after a warm-up. Every figure is reported as a ratio against an anchor
@@ -15,24 +15,20 @@ CPU):
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import leapformer_kernels as lk
 
+from . import timing
 
-def median_ms(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+
+CPU = torch.device("cpu")
+
+
+def median_ms(fn, repeats):
+    return timing.median_ms(fn, CPU, repeats)
 
 
 def unfold_pool(x, windows, reduce):
