@@ -718,6 +718,51 @@ struct Leap {
     for (int f = 0; f < F; ++f) z_[f] = z_[f] + dz[f];
   }
 
+  // ---------------- across-chunks layout ----------------
+  // One (S, z) slot per chunk boundary j = 0..NK of every (sequence, head) item.
+  struct ChunkTable {
+    std::vector<long> off;                   // first slot of item idx; off[items] = all slots
+    std::vector<std::pair<int, int>> tasks;  // (item, j) for j = 0..NK
+    std::vector<std::vector<int>> gbs;       // query group boundaries per sequence (same for every head)
+    long slot = 0;                           // F * Dv + F values per slot
+  };
+  ChunkTable chunk_table() const {
+    const int items = N * H;
+    ChunkTable tb;
+    tb.off.assign(items + 1, 0);
+    tb.gbs.resize(N);
+    for (int n = 0; n < N; ++n) {
+      const Item it = item(n);
+      groups(it, tb.gbs[n]);
+      for (int h = 0; h < H; ++h) {
+        const int idx = n * H + h;
+        tb.off[idx + 1] = tb.off[idx] + it.NK + 1;
+        for (int j = 0; j <= it.NK; ++j) tb.tasks.emplace_back(idx, j);
+      }
+    }
+    tb.slot = (long)F * Dv + F;
+    return tb;
+  }
+  // X slot j of item idx <- S0 + the states of chunks < j (chunk-local states in parallel over
+  // all (item, chunk) tasks, then a prefix per item).
+  void prefix_states(const ChunkTable& tb, std::vector<acc_t>& X, const acc_t* S0, const acc_t* z0) const {
+    auto XS = [&](int idx, int j) { return X.data() + (tb.off[idx] + j) * tb.slot; };
+    auto Xz = [&](int idx, int j) { return X.data() + (tb.off[idx] + j) * tb.slot + (long)F * Dv; };
+    run_tasks<Scratch>((int64_t)tb.tasks.size(), [&] { return make_scratch(); }, [&](int64_t ti, Scratch& sc) {
+      const int idx = tb.tasks[ti].first, j = tb.tasks[ti].second;
+      const Item it = item(idx / H);
+      if (j >= it.NK) return;
+      load_keys(it, idx % H, j, sc);
+      chunk_state(sc, XS(idx, j + 1), Xz(idx, j + 1));
+    });
+    run_tasks<int>(N * H, [] { return 0; }, [&](int64_t idx, int&) {
+      const int n = (int)(idx / H), h = (int)(idx % H);
+      const Item it = item(n);
+      init_state(XS(idx, 0), Xz(idx, 0), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
+      for (int j = 1; j <= it.NK; ++j) add_state(XS(idx, j), Xz(idx, j), XS(idx, j - 1), Xz(idx, j - 1));
+    });
+  }
+
   void forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const {
     const int items = N * H;
     if (!use_chunks(items)) {
@@ -742,41 +787,23 @@ struct Leap {
       return;
     }
     // across chunks
-    std::vector<long> off(items + 1, 0);
-    std::vector<std::pair<int, int>> tasks;
-    std::vector<std::vector<int>> gbs(N);  // group boundaries per sequence (the same for every head)
-    for (int n = 0; n < N; ++n) groups(item(n), gbs[n]);
-    for (int n = 0; n < N; ++n) {
-      const Item it = item(n);
-      for (int h = 0; h < H; ++h) {
-        const int idx = n * H + h;
-        off[idx + 1] = off[idx] + it.NK + 1;
-        for (int j = 0; j <= it.NK; ++j) tasks.emplace_back(idx, j);
-      }
-    }
-    const long slot = (long)F * Dv + F;
+    const ChunkTable tb = chunk_table();
+    const std::vector<long>& off = tb.off;
+    const std::vector<std::pair<int, int>>& tasks = tb.tasks;
+    const std::vector<std::vector<int>>& gbs = tb.gbs;
+    const long slot = tb.slot;
     std::vector<acc_t> X((size_t)off[items] * slot);
     auto XS = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot; };
     auto Xz = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot + (long)F * Dv; };
-    // phase 1: chunk-local states into slot j+1
-    run_tasks<Scratch>((int64_t)tasks.size(), [&] { return make_scratch(); }, [&](int64_t ti, Scratch& sc) {
-      const int idx = tasks[ti].first, j = tasks[ti].second;
-      const Item it = item(idx / H);
-      if (j >= it.NK) return;
-      load_keys(it, idx % H, j, sc);
-      chunk_state(sc, XS(idx, j + 1), Xz(idx, j + 1));
-    });
-    // phase 2: prefix over chunk states
-    run_tasks<int>(items, [] { return 0; }, [&](int64_t idx, int&) {
-      const int n = (int)(idx / H), h = (int)(idx % H);
-      const Item it = item(n);
-      init_state(XS(idx, 0), Xz(idx, 0), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
-      for (int j = 1; j <= it.NK; ++j) add_state(XS(idx, j), Xz(idx, j), XS(idx, j - 1), Xz(idx, j - 1));
-      if (Sout) {
-        std::memcpy(Sout + ((long)n * H + h) * F * Dv, XS(idx, it.NK), sizeof(acc_t) * (size_t)F * Dv);
-        std::memcpy(zout + ((long)n * H + h) * F, Xz(idx, it.NK), sizeof(acc_t) * F);
+    // phases 1-2: chunk-local states, then the prefix over them
+    prefix_states(tb, X, S0, z0);
+    if (Sout) {
+      for (int idx = 0; idx < items; ++idx) {
+        const int n = idx / H, h = idx % H, NK = item(n).NK;
+        std::memcpy(Sout + ((long)n * H + h) * F * Dv, XS(idx, NK), sizeof(acc_t) * (size_t)F * Dv);
+        std::memcpy(zout + ((long)n * H + h) * F, Xz(idx, NK), sizeof(acc_t) * F);
       }
-    });
+    }
     // phase 3: outputs
     run_tasks<Scratch>((int64_t)tasks.size(), [&] { return make_scratch(); }, [&](int64_t ti, Scratch& sc) {
       const int idx = tasks[ti].first, j = tasks[ti].second;
@@ -830,19 +857,11 @@ struct Leap {
       });
       return;
     }
-    std::vector<long> off(items + 1, 0);
-    std::vector<std::pair<int, int>> tasks;
-    std::vector<std::vector<int>> gbs(N);  // group boundaries per sequence (the same for every head)
-    for (int n = 0; n < N; ++n) groups(item(n), gbs[n]);
-    for (int n = 0; n < N; ++n) {
-      const Item it = item(n);
-      for (int h = 0; h < H; ++h) {
-        const int idx = n * H + h;
-        off[idx + 1] = off[idx] + it.NK + 1;
-        for (int j = 0; j <= it.NK; ++j) tasks.emplace_back(idx, j);
-      }
-    }
-    const long slot = (long)F * Dv + F;
+    const ChunkTable tb = chunk_table();
+    const std::vector<long>& off = tb.off;
+    const std::vector<std::pair<int, int>>& tasks = tb.tasks;
+    const std::vector<std::vector<int>>& gbs = tb.gbs;
+    const long slot = tb.slot;
     std::vector<acc_t> X((size_t)off[items] * slot), Y((size_t)off[items] * slot);
     auto XS = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot; };
     auto Xz = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot + (long)F * Dv; };
@@ -850,19 +869,7 @@ struct Leap {
     auto Yz = [&](int idx, int j) { return Y.data() + (off[idx] + j) * slot + (long)F * Dv; };
     auto mk = [&] { return make_scratch(); };
     const int64_t nt = (int64_t)tasks.size();
-    run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
-      const int idx = tasks[ti].first, j = tasks[ti].second;
-      const Item it = item(idx / H);
-      if (j >= it.NK) return;
-      load_keys(it, idx % H, j, sc);
-      chunk_state(sc, XS(idx, j + 1), Xz(idx, j + 1));
-    });
-    run_tasks<int>(items, [] { return 0; }, [&](int64_t idx, int&) {
-      const int n = (int)(idx / H), h = (int)(idx % H);
-      const Item it = item(n);
-      init_state(XS(idx, 0), Xz(idx, 0), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
-      for (int j = 1; j <= it.NK; ++j) add_state(XS(idx, j), Xz(idx, j), XS(idx, j - 1), Xz(idx, j - 1));
-    });
+    prefix_states(tb, X, S0, z0);  // recomputed, as in the forward
     run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
       const int idx = tasks[ti].first, j = tasks[ti].second;
       const int h = idx % H;
