@@ -147,6 +147,45 @@ inline void gemm_f32(int M, int N, int K, const float* A, long sai, long sak, co
 #define LEAP_HAVE_F32_KERNEL 1
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Decode-step sweep over one (sequence, head) float32 state for one token, columns
+// [0, 8*NV): S'[f] = S[f] + k~_f v and num += q~_f S'[f], f ascending. One read of S and one
+// write of S' per element; v and num stay in ymm registers.
+template <int NV>
+inline void step_cols_f32(int F, long ld, const float* __restrict Sin, float* __restrict So,
+                          const float* __restrict kf, const float* __restrict qf, const float* __restrict v,
+                          float* __restrict num) {
+  __m256 vv[NV], nm[NV];
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) {
+    vv[c] = _mm256_loadu_ps(v + 8 * c);
+    nm[c] = _mm256_setzero_ps();
+  }
+  for (int f = 0; f < F; ++f) {
+    const __m256 kv = _mm256_broadcast_ss(kf + f), qv = _mm256_broadcast_ss(qf + f);
+    float* so = So + (long)f * ld;
+    const float* si = Sin ? Sin + (long)f * ld : nullptr;
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) {
+      const __m256 s = si ? _mm256_fmadd_ps(kv, vv[c], _mm256_loadu_ps(si + 8 * c)) : _mm256_mul_ps(kv, vv[c]);
+      _mm256_storeu_ps(so + 8 * c, s);
+      nm[c] = _mm256_fmadd_ps(qv, s, nm[c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) _mm256_storeu_ps(num + 8 * c, nm[c]);
+}
+
+// The whole row width Dv (a multiple of 8) in blocks of up to 32 columns.
+inline void step_rows_f32(int F, int Dv, const float* Sin, float* So, const float* kf, const float* qf,
+                          const float* v, float* num) {
+  int e = 0;
+  for (; e + 32 <= Dv; e += 32) step_cols_f32<4>(F, Dv, Sin ? Sin + e : nullptr, So + e, kf, qf, v + e, num + e);
+  for (; e < Dv; e += 8) step_cols_f32<1>(F, Dv, Sin ? Sin + e : nullptr, So + e, kf, qf, v + e, num + e);
+}
+#define LEAP_HAVE_F32_STEP 1
+#endif
+
 template <typename T>
 void gemm(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc) {
   if (M <= 0 || N <= 0 || K <= 0) return;
@@ -961,7 +1000,23 @@ struct Leap {
       const acc_t* zin = z0 ? z0 + idx * F : nullptr;
       acc_t* So = Sout + idx * F * Dv;
       acc_t* zo = zout + idx * F;
-      for (int f = 0; f < F; ++f) {
+      bool swept = false;
+#ifdef LEAP_HAVE_F32_STEP
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (t == 1 && Dv % 8 == 0) {  // one token: the vectorised sweep, then z and den
+          step_rows_f32(F, Dv, Sin, So, kf, qf, vv, num);
+          acc_t dn = 0;
+          for (int f = 0; f < F; ++f) {
+            const acc_t zf = (zin ? zin[f] : acc_t(0)) + kf[f];
+            zo[f] = zf;
+            dn += qf[f] * zf;
+          }
+          den[0] = dn;
+          swept = true;
+        }
+      }
+#endif
+      for (int f = 0; f < F && !swept; ++f) {
         acc_t* srow = So + (long)f * Dv;
         if (Sin) std::memcpy(srow, Sin + (long)f * Dv, sizeof(acc_t) * Dv);
         else std::fill(srow, srow + Dv, acc_t(0));

@@ -88,17 +88,19 @@ def check_qkvp(q, k, v, pq, pk) -> AttnDims:
     v = _tensor(v, "v", 4, "[B, S, Hkv, Dv]")
     pq = _tensor(pq, "pq", 3, "[B, T, H]")
     pk = _tensor(pk, "pk", 3, "[B, S, Hkv]")
-    for name, t in (("q", q), ("k", k), ("v", v), ("pq", pq), ("pk", pk)):
-        _floating(t, name)
+    _floating(q, "q")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
+            _floating(t, name)
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k, v must share a dtype")
     for name, t in (("pq", pq), ("pk", pk)):
         if t.dtype not in (q.dtype, torch.float32, torch.float64):
+            _floating(t, name)
             raise TypeError(f"{name} has dtype {t.dtype}; expected q's dtype ({q.dtype}) or float32")
+    dev = q.device
     for name, t in (("k", k), ("v", v), ("pq", pq), ("pk", pk)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must share a device")
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but q is on {dev}: all tensors must share a device")
     B, T, H, Dk = q.shape
     _, S, Hkv, _ = k.shape
     Dv = v.shape[3]

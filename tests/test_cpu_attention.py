@@ -234,8 +234,9 @@ def test_deterministic(dtype, driver):
 @needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,Hkv,normalize", [(1, 4, True), (3, 2, True), (2, 1, False)])
-def test_step(dtype, t, Hkv, normalize):
-    B, H, Dk, Dv, T0 = 3, 4, 16, 8, 20
+@pytest.mark.parametrize("Dv", [8, 40, 12])  # float32 one-token sweep: 8-wide, 32+8-wide, scalar rows
+def test_step(dtype, t, Hkv, normalize, Dv):
+    B, H, Dk, T0 = 3, 4, 16, 20
     q, k, v, pq, pk = make_inputs(B, T0 + t, None, H, Hkv, Dk, Dv, dtype=torch.float32)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     sdt = torch.float64 if dtype == torch.float64 else torch.float32

@@ -142,12 +142,17 @@ def _(q, k, v, pq, pk, S0, z0, eps, normalize, backend):
     return q.new_empty(B, T, H, Dv), q.new_empty(B, H, 2 * Dk, Dv, dtype=acc), q.new_empty(B, H, 2 * Dk, dtype=acc)
 
 
+def _as(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype``, contiguous (itself when it already is: no dispatch on the decode path)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
 def _prepare(q, k, v, pq, pk, S0, z0):
     acc = state_dtype(q.dtype)
-    c = [t.contiguous() for t in (q, k, v)] + [pq.to(acc).contiguous(), pk.to(acc).contiguous()]
-    S0 = None if S0 is None else S0.to(acc).contiguous()
-    z0 = None if z0 is None else z0.to(acc).contiguous()
-    return c, S0, z0
+    c = [_as(q, q.dtype), _as(k, q.dtype), _as(v, q.dtype), _as(pq, acc), _as(pk, acc)]
+    return c, _as(S0, acc), _as(z0, acc)
 
 
 def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_padding_mask, cu_seqlens,
