@@ -109,6 +109,14 @@ def main():
                 t_tor = median_ms(lambda: lk.window_pool(x, windows, reduce, backend="torch"), max(2, R // 2))
         log(f"| {reduce} | {t_cpu:.1f} | {t_unf:.1f} | {t_tor:.1f} | {t_unf / t_cpu:.2f} | {t_tor / t_cpu:.2f} "
             f"| {t_cpu / t_fill:.2f} |")
+    # training forward: x requires grad, so max also writes the argmax its backward needs
+    # (int16 offsets, half the output's bytes again); unfold records its autograd graph too
+    xg = x.clone().requires_grad_()
+    t_cpu = median_ms(lambda: lk.window_pool(xg, windows, "max", backend="cpu"), R)
+    t_unf = median_ms(lambda: unfold_pool(xg, windows, "max"), max(2, R // 2))
+    log(f"| max, x.requires_grad (saves the argmax) | {t_cpu:.1f} | {t_unf:.1f} | - | {t_unf / t_cpu:.2f} | - "
+        f"| {t_cpu / t_fill:.2f} |")
+    del xg
     log()
 
     log("Window length (one window, cpu backend; ratio against the 1-wide window in the same run):")
@@ -123,8 +131,7 @@ def main():
         log(f"| {reduce} | {ts[1]:.1f} | {ts[16] / ts[1]:.2f}x | {ts[256] / ts[1]:.2f}x | {ts[4000] / ts[1]:.2f}x "
             f"| {ts[4000] / ts[1]:.2f} |")
     log()
-    log("(max: van Herk / Gil-Werman, O(T * D) per window whatever L; the O(log L) target allows "
-        f"up to log2(4000) = 12x.)")
+    log("(max: a tiled sparse table, O(T * D * log L); the O(log L) target allows up to log2(4000) = 12x.)")
     log()
     log("GPU figures (bf16, B=8, T=8192, D=1024 against the memory floor) are not measurable here: "
         "this machine has no GPU; the Triton kernels were only run through the interpreter.")

@@ -11,13 +11,11 @@
 //   acc_t sum of one block whatever T, and the cost per window is O(T * D) whatever its length.
 //   The backward is the same operation on the gradient over the reversed windows (-b, -a),
 //   summed over windows (mean scales the gradient by 1 / count first).
-// max: van Herk / Gil-Werman per window: the axis is cut into segments of the window's length L
-//   aligned at a, a running prefix max (g, kept in a scratch) and suffix max (h, a running state
-//   in a pass that also writes the outputs) inside each segment give every window as
-//   max(h[start], g[end]) in O(T * D) per window. Ties keep the first (lowest)
-//   index. The argmax is saved as an offset from the window's clipped start (int16 where the
-//   longest window fits, else int32, as the caller asks; -1 for a wholly-outside window). The backward
-//   scatters the gradient to the argmax sequentially inside a task: deterministic.
+// max: a tiled sparse table (see max_fwd): O(T * D * log Lmax) for all windows together. Ties
+//   keep the first (lowest) index. With the argmax (only when a gradient is needed) it is saved
+//   as an offset from the window's clipped start (int16 where the longest window fits, else
+//   int32, as the caller asks; -1 for a wholly-outside window). The backward scatters the
+//   gradient to the argmax sequentially inside a task: deterministic.
 //
 // Windows arrive clamped to [-T, T] (same result, no overflow) as int64 lists.
 #include <torch/extension.h>
@@ -25,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -34,6 +33,9 @@ constexpr int64_t TB = 256;  // rows per prefix block
 #define LK_POOL_DB 32
 #endif
 constexpr int64_t DB = LK_POOL_DB;  // columns per task
+#ifndef LK_POOL_TT
+#define LK_POOL_TT 512
+#endif
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -201,103 +203,100 @@ void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
 }
 
 // ---------------------------------------------------------------- max
-template <typename scalar_t, typename index_t>
+// Tiled sparse table. A task owns rows [t0, t0 + TT) of columns [d0, d0 + DB) of one sequence
+// and loads the rows its windows reach, p in [t0 + amin, t0 + TT + bmax), into a buffer; a row
+// outside [0, T) holds a copy of the nearest edge row (row 0 or T - 1, with that row's index),
+// which changes no window that reaches inside (its clipped range holds that edge row) and needs
+// no sentinel (so -inf inputs need no special case). Level j of the buffer holds M_j[r] = first
+// max of rows r .. r + 2^j - 1, built in place from level j - 1 (ascending r reads only level
+// j - 1 rows); window (a, b) of length L, level k = floor(log2 L), is the first max of M_k[t + a]
+// and M_k[t + b - 2^k + 1] (overlapping ranges: the right one wins only when strictly greater,
+// as the left one holds the lower index on ties). Wholly-outside windows give 0 (argmax -1).
+// Cost O(T * D * log Lmax) per call plus a halo of (bmax - amin) rows per tile (TT >= the halo
+// up to T, so at most 2x), whatever the number of windows per level.
+template <typename scalar_t, typename index_t, bool ARG>
 void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
-  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gv(T * DB);
-    std::vector<int32_t> gi(T * DB);
-    alignas(64) acc_t hv[DB];
-    alignas(64) int32_t hix[DB];
+  int64_t amin = pr.a[0], bmax = pr.b[0];
+  std::vector<int> level(W);
+  int K = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    amin = std::min(amin, pr.a[w]);
+    bmax = std::max(bmax, pr.b[w]);
+    int k = 0;
+    while ((int64_t(2) << k) <= pr.b[w] - pr.a[w] + 1) ++k;
+    level[w] = k;
+    K = std::max(K, k);
+  }
+  const int64_t halo = bmax - amin;
+  const int64_t TT = std::max<int64_t>(LK_POOL_TT, std::min(halo, T));
+  const int64_t R = TT + halo;  // buffer rows
+  const int64_t ntile = (T + TT - 1) / TT;
+  for_tasks(pr.B * ntile * ndb, TT * W * DB, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> bv(R * DB);
+    std::vector<int32_t> bi(ARG ? R * DB : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
-      const scalar_t* xb = x + bb * T * D + d0;
-      for (int64_t w = 0; w < W; ++w) {
-        const int64_t a = pr.a[w], b = pr.b[w], L = b - a + 1;
-        // segments [a + k L, a + (k + 1) L); r = (p - a) mod L
-        int64_t r = ((-a) % L + L) % L;
-        for (int64_t p = 0; p < T; ++p, r = (r + 1 == L ? 0 : r + 1)) {
-          const scalar_t* row = xb + p * D;
-          acc_t* v = gv.data() + p * DB;
-          int32_t* ix = gi.data() + p * DB;
-          if (p == 0 || r == 0) {
-            for (int64_t j = 0; j < cn; ++j) {
-              v[j] = static_cast<acc_t>(row[j]);
-              ix[j] = static_cast<int32_t>(p);
-            }
-          } else {
-            const acc_t* pv = v - DB;
-            const int32_t* pi = ix - DB;
-            for (int64_t j = 0; j < cn; ++j) {
-              const acc_t e = static_cast<acc_t>(row[j]);
-              const bool take = e > pv[j];
-              v[j] = take ? e : pv[j];
-              ix[j] = take ? static_cast<int32_t>(p) : pi[j];
-            }
-          }
+      const int64_t bb = task / (ntile * ndb), rem = task % (ntile * ndb);
+      const int64_t t0 = (rem / ndb) * TT, d0 = (rem % ndb) * DB, cn = std::min(DB, D - d0);
+      const int64_t t1 = std::min(T, t0 + TT), base = t0 + amin;
+      const int64_t rows = std::min(R, (t1 - 1 + bmax) - base + 1);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t p = clampi(base + r, 0, T - 1);  // edge rows replicated
+        const scalar_t* row = x + (bb * T + p) * D + d0;
+        acc_t* v = bv.data() + r * DB;
+        for (int64_t j = 0; j < cn; ++j) v[j] = static_cast<acc_t>(row[j]);
+        for (int64_t j = cn; j < DB; ++j) v[j] = acc_t(0);  // unused columns: defined values
+        if constexpr (ARG) {
+          int32_t* ix = bi.data() + r * DB;
+          for (int64_t j = 0; j < DB; ++j) ix[j] = static_cast<int32_t>(p);
         }
-        // wholly-outside windows
-        for (int64_t t = 0; t < T; ++t) {
-          if (std::max<int64_t>(t + a, 0) <= std::min<int64_t>(t + b, T - 1)) continue;
-          scalar_t* o = out + ((bb * T + t) * W + w) * D + d0;
-          index_t* ao = arg + ((bb * T + t) * W + w) * D + d0;
-          for (int64_t j = 0; j < cn; ++j) {
-            o[j] = static_cast<scalar_t>(0);
-            ao[j] = static_cast<index_t>(-1);
-          }
-        }
-        // suffix max h, running from T-1 down (a new segment ends at p when r(p) == L - 1),
-        // fused with the output: window t is emitted when p reaches its clipped start sc(t)
-        r = (((T - 1 - a) % L) + L) % L;
-        for (int64_t p = T - 1; p >= 0; --p, r = (r == 0 ? L - 1 : r - 1)) {
-          const scalar_t* row = xb + p * D;
-          if (p == T - 1 || r == L - 1) {
-            for (int64_t j = 0; j < cn; ++j) {
-              hv[j] = static_cast<acc_t>(row[j]);
-              hix[j] = static_cast<int32_t>(p);
-            }
-          } else {
-            for (int64_t j = 0; j < cn; ++j) {
-              const acc_t e = static_cast<acc_t>(row[j]);
-              const bool take = e >= hv[j];  // ties: the lower index wins
-              hv[j] = take ? e : hv[j];
-              hix[j] = take ? static_cast<int32_t>(p) : hix[j];
-            }
-          }
-          // the t whose clipped start is p: t = p - a, or every t <= -a for p == 0
-          int64_t t_lo = p - a, t_hi = p - a;
-          if (p == 0) t_lo = 0;
-          t_lo = std::max<int64_t>(t_lo, 0);
-          t_hi = std::min<int64_t>(t_hi, T - 1);
-          for (int64_t t = t_lo; t <= t_hi; ++t) {
-            const int64_t sc = p, ec = std::min<int64_t>(t + b, T - 1);
-            if (sc > ec) continue;  // wholly outside, written above
+      }
+      for (int k = 0; k <= K; ++k) {
+        const int64_t span = int64_t(1) << k;
+        for (int64_t w = 0; w < W; ++w) {
+          if (level[w] != k) continue;
+          const int64_t a = pr.a[w], b = pr.b[w];
+          for (int64_t t = t0; t < t1; ++t) {
             scalar_t* o = out + ((bb * T + t) * W + w) * D + d0;
-            index_t* ao = arg + ((bb * T + t) * W + w) * D + d0;
-            const int64_t ks = (sc - a) / L, ke = (ec - a) / L;  // sc - a >= t >= 0
-            const acc_t* gvp = gv.data() + ec * DB;
-            const int32_t* gip = gi.data() + ec * DB;
-            if (ks == ke) {
-              // one segment: the window starts at its (clipped) start -> g[ec], else ends at its end -> h
-              if (sc == std::max<int64_t>(a + ks * L, 0)) {
-                for (int64_t j = 0; j < cn; ++j) {
-                  o[j] = static_cast<scalar_t>(gvp[j]);
-                  ao[j] = static_cast<index_t>(gip[j] - sc);
-                }
-              } else {
-                for (int64_t j = 0; j < cn; ++j) {
-                  o[j] = static_cast<scalar_t>(hv[j]);
-                  ao[j] = static_cast<index_t>(hix[j] - sc);
-                }
+            index_t* ao = ARG ? arg + ((bb * T + t) * W + w) * D + d0 : nullptr;
+            if (t + b < 0 || t + a > T - 1) {  // wholly outside
+              for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(0);
+              if constexpr (ARG)
+                for (int64_t j = 0; j < cn; ++j) ao[j] = static_cast<index_t>(-1);
+              continue;
+            }
+            const acc_t* v1 = bv.data() + (t + a - base) * DB;
+            const acc_t* v2 = bv.data() + (t + b - span + 1 - base) * DB;
+            if constexpr (ARG) {
+              const int32_t* i1 = bi.data() + (t + a - base) * DB;
+              const int32_t* i2 = bi.data() + (t + b - span + 1 - base) * DB;
+              const int32_t lo = static_cast<int32_t>(std::max<int64_t>(t + a, 0));
+              for (int64_t j = 0; j < cn; ++j) {
+                const bool take2 = v2[j] > v1[j];
+                o[j] = static_cast<scalar_t>(take2 ? v2[j] : v1[j]);
+                ao[j] = static_cast<index_t>((take2 ? i2[j] : i1[j]) - lo);
               }
             } else {
-              for (int64_t j = 0; j < cn; ++j) {
-                const bool take_g = gvp[j] > hv[j];  // h holds the lower indices: ties keep h
-                o[j] = static_cast<scalar_t>(take_g ? gvp[j] : hv[j]);
-                ao[j] = static_cast<index_t>((take_g ? gip[j] : hix[j]) - sc);
-              }
+              for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(v2[j] > v1[j] ? v2[j] : v1[j]);
             }
+          }
+        }
+        if (k == K) break;
+        // level k + 1 from level k, in place (rows whose range fits in the buffer)
+        for (int64_t r = 0; r + 2 * span <= rows; ++r) {
+          acc_t* v = bv.data() + r * DB;
+          const acc_t* vr = v + span * DB;
+          if constexpr (ARG) {
+            int32_t* ix = bi.data() + r * DB;
+            const int32_t* ir = ix + span * DB;
+            for (int64_t j = 0; j < DB; ++j) {
+              const bool take = vr[j] > v[j];
+              v[j] = take ? vr[j] : v[j];
+              ix[j] = take ? ir[j] : ix[j];
+            }
+          } else {
+            for (int64_t j = 0; j < DB; ++j) v[j] = vr[j] > v[j] ? vr[j] : v[j];
           }
         }
       }
@@ -352,10 +351,11 @@ int64_t longest(const Problem& p) {
 
 }  // namespace
 
-// x [B, T, D] -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax [B, T, W, D] int16/int32 or None)
+// x [B, T, D] -> (pooled [B, T, W, D], valid [B, T, W] bool[, argmax [B, T, W, D] int16/int32])
 // wide: int32 argmax offsets (else int16); the caller decides from the windows' lengths.
+// with_argmax: max also returns the argmax (false when no gradient is needed: max runs on values only).
 std::vector<at::Tensor> pool_fwd(const at::Tensor& x_in, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
-                                 const std::string& reduce, bool wide) {
+                                 const std::string& reduce, bool wide, bool with_argmax) {
   TORCH_CHECK(x_in.dim() == 3, "window_pool: x must be [B, T, D]");
   TORCH_CHECK(x_in.device().is_cpu(), "window_pool: x must be a CPU tensor");
   const at::Tensor x = x_in.contiguous();
@@ -374,16 +374,18 @@ std::vector<at::Tensor> pool_fwd(const at::Tensor& x_in, const std::vector<int64
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_pool_fwd", [&] {
     if (code < 2) {
       sum_fwd<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pr, code == 1);
+    } else if (!with_argmax) {
+      max_fwd<scalar_t, int32_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), nullptr, pr);
     } else if (!wide) {
       TORCH_CHECK(longest(pr) - 1 <= 32767, "window_pool: int16 argmax offsets cannot hold this window");
       arg = at::empty({pr.B, T, pr.W, pr.D}, x.options().dtype(at::kShort));
-      max_fwd<scalar_t, int16_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int16_t>(), pr);
+      max_fwd<scalar_t, int16_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int16_t>(), pr);
     } else {
       arg = at::empty({pr.B, T, pr.W, pr.D}, x.options().dtype(at::kInt));
-      max_fwd<scalar_t, int32_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), pr);
+      max_fwd<scalar_t, int32_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), pr);
     }
   });
-  if (code < 2) return {out, valid};
+  if (code < 2 || !with_argmax) return {out, valid};
   return {out, valid, arg};
 }
 
@@ -417,7 +419,7 @@ at::Tensor pool_bwd(const at::Tensor& g_in, int64_t T, const std::vector<int64_t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "leapformer_kernels window pooling (CPU)";
   m.def("pool_fwd", &pool_fwd, "window pooling forward", py::arg("x"), py::arg("a"), py::arg("b"),
-        py::arg("reduce"), py::arg("wide"));
+        py::arg("reduce"), py::arg("wide"), py::arg("with_argmax"));
   m.def("pool_bwd", &pool_bwd, "window pooling backward", py::arg("grad"), py::arg("T"), py::arg("a"),
         py::arg("b"), py::arg("reduce"), py::arg("argmax"));
 }

@@ -51,7 +51,9 @@ def test_opcheck_step(backend):
 @pytest.mark.parametrize("reduce", ["sum", "mean", "max"])
 def test_opcheck_window_pool(pool_backend, reduce):
     x = torch.randn(2, 13, 5, requires_grad=True)
-    torch.library.opcheck(pop.window_pool_fwd, (x, [1, -3, 2], [1, 0, 40], reduce, pool_backend))
+    torch.library.opcheck(pop.window_pool_fwd, (x, [1, -3, 2], [1, 0, 40], reduce, True, pool_backend))
+    if reduce == "max":  # the inference form, without the argmax
+        torch.library.opcheck(pop.window_pool_fwd, (x.detach(), [1, -3, 2], [1, 0, 40], reduce, False, pool_backend))
 
 
 class Tiny(torch.nn.Module):

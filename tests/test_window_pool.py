@@ -218,6 +218,32 @@ def test_argmax_storage(backend):
     assert bool((arg == -1).all())
 
 
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+def test_max_without_argmax(backend):
+    """Inference (no gradient needed): max runs on values only, same values, no argmax saved."""
+    kern = lk.backends.get(backend).pool_kernels()
+    x = torch.randn(2, 300, 37)
+    x[0, 5:40, 3] = float("-inf")  # -inf inside a window beats the padding outside [0, T)
+    windows = [(-300, -200), (-7, 3), (0, 0), (1, 1), (2, 3), (100, 170), (250, 400), (-5, -2)]
+    pooled, valid, arg = kern.pool_fwd(x, windows, "max", need_argmax=False)
+    assert arg is None
+    ref, ref_valid = lk.reference.window_pool(x, windows, "max")
+    assert torch.equal(pooled, ref) and torch.equal(valid, ref_valid)
+    with_arg, _, arg = kern.pool_fwd(x, windows, "max", need_argmax=True)
+    assert arg is not None and torch.equal(with_arg, ref)
+    # the public op picks the mode from grad mode and x.requires_grad
+    xg = x.clone().requires_grad_()
+    with torch.no_grad():
+        out, _ = lk.window_pool(xg, windows, "max", backend=backend)
+    assert torch.equal(out, ref) and out.grad_fn is None
+    out, _ = lk.window_pool(xg, windows, "max", backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    xr = x.clone().requires_grad_()
+    lk.reference.window_pool(xr, windows, "max")[0].backward(g)
+    assert torch.allclose(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "cpu"])
 def test_int32_argmax_long_window(backend):
     T = 40000

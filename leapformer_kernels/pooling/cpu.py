@@ -2,14 +2,15 @@
 
 Implements the kernel interface of ``pooling/op.py``:
 
-    pool_fwd(x, windows, reduce) -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax or None)
+    pool_fwd(x, windows, reduce, need_argmax) -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax or None)
     pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D]
     argmax_dtype(windows) -> torch.int16 or torch.int32
 
 sum / mean: one blocked two-level prefix sum along T (float32 inside blocks of 256 rows, float64
 block carries; float64 throughout for float64 inputs), O(T * D) per window whatever its length.
-max: van Herk / Gil-Werman segment prefix / suffix maxima per window, O(T * D) per window; the
-argmax is saved as int16 offsets within the window where the longest window fits, else int32.
+max: a tiled sparse table, O(T * D * log Lmax) for all windows together; the argmax (only
+when asked for) is saved as int16 offsets within the window where the longest window fits,
+else int32.
 Backward deterministic (per (b, D-block) task, sequential). The extension is built on first use
 by ``leapformer_kernels._build.load("window_pool")``.
 """
@@ -47,13 +48,12 @@ def unavailable(dtype):
     return None
 
 
-def pool_fwd(x, windows, reduce):
+def pool_fwd(x, windows, reduce, need_argmax=True):
     T = x.shape[1]
     a, b = _clamp(windows, T)
-    res = _ext().pool_fwd(x.contiguous(), a, b, reduce, argmax_dtype(windows) == torch.int32)
-    if reduce == "max":
-        return res[0], res[1], res[2]
-    return res[0], res[1], None
+    with_arg = reduce == "max" and need_argmax
+    res = _ext().pool_fwd(x.contiguous(), a, b, reduce, argmax_dtype(windows) == torch.int32, with_arg)
+    return res[0], res[1], (res[2] if with_arg else None)
 
 
 def pool_bwd(grad, T, windows, reduce, argmax):

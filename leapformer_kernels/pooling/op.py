@@ -1,15 +1,19 @@
 """Window pooling as ``torch.library`` custom ops, with registered autograd and fake tensors.
 
-    leapformer::window_pool_fwd(x, starts, ends, reduce, backend) -> (pooled, valid, argmax)
+    leapformer::window_pool_fwd(x, starts, ends, reduce, need_argmax, backend) -> (pooled, valid, argmax)
     leapformer::window_pool_bwd(grad, argmax, T, starts, ends, reduce, backend) -> dx
 
 A backend provides a kernel module (``backends.<name>.pool_kernels()``) with, for a contiguous
 x [B, T, D] and windows as a tuple of (a, b):
 
-    pool_fwd(x, windows, reduce) -> (pooled [B, T, W, D] in x's dtype, valid [B, T, W] bool,
-                                     argmax [B, T, W, D] for "max" (any integer form), else None)
+    pool_fwd(x, windows, reduce, need_argmax) -> (pooled [B, T, W, D] in x's dtype, valid [B, T, W] bool,
+                                     argmax [B, T, W, D] for "max" with need_argmax (any integer
+                                     form), else None)
     pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D] in grad's dtype
     argmax_dtype(windows) -> the integer dtype of argmax (for fake tensors)
+
+The max forward saves its argmax only when a gradient will be needed (``x.requires_grad`` with
+grad mode on): in inference max runs on values alone, without writing an index per output.
 """
 from typing import List, Tuple
 
@@ -28,21 +32,22 @@ def _windows(starts, ends):
 
 
 @torch.library.custom_op("leapformer::window_pool_fwd", mutates_args=())
-def window_pool_fwd(x: Tensor, starts: List[int], ends: List[int], reduce: str,
+def window_pool_fwd(x: Tensor, starts: List[int], ends: List[int], reduce: str, need_argmax: bool,
                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     kern = _kernels(backend)
-    pooled, valid, argmax = kern.pool_fwd(x, _windows(starts, ends), reduce)
+    pooled, valid, argmax = kern.pool_fwd(x, _windows(starts, ends), reduce, need_argmax)
     if argmax is None:
         argmax = x.new_empty(0, dtype=kern.argmax_dtype(_windows(starts, ends)))
     return pooled.contiguous(), valid.contiguous(), argmax.contiguous()
 
 
 @window_pool_fwd.register_fake
-def _(x, starts, ends, reduce, backend):
+def _(x, starts, ends, reduce, need_argmax, backend):
     B, T, D = x.shape
     W = len(starts)
     adt = _kernels(backend).argmax_dtype(_windows(starts, ends))
-    argmax = x.new_empty(B, T, W, D, dtype=adt) if reduce == "max" else x.new_empty(0, dtype=adt)
+    has = reduce == "max" and need_argmax
+    argmax = x.new_empty(B, T, W, D, dtype=adt) if has else x.new_empty(0, dtype=adt)
     return x.new_empty(B, T, W, D), x.new_empty(B, T, W, dtype=torch.bool), argmax
 
 
@@ -60,20 +65,25 @@ def _(grad, argmax, T, starts, ends, reduce, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, starts, ends, reduce, backend = inputs
+    x, starts, ends, reduce, need_argmax, backend = inputs
     ctx.save_for_backward(output[2])
     ctx.args = (x.shape[1], starts, ends, reduce, backend)
+    ctx.need_argmax = need_argmax
 
 
 def _backward(ctx, grad, _gvalid, _gargmax):
     (argmax,) = ctx.saved_tensors
-    return window_pool_bwd(grad.contiguous(), argmax, *ctx.args), None, None, None, None
+    if ctx.args[3] == "max" and not ctx.need_argmax:
+        raise RuntimeError("window_pool: the max forward ran with need_argmax=False, so it saved no argmax "
+                           "to differentiate through (window_pool sets it from x.requires_grad)")
+    return window_pool_bwd(grad.contiguous(), argmax, *ctx.args), None, None, None, None, None
 
 
 window_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def window_pool(backend: str, x, windows, reduce):
+    need_argmax = reduce == "max" and torch.is_grad_enabled() and x.requires_grad
     pooled, valid, _ = window_pool_fwd(x.contiguous(), [w[0] for w in windows], [w[1] for w in windows], reduce,
-                                       backend)
+                                       need_argmax, backend)
     return pooled, valid

@@ -71,8 +71,8 @@ def argmax_dtype(windows):
     return torch.int64
 
 
-def pool_fwd(x, windows, reduce):
-    """-> pooled, valid, argmax (absolute int64 indices into T for "max", else None)."""
+def pool_fwd(x, windows, reduce, need_argmax=True):
+    """-> pooled, valid, argmax (absolute int64 indices into T for "max" with need_argmax, else None)."""
     B, T, D = x.shape
     with torch.no_grad():
         if reduce != "max":
@@ -82,7 +82,7 @@ def pool_fwd(x, windows, reduce):
         idx = max_index(x, lo, hi)
         out = torch.gather(x, 1, idx.reshape(B, -1, D)).reshape(idx.shape)
         out = torch.where((hi > lo)[None, :, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
-        return out, valid[None].expand(B, T, len(windows)).clone(), idx
+        return out, valid[None].expand(B, T, len(windows)).clone(), (idx if need_argmax else None)
 
 
 def pool_bwd(grad, T, windows, reduce, argmax):

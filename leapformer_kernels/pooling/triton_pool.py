@@ -2,7 +2,7 @@
 
 Implements the kernel interface of ``pooling/op.py``:
 
-    pool_fwd(x, windows, reduce) -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax or None)
+    pool_fwd(x, windows, reduce, need_argmax) -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax or None)
     pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D]
     argmax_dtype(windows) -> torch.int16 or torch.int32
 
@@ -219,7 +219,7 @@ def _st_level_kernel(sv_ptr, si_ptr, dv_ptr, di_ptr, T, D, H, BT: tl.constexpr, 
 
 @triton.jit
 def _max_out_kernel(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, W, w, a, b, H,
-                    BT: tl.constexpr, BD: tl.constexpr):
+                    BT: tl.constexpr, BD: tl.constexpr, STORE_ARG: tl.constexpr):
     """Window (a, b) of length L, H = 2^floor(log2 L): max over [t+a, t+b] = first max of
     M[t+a] and M[t+b-H+1]; the argmax is stored as an offset from the clipped start."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -247,7 +247,8 @@ def _max_out_kernel(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, W, w, a, b, H,
     val = tl.where(empty, 0.0, val)
     o = (pid_b * T * W + t[:, None] * W + w) * D + cols[None, :]
     tl.store(out_ptr + o, val.to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(arg_ptr + o, off.to(arg_ptr.dtype.element_ty), mask=m)
+    if STORE_ARG:
+        tl.store(arg_ptr + o, off.to(arg_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -307,7 +308,7 @@ def _max_bwd_kernel(q_ptr, c_ptr, st_ptr, en_ptr, dx_ptr, T, D, W, NBLK,
 
 
 # ----------------------------------------------------------------------------- interface
-def pool_fwd(x, windows, reduce):
+def pool_fwd(x, windows, reduce, need_argmax=True):
     x = x.contiguous()
     B, T, D = x.shape
     wins = _clamp(windows, T)
@@ -321,7 +322,7 @@ def pool_fwd(x, windows, reduce):
         _sum_out_kernel[grid_out](q, c, wins_t, out, T, D, W, nblk, MEAN=reduce == "mean", PB=PBT,
                                   BT=OUT_BT, BD=OUT_BD)
         return out, valid, None
-    arg = torch.empty((B, T, W, D), dtype=argmax_dtype(windows), device=x.device)
+    arg = torch.empty((B, T, W, D) if need_argmax else (0,), dtype=argmax_dtype(windows), device=x.device)
     # windows by sparse-table level floor(log2 L) (L <= 2T + 1 after clamping)
     levels = [(b - a + 1).bit_length() - 1 for a, b in wins]
     grid_st = (B, triton.cdiv(2 * T, OUT_BT), triton.cdiv(D, OUT_BD))
@@ -335,8 +336,9 @@ def pool_fwd(x, windows, reduce):
             _st_level_kernel[grid_st](prev[0], prev[1], cur[0], cur[1], T, D, 1 << (j - 1), BT=OUT_BT, BD=OUT_BD)
         for w, (a, b) in enumerate(wins):
             if levels[w] == j:
-                _max_out_kernel[grid_out](cur[0], cur[1], out, arg, T, D, W, w, a, b, 1 << j, BT=OUT_BT, BD=OUT_BD)
-    return out, valid, arg
+                _max_out_kernel[grid_out](cur[0], cur[1], out, arg, T, D, W, w, a, b, 1 << j, BT=OUT_BT, BD=OUT_BD,
+                                          STORE_ARG=need_argmax)
+    return out, valid, (arg if need_argmax else None)
 
 
 def pool_bwd(grad, T, windows, reduce, argmax):
