@@ -9,48 +9,17 @@ Issue 5 targets (fp32, B=1, H=8, D=64, forward+backward, all measured in this ru
 Every figure is the median of several repeats after a warm-up; ratios are against anchors
 timed in the same run (the machine may be shared: medians, not minima).
 
-    python benchmarks/bench_cpu_attention.py [--T 2048 4096 8192] [--reps 7] [--markdown out.md]
+    python -m benchmarks.bench_cpu_attention [--T 2048 4096 8192] [--reps 7] [--markdown out.md]
 """
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import leapformer_kernels as lk
 
-
-def interleaved_ms(fns, reps, warmup=1):
-    """Median ms of each fn in ``fns`` (a dict), timed round-robin (one call of each per round):
-    on a shared machine load changes hit every contender alike, so ratios stay fair."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    ts = {name: [] for name in fns}
-    cpu = {name + "_cpu": [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            fn()
-            ts[name].append((time.perf_counter() - t0) * 1e3)
-            cpu[name + "_cpu"].append((time.process_time() - c0) * 1e3)
-    med = {name: statistics.median(v) for name, v in ts.items()}
-    med.update({name: statistics.median(v) for name, v in cpu.items()})  # CPU time of all threads
-    return med, ts
-
-
-def median_ms(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+from .timing import interleaved_ms
 
 
 def inputs(B, T, H, D, requires_grad=True):

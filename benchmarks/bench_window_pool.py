@@ -24,13 +24,6 @@ import leapformer_kernels as lk
 from . import timing
 
 
-CPU = torch.device("cpu")
-
-
-def median_ms(fn, repeats):
-    return timing.median_ms(fn, CPU, repeats)
-
-
 def unfold_pool(x, windows, reduce):
     """Plain PyTorch: pad, unfold each window into [B, T, D, L], reduce the last axis. O(T * L * D)."""
     B, T, D = x.shape
@@ -88,48 +81,55 @@ def main():
     def fill_out():
         torch.empty(B, T, W, D).fill_(1.0)
 
-    t_fill = median_ms(fill_out, R)
+    # Contenders of one reduce are timed round-robin (one call of each per round): on a shared
+    # machine load changes, and the state of the allocator (a fresh 512 MiB output is page-faulted
+    # in on first touch), hit all of them alike; each ratio comes from the same rounds.
+    xg = x.clone().requires_grad_()
+    rows = {}
+    with torch.no_grad():
+        for reduce in ("sum", "mean", "max"):
+            ref = lk.window_pool(x, windows, reduce, backend="cpu")[0]
+            chk = unfold_pool(x[:1], windows, reduce)
+            assert (chk - ref[:1]).abs().max() < 1e-3, "unfold baseline disagrees"
+            del ref, chk
+            fns = {"fill": fill_out,
+                   "cpu": lambda r=reduce: lk.window_pool(x, windows, r, backend="cpu"),
+                   "unfold": lambda r=reduce: unfold_pool(x, windows, r)}
+            if not (reduce == "max" and args.skip_torch_max):
+                fns["torch"] = lambda r=reduce: lk.window_pool(x, windows, r, backend="torch")
+            rows[reduce] = timing.interleaved_ms(fns, R)[0]
+    # training forward: x requires grad, so max also writes the argmax its backward needs (int16
+    # offsets, half the output's bytes again); unfold records its autograd graph too
+    rows["max, x.requires_grad (saves the argmax)"] = timing.interleaved_ms(
+        {"fill": fill_out, "cpu": lambda: lk.window_pool(xg, windows, "max", backend="cpu"),
+         "unfold": lambda: unfold_pool(xg, windows, "max")}, R)[0]
+    del xg
     log(f"Anchor 'write the output' (torch.empty + fill_ of [{B}, {T}, {W}, {D}] fp32, "
-        f"{B * T * W * D * 4 / 2**20:.0f} MiB): {t_fill:.1f} ms")
+        f"{B * T * W * D * 4 / 2**20:.0f} MiB), timed in the same rounds as each row: "
+        + ", ".join(f"{r['fill']:.1f} ms ({name})" for name, r in rows.items()))
     log()
     log("| reduce | cpu ms | unfold ms | torch ms | unfold / cpu (target >= 3) | torch / cpu (target >= 1) "
         "| cpu / write-output (target <= 2) |")
     log("| --- | --- | --- | --- | --- | --- | --- |")
-    for reduce in ("sum", "mean", "max"):
-        with torch.no_grad():
-            ref = lk.window_pool(x, windows, reduce, backend="cpu")[0]
-            chk = unfold_pool(x[:1], windows, reduce)
-            assert (chk - ref[:1]).abs().max() < 1e-3, "unfold baseline disagrees"
-            del ref
-            t_cpu = median_ms(lambda: lk.window_pool(x, windows, reduce, backend="cpu"), R)
-            t_unf = median_ms(lambda: unfold_pool(x, windows, reduce), max(2, R // 2))
-            if reduce == "max" and args.skip_torch_max:
-                t_tor = float("nan")
-            else:
-                t_tor = median_ms(lambda: lk.window_pool(x, windows, reduce, backend="torch"), max(2, R // 2))
-        log(f"| {reduce} | {t_cpu:.1f} | {t_unf:.1f} | {t_tor:.1f} | {t_unf / t_cpu:.2f} | {t_tor / t_cpu:.2f} "
-            f"| {t_cpu / t_fill:.2f} |")
-    # training forward: x requires grad, so max also writes the argmax its backward needs
-    # (int16 offsets, half the output's bytes again); unfold records its autograd graph too
-    xg = x.clone().requires_grad_()
-    t_cpu = median_ms(lambda: lk.window_pool(xg, windows, "max", backend="cpu"), R)
-    t_unf = median_ms(lambda: unfold_pool(xg, windows, "max"), max(2, R // 2))
-    log(f"| max, x.requires_grad (saves the argmax) | {t_cpu:.1f} | {t_unf:.1f} | - | {t_unf / t_cpu:.2f} | - "
-        f"| {t_cpu / t_fill:.2f} |")
-    del xg
+    for name, r in rows.items():
+        tor = r.get("torch")
+        t_tor, x_tor = ("-", "-") if tor is None else (f"{tor:.1f}", f"{tor / r['cpu']:.2f}")
+        log(f"| {name} | {r['cpu']:.1f} | {r['unfold']:.1f} | {t_tor} | {r['unfold'] / r['cpu']:.2f} | {x_tor} "
+            f"| {r['cpu'] / r['fill']:.2f} |")
     log()
 
-    log("Window length (one window, cpu backend; ratio against the 1-wide window in the same run):")
+    log("Window length (one window, cpu backend, interleaved rounds; ratio against the 1-wide window):")
     log()
     log("| reduce | L=1 ms | L=16 | L=256 | L=4000 | ratio 4000 / 1 (sum, mean target <= 1.5) |")
     log("| --- | --- | --- | --- | --- | --- |")
     for reduce in ("sum", "mean", "max"):
-        ts = {}
         with torch.no_grad():
-            for L in (1, 16, 256, 4000):
-                ts[L] = median_ms(lambda: lk.window_pool(x, [(0, L - 1)], reduce, backend="cpu"), R)
-        log(f"| {reduce} | {ts[1]:.1f} | {ts[16] / ts[1]:.2f}x | {ts[256] / ts[1]:.2f}x | {ts[4000] / ts[1]:.2f}x "
-            f"| {ts[4000] / ts[1]:.2f} |")
+            ts = timing.interleaved_ms({f"L{L}": (lambda L=L, r=reduce: lk.window_pool(x, [(0, L - 1)], r,
+                                                                                  backend="cpu"))
+                                        for L in (1, 16, 256, 4000)}, max(R, 7))[0]
+        one = ts["L1"]
+        log(f"| {reduce} | {one:.1f} | {ts['L16'] / one:.2f}x | {ts['L256'] / one:.2f}x | {ts['L4000'] / one:.2f}x "
+            f"| {ts['L4000'] / one:.2f} |")
     log()
     log("(max: a tiled sparse table, O(T * D * log L); the O(log L) target allows up to log2(4000) = 12x.)")
     log()

@@ -58,6 +58,28 @@ def median_ms(fn: Callable[[], None], device: torch.device, repeats: int = 5, wa
     return statistics.median(times)
 
 
+def interleaved_ms(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1):
+    """CPU: median ms of each fn in ``fns``, timed round-robin (one call of each per round), so
+    that load changes on a shared machine hit every contender alike and same-round ratios stay
+    fair. Returns (medians, raw): medians also holds ``name + "_cpu"``, the median process CPU
+    time of all threads; raw maps each name to its list of wall times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            fn()
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    med = {name: statistics.median(v) for name, v in wall.items()}
+    med.update({name + "_cpu": statistics.median(v) for name, v in cpu.items()})
+    return med, wall
+
+
 def cuda_graph_ms(fn: Callable[[], None], repeats: int = 100) -> float:
     """GPU time of one replay of a CUDA graph of fn (host launch overhead excluded)."""
     s = torch.cuda.Stream()

@@ -30,7 +30,7 @@ namespace {
 
 constexpr int64_t TB = 256;  // rows per prefix block
 #ifndef LK_POOL_DB
-#define LK_POOL_DB 32
+#define LK_POOL_DB 64
 #endif
 constexpr int64_t DB = LK_POOL_DB;  // columns per task
 #ifndef LK_POOL_TT
@@ -93,18 +93,26 @@ void blocked_prefix(const scalar_t* y, int64_t ys, int64_t T, int64_t cn, const 
   }
 }
 
-// v[j] = (sum over [lo, hi) of the prefixed column j) * scale
-template <typename acc_t>
-inline void range_sum(const acc_t* P, const double* C, int64_t lo, int64_t hi, acc_t scale, acc_t* v) {
+// v[j] = (sum over [lo, hi) of the prefixed column j) * scale, for j < n (v: any float type;
+// v[j] += instead with ADD)
+template <bool ADD = false, typename acc_t, typename out_t>
+inline void range_sum(const acc_t* P, const double* C, int64_t lo, int64_t hi, acc_t scale, out_t* __restrict v,
+                      int64_t n) {
   const acc_t* pl = P + lo * DB;
   const acc_t* ph = P + hi * DB;
   const int64_t bl = lo / TB, bh = hi / TB;
   if (bl == bh) {
-    for (int64_t j = 0; j < DB; ++j) v[j] = (ph[j] - pl[j]) * scale;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t r = (ph[j] - pl[j]) * scale;
+      v[j] = static_cast<out_t>(ADD ? static_cast<acc_t>(v[j]) + r : r);
+    }
   } else {
     const double* cl = C + bl * DB;
     const double* ch = C + bh * DB;
-    for (int64_t j = 0; j < DB; ++j) v[j] = (static_cast<acc_t>(ch[j] - cl[j]) + (ph[j] - pl[j])) * scale;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t r = (static_cast<acc_t>(ch[j] - cl[j]) + (ph[j] - pl[j])) * scale;
+      v[j] = static_cast<out_t>(ADD ? static_cast<acc_t>(v[j]) + r : r);
+    }
   }
 }
 
@@ -139,7 +147,6 @@ void sum_fwd(const scalar_t* x, scalar_t* out, const Problem& pr, bool mean) {
   for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> P((T + 1) * DB);
     std::vector<double> C((T / TB + 1) * DB);
-    alignas(64) acc_t v[DB];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
       blocked_prefix<scalar_t, acc_t>(x + bb * T * D + d0, D, T, cn, nullptr, P.data(), C.data());
@@ -149,9 +156,7 @@ void sum_fwd(const scalar_t* x, scalar_t* out, const Problem& pr, bool mean) {
           int64_t lo, hi;
           bounds(t, pr.a[w], pr.b[w], T, lo, hi);
           const acc_t scale = mean ? acc_t(1) / static_cast<acc_t>(std::max<int64_t>(hi - lo, 1)) : acc_t(1);
-          range_sum<acc_t>(P.data(), C.data(), lo, hi, scale, v);
-          scalar_t* o = orow + w * D;
-          for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(v[j]);
+          range_sum(P.data(), C.data(), lo, hi, scale, orow + w * D, cn);
         }
       }
     }
@@ -177,7 +182,6 @@ void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
     std::vector<acc_t> P((T + 1) * DB);
     std::vector<double> C((T / TB + 1) * DB);
     std::vector<acc_t> acc(T * DB);
-    alignas(64) acc_t v[DB];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -188,9 +192,7 @@ void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
         for (int64_t s = 0; s < T; ++s) {
           int64_t lo, hi;
           bounds(s, -pr.b[w], -pr.a[w], T, lo, hi);
-          range_sum<acc_t>(P.data(), C.data(), lo, hi, acc_t(1), v);
-          acc_t* r = acc.data() + s * DB;
-          for (int64_t j = 0; j < DB; ++j) r[j] += v[j];
+          range_sum<true>(P.data(), C.data(), lo, hi, acc_t(1), acc.data() + s * DB, DB);
         }
       }
       for (int64_t s = 0; s < T; ++s) {
