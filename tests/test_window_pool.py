@@ -61,6 +61,9 @@ def _check(backend, B, T, D, windows, reduce, dtype, ties=False):
     pooled, valid = lk.window_pool(xk, windows, reduce, backend=backend)
     assert pooled.shape == (B, T, len(windows), D) and pooled.dtype == dtype
     assert valid.shape == (B, T, len(windows)) and valid.dtype == torch.bool
+    if reduce == "max":  # the inference forward (no argmax saved) gives the same values
+        with torch.no_grad():
+            assert torch.equal(lk.window_pool(x, windows, reduce, backend=backend)[0], pooled.detach())
     grad = torch.randn(pooled.shape, dtype=torch.float64).to(dtype)
     pooled.backward(grad)
     ref, ref_valid, ref_dx = _oracle(x, windows, reduce, grad)
