@@ -1016,24 +1016,26 @@ struct Leap {
         }
       }
 #endif
-      for (int f = 0; f < F && !swept; ++f) {
-        acc_t* srow = So + (long)f * Dv;
-        if (Sin) std::memcpy(srow, Sin + (long)f * Dv, sizeof(acc_t) * Dv);
-        else std::fill(srow, srow + Dv, acc_t(0));
-        acc_t zf = zin ? zin[f] : acc_t(0);
-        for (int i = 0; i < t; ++i) {
-          const acc_t kv = kf[(long)i * F + f], qv = qf[(long)i * F + f];
-          const acc_t* vr = vv + (long)i * Dv;
-          acc_t* nm = num + (long)i * Dv;
-          for (int e = 0; e < Dv; ++e) {
-            const acc_t s = srow[e] + kv * vr[e];
-            srow[e] = s;
-            nm[e] += qv * s;
+      if (!swept) {  // general t (and float64, or Dv not a multiple of 8): scalar rows
+        for (int f = 0; f < F; ++f) {
+          acc_t* srow = So + (long)f * Dv;
+          if (Sin) std::memcpy(srow, Sin + (long)f * Dv, sizeof(acc_t) * Dv);
+          else std::fill(srow, srow + Dv, acc_t(0));
+          acc_t zf = zin ? zin[f] : acc_t(0);
+          for (int i = 0; i < t; ++i) {
+            const acc_t kv = kf[(long)i * F + f], qv = qf[(long)i * F + f];
+            const acc_t* vr = vv + (long)i * Dv;
+            acc_t* nm = num + (long)i * Dv;
+            for (int e = 0; e < Dv; ++e) {
+              const acc_t s = srow[e] + kv * vr[e];
+              srow[e] = s;
+              nm[e] += qv * s;
+            }
+            zf += kv;
+            den[i] += qv * zf;
           }
-          zf += kv;
-          den[i] += qv * zf;
+          zo[f] = zf;
         }
-        zo[f] = zf;
       }
       for (int i = 0; i < t; ++i) {
         const long gt = (long)b * T + i;
