@@ -2,8 +2,9 @@
 // offsets relative to t (DESIGN section 2), for x [B, T, D] in float16 / bfloat16 / float32 /
 // float64 (templated; accumulation in float32, float64 for double).
 //
-// Work is split over (b, D-block) tasks with at::parallel_for; each task owns the columns
-// [d0, d0 + DB) of one sequence, reads x once, and keeps its scratch in a thread-local buffer.
+// Work is split over tasks with at::parallel_for: (b, D-block) for sum / mean and the
+// backwards, (b, T-tile, D-block) for the max forward; each task owns the columns [d0, d0 + DB)
+// of one sequence (rows of its tile) and keeps its scratch in a thread-local buffer.
 //
 // sum / mean: one blocked two-level prefix sum along T per task, shared by every window.
 //   P[i] = sum x[blk(i)*TB .. i-1] (intra-block, acc_t), C[k] = sum x[0 .. k*TB-1] (double),
@@ -23,7 +24,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace {
