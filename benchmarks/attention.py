@@ -4,6 +4,10 @@
 FLA's ``chunk_linear_attn(normalize=True, scale=1.0)`` on the 2*Dk features (CUDA only).
 The memory floor is the bytes that must move (q, k, v, pq, pk in and o out; the backward also
 reads do and writes dq, dk, dv, dpq, dpk) over the copy bandwidth measured in the same run.
+
+On the CPU the contenders of one case (same B, T, H, D, dtype) are timed together by
+``run_group``: warm-up, then round-robin rounds (``timing.interleaved_ms``), median per contender,
+so that load from other processes on a shared machine hits them alike and the ratios stay fair.
 """
 from typing import Dict, List
 
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 import leapformer_kernels as lk
 from leapformer_kernels.attention.features import reweight
 
-from .timing import PeakMemory, median_ms
+from .timing import PeakMemory, interleaved_ms, median_ms
 
 
 def make(B, T, H, D, dtype, device, grad):
@@ -78,3 +82,38 @@ def run_case(name, fn, B, T, H, D, dtype, device, repeats) -> Dict:
         unavoidable = 5 * B * T * H * D * e  # o, do, dq, dk, dv
         res["workspace_mib"] = (pm.peak - unavoidable + do.numel() * e) / 2**20  # do existed before entry
     return res
+
+
+def run_group(fns: Dict, B, T, H, D, dtype, device, repeats, warmup=2) -> List[Dict]:
+    """Every contender in ``fns`` (name -> callable(q, k, v, pq, pk)) on one case, forward and
+    forward+backward. CPU: all of them (both passes) interleaved round-robin over ``repeats``
+    rounds after ``warmup`` calls each, median per contender (``timing.interleaved_ms``); CUDA:
+    ``run_case`` per contender (CUDA events, and the peak memory)."""
+    if device.type == "cuda":
+        return [run_case(m, fn, B, T, H, D, dtype, device, repeats) for m, fn in fns.items()]
+    dt = str(dtype).replace("torch.", "")
+    fwd_ins = make(B, T, H, D, dtype, device, grad=False)
+    grad_ins = make(B, T, H, D, dtype, device, grad=True)
+    do = torch.randn(B, T, H, D, dtype=dtype, device=device)
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn(*fwd_ins)
+        return run
+
+    def fwd_bwd(fn):
+        def run():
+            o = fn(*grad_ins)
+            torch.autograd.backward(o, do)
+            for t in grad_ins:
+                t.grad = None
+        return run
+
+    timed = {}
+    for m, fn in fns.items():
+        timed[f"{m} fwd"] = fwd(fn)
+        timed[f"{m} fwdbwd"] = fwd_bwd(fn)
+    med, raw = interleaved_ms(timed, repeats, warmup)
+    return [{"method": m, "B": B, "T": T, "H": H, "D": D, "dtype": dt, "fwd_ms": med[f"{m} fwd"],
+             "fwdbwd_ms": med[f"{m} fwdbwd"], "rounds": len(raw[f"{m} fwd"])} for m in fns]

@@ -1,5 +1,7 @@
 """Decode one token: ``leap_attention_step`` against SDPA with a KV cache of the context length,
-and the state's read+write floor (a ``copy_`` of the same state, timed in the same run)."""
+and the state's read+write floor (a ``copy_`` of the same state, timed in the same run). On the
+CPU the contenders are timed round-robin after a warm-up (``timing.interleaved_ms``), median per
+contender; on CUDA each by CUDA events, and as a CUDA graph replay."""
 from typing import Dict
 
 import torch
@@ -7,10 +9,10 @@ import torch.nn.functional as F
 
 import leapformer_kernels as lk
 
-from .timing import cuda_graph_ms, median_ms
+from .timing import cuda_graph_ms, interleaved_ms, median_ms
 
 
-def run_decode(B, H, D, context, dtype, device, backends, repeats) -> Dict:
+def run_decode(B, H, D, context, dtype, device, backends, repeats, warmup=2) -> Dict:
     g = dict(dtype=dtype, device=device)
     q, k, v = (torch.randn(B, 1, H, D, **g) for _ in range(3))
     pq, pk = torch.rand(B, 1, H, **g), torch.rand(B, 1, H, **g)
@@ -30,11 +32,14 @@ def run_decode(B, H, D, context, dtype, device, backends, repeats) -> Dict:
     S2, z2 = S.clone(), z.clone()
     fns["state_copy"] = lambda: (S2.copy_(S), z2.copy_(z))
     with torch.no_grad():
+        if device.type != "cuda":
+            med, _ = interleaved_ms(fns, repeats, warmup)
+            res.update({f"{name}_ms": med[name] for name in fns})
+            return res
         for name, fn in fns.items():
             res[f"{name}_ms"] = median_ms(fn, device, repeats)
-            if device.type == "cuda":
-                try:
-                    res[f"{name}_graph_ms"] = cuda_graph_ms(fn)
-                except Exception as e:  # a backend that cannot be captured is reported, not hidden
-                    res[f"{name}_graph_error"] = f"{type(e).__name__}: {e}"[:200]
+            try:
+                res[f"{name}_graph_ms"] = cuda_graph_ms(fn)
+            except Exception as e:  # a backend that cannot be captured is reported, not hidden
+                res[f"{name}_graph_error"] = f"{type(e).__name__}: {e}"[:200]
     return res

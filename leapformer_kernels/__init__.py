@@ -12,7 +12,7 @@ from .layers import LeaP, LeapAttention, WindowPool
 from .ops import leap_attention, leap_attention_step, window_pool
 from .pooling.naive import dyadic_windows
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["leap_attention", "leap_attention_step", "window_pool", "dyadic_windows", "reference",
            "available_backends", "build", "LeaP", "LeapAttention", "WindowPool"]

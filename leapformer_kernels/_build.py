@@ -1,24 +1,45 @@
 """Build and load the C++ CPU kernels in ``csrc/`` (JIT with ninja, cached).
 
-Each ``csrc/<name>.cpp`` is its own extension module (``leapformer_<name>``), compiled on
-first use by ``torch.utils.cpp_extension.load`` into a cache directory keyed by the torch
-version (``$LEAPFORMER_CACHE`` or ``~/.cache/leapformer_kernels``). A failed build is
-remembered: ``load`` raises ``BuildError`` carrying the tail of the build log, which the
-dispatch turns into a fallback warning (automatic choice) or a ``ValueError`` (explicit
-``backend="cpu"``).
+Each ``csrc/<name>.cpp`` is its own extension module (``leapformer_<name>``), compiled by
+``torch.utils.cpp_extension.load`` into ``<cache>/<name>-<key>`` where ``<cache>`` is
+``$LEAPFORMER_CACHE`` or ``~/.cache/leapformer_kernels`` and ``<key>`` hashes everything the
+binary depends on: the sources (``<name>.cpp`` and every ``csrc/*.h``), the full compile and link
+flags, the compiler (``$CXX``), torch's and Python's versions, the machine, and, while
+``-march=native`` is used, the CPU's instruction-set features. Two checkouts or two source
+versions therefore never rebuild each other's binary, and a binary built for one CPU is never
+loaded on another.
+
+The first use builds every extension that is not cached yet, in parallel (one compiler per
+extension), with one line on stderr before ("building the C++ CPU kernels once ...") and one
+after (the time it took); ``leapformer_kernels.build()`` or ``leapformer build`` does it ahead
+of time. A compiler without OpenMP (Apple clang) gets a second attempt without ``-fopenmp``:
+the kernels' task runner is ``at::parallel_for``, which then runs them on one thread.
+
+A failed build is remembered: ``load`` raises ``BuildError`` carrying the tail of the build log,
+which the dispatch turns into a fallback warning (automatic choice) or a ``ValueError``
+(explicit ``backend="cpu"``). ``LEAPFORMER_NO_NATIVE=1`` builds for the baseline ISA instead of
+``-march=native`` (portable binaries, e.g. a shared cache on a cluster).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import platform
+import re
 import shutil
+import sys
+import sysconfig
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 EXTENSIONS = ("leap_attention", "window_pool")
 _loaded: Dict[str, object] = {}
 _failed: Dict[str, str] = {}
+_no_openmp: Dict[str, bool] = {}
 
 
 class BuildError(RuntimeError):
@@ -26,69 +47,182 @@ class BuildError(RuntimeError):
 
 
 def csrc_dir() -> Path:
+    """The C++ sources: ``leapformer_kernels/csrc`` in an installed wheel, ``<repo>/csrc`` in a checkout."""
     here = Path(__file__).resolve().parent
     for cand in (here / "csrc", here.parent / "csrc"):
-        if cand.is_dir():
+        if (cand / f"{EXTENSIONS[0]}.cpp").is_file():
             return cand
-    raise BuildError("csrc/ not found beside the package (install from a source checkout: pip install -e .)")
+    raise BuildError(f"the C++ sources (csrc/) are missing beside {here}: reinstall leapformer-kernels "
+                     "(pip install leapformer-kernels, or pip install -e . in a checkout)")
 
 
-def cache_dir() -> Path:
-    import torch
-
-    root = Path(os.environ.get("LEAPFORMER_CACHE", Path.home() / ".cache" / "leapformer_kernels"))
-    d = root / f"torch-{torch.__version__.replace('+', '_')}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def cache_root() -> Path:
+    return Path(os.environ.get("LEAPFORMER_CACHE") or (Path.home() / ".cache" / "leapformer_kernels"))
 
 
-def _flags() -> List[str]:
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if os.environ.get("LEAPFORMER_NO_NATIVE", "0") == "0":
-        flags.append("-march=native")  # JIT builds run on the machine that uses them
+def native() -> bool:
+    return os.environ.get("LEAPFORMER_NO_NATIVE", "0") in ("", "0")
+
+
+def _flags(openmp: bool = True) -> List[str]:
+    flags = ["-O3", "-std=c++17"] + (["-fopenmp"] if openmp else [])
+    if native():
+        flags.append("-march=native")  # JIT builds run on the machine that uses them (the key holds its ISA)
     return flags
 
 
+def _ldflags(openmp: bool = True) -> List[str]:
+    return ["-fopenmp"] if openmp else []
+
+
+def cpu_features() -> str:
+    """The CPU's instruction-set features (what ``-march=native`` compiles for), as one string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("flags", "Features"):  # x86 / arm64
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+        try:
+            out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=10).stdout
+            return " ".join(sorted(ln for ln in out.splitlines() if ln.startswith(("machdep.cpu.", "hw.optional."))))
+        except Exception:
+            pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _sources(name: str) -> List[Path]:
+    d = csrc_dir()
+    src = d / f"{name}.cpp"
+    if not src.is_file():
+        raise BuildError(f"{src} does not exist")
+    return [src] + sorted(d.glob("*.h"))
+
+
+def build_key(name: str, openmp: bool = True) -> str:
+    """Hex digest of everything the binary of ``name`` depends on (see the module docstring)."""
+    import torch
+
+    h = hashlib.sha256()
+    for p in _sources(name):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    parts = [" ".join(_flags(openmp)), " ".join(_ldflags(openmp)), os.environ.get("CXX", "c++"), torch.__version__,
+             sys.version, str(sysconfig.get_config_var("EXT_SUFFIX")), platform.machine(), sys.platform]
+    if native():
+        parts.append(cpu_features())
+    h.update("\0".join(parts).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir(name: str, openmp: bool = True) -> Path:
+    return cache_root() / f"{name}-{build_key(name, openmp)}"
+
+
+def _cached(name: str) -> bool:
+    return any((build_dir(name, omp) / f"leapformer_{name}.so").is_file() for omp in (True, False))
+
+
+def _ensure_ninja() -> None:
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # the pip package puts ninja in its bin dir
+        except ImportError as e:
+            raise BuildError(f"ninja is not installed ({e}): pip install ninja") from None
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _compile(name: str, openmp: bool):
+    from torch.utils.cpp_extension import load as cpp_load
+
+    d = build_dir(name, openmp)
+    d.mkdir(parents=True, exist_ok=True)
+    return cpp_load(name=f"leapformer_{name}", sources=[str(_sources(name)[0])], extra_cflags=_flags(openmp),
+                    extra_ldflags=_ldflags(openmp), build_directory=str(d), verbose=False)
+
+
+_OPENMP_ERROR = re.compile(r"openmp|omp\.h|gomp|libomp", re.IGNORECASE)
+
+
+def _build_one(name: str):
+    """-> (module, None) or (None, error message ending with the build log's tail)."""
+    try:
+        if (build_dir(name, False) / f"leapformer_{name}.so").is_file() and \
+                not (build_dir(name, True) / f"leapformer_{name}.so").is_file():
+            _no_openmp[name] = True
+            return _compile(name, False), None
+        try:
+            return _compile(name, True), None
+        except Exception as e:  # a compiler without OpenMP: build without it (at::parallel_for runs serially)
+            if not _OPENMP_ERROR.search(str(e)):
+                raise
+            _no_openmp[name] = True
+            return _compile(name, False), None
+    except BuildError as e:
+        return None, str(e)
+    except Exception as e:  # cpp_extension's error holds the compiler's output
+        return None, f"building csrc/{name}.cpp failed:\n{str(e).strip()[-3000:]}"
+
+
+def _build_many(names: Sequence[str]) -> None:
+    """Build (or load from the cache) ``names`` in parallel; fills ``_loaded`` / ``_failed``."""
+    names = [n for n in names if n not in _loaded and n not in _failed]
+    if not names:
+        return
+    try:
+        _ensure_ninja()
+        cold = [n for n in names if not _cached(n)]
+    except BuildError as e:
+        for n in names:
+            _failed[n] = str(e)
+        return
+    t0 = time.perf_counter()
+    if cold:
+        print(f"leapformer_kernels: building the C++ CPU kernels once ({', '.join(cold)}; about a minute); "
+              f"cached in {cache_root()}", file=sys.stderr, flush=True)
+    quiet = io.StringIO()
+    with redirect_stdout(quiet), redirect_stderr(quiet):  # process-wide: set once, around every thread
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            results = dict(zip(names, pool.map(_build_one, names)))
+    for n, (mod, err) in results.items():
+        if mod is not None:
+            _loaded[n] = mod
+        else:
+            _failed[n] = err
+    if cold:
+        ok = [n for n in cold if n in _loaded]
+        serial = [n for n in ok if _no_openmp.get(n)]
+        msg = f"leapformer_kernels: built {', '.join(ok) or 'nothing'} in {time.perf_counter() - t0:.0f} s"
+        if serial:
+            msg += f" (without OpenMP: the compiler does not support it; {', '.join(serial)} run on one thread)"
+        failed = [n for n in cold if n in _failed]
+        if failed:
+            msg += f"; {', '.join(failed)} failed (the torch backend is used instead)"
+        print(msg, file=sys.stderr, flush=True)
+
+
 def load(name: str):
-    """Build (first time) and import ``csrc/<name>.cpp``; raises ``BuildError`` on failure."""
-    if name in _loaded:
-        return _loaded[name]
+    """Import ``csrc/<name>.cpp``'s extension, building every uncached extension first if needed;
+    raises ``BuildError`` on failure (remembered for the process)."""
+    mod = _loaded.get(name)
+    if mod is not None:
+        return mod
+    if name not in _failed:
+        _build_many([name] + [n for n in EXTENSIONS if n != name])
     if name in _failed:
         raise BuildError(_failed[name])
-    try:
-        if shutil.which("ninja") is None:
-            try:
-                import ninja  # noqa: F401  (the pip package puts ninja on PATH via its bin dir)
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            except Exception as e:
-                raise BuildError(f"ninja is not installed ({e}); pip install ninja") from None
-        from torch.utils.cpp_extension import load as cpp_load
-
-        src = csrc_dir() / f"{name}.cpp"
-        if not src.exists():
-            raise BuildError(f"{src} does not exist")
-        build_dir = cache_dir() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        log = io.StringIO()
-        try:
-            with redirect_stdout(log), redirect_stderr(log):
-                mod = cpp_load(name=f"leapformer_{name}", sources=[str(src)], extra_cflags=_flags(),
-                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
-        except Exception as e:
-            tail = (log.getvalue() + "\n" + str(e))[-3000:]
-            raise BuildError(f"building csrc/{name}.cpp failed:\n{tail}") from None
-    except BuildError as e:
-        _failed[name] = str(e)
-        raise
-    _loaded[name] = mod
-    return mod
+    return _loaded[name]
 
 
-def build() -> List[str]:
-    """Build every C++ extension ahead of time; returns the names built. Raises ``BuildError``."""
-    built = []
-    for name in EXTENSIONS:
-        if (csrc_dir() / f"{name}.cpp").exists():
-            load(name)
-            built.append(name)
-    return built
+def build(names: Optional[Sequence[str]] = None) -> List[str]:
+    """Build every C++ extension ahead of time (in parallel); returns the names built or found in
+    the cache. Raises ``BuildError`` naming each extension that failed, with its log's tail."""
+    names = list(EXTENSIONS if names is None else names)
+    _build_many(names)
+    bad = [n for n in names if n in _failed]
+    if bad:
+        raise BuildError("\n".join(_failed[n] for n in bad))
+    return names

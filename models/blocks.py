@@ -17,6 +17,12 @@ from torch import nn
 
 import leapformer_kernels as lk
 
+# the accepted values of the string options (the config checks use these lists)
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POS_EMBS = ("learned", "sinusoidal", "none")
+ATTENTIONS = ("leap", "softmax")  # what lk.LeapAttention accepts
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (no bias)."""
@@ -43,7 +49,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu", bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        if activation not in ("gelu", "swiglu"):
+        if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
         self.activation = activation
         self.fc = nn.Linear(dim, hidden, bias=bias)

@@ -1,23 +1,42 @@
-"""The ``leapformer`` console command: train, generate, eval, list.
+"""The ``leapformer`` console command: train, generate, eval, list, build.
 
     leapformer list
     leapformer train --model leapformer-lm [--attention leap|softmax] [--data FILE] [--steps N]
-                     [--device auto] [--out DIR] [--resume] [--<any config field> VALUE ...]
+                     [--device auto] [--out DIR] [--resume | --overwrite] [--<any config field> VALUE ...]
     leapformer generate --ckpt runs/leapformer-lm-leap/ckpt.pt --prompt "The " [--prompt ...]
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     leapformer eval --ckpt runs/leapformer-lm-leap/ckpt.pt
+    leapformer build                      # build the C++ CPU kernels ahead of time
+    leapformer --version
 
 Every field of ``TrainConfig`` and of the chosen model's config dataclass is a flag
 (``seq_len`` -> ``--seq-len``; booleans as ``--flag`` / ``--no-flag``; ``none`` for optional ones).
+``leapformer train --model NAME --help`` lists them with one line of help each.
+
+A user's mistake (a bad flag value, a missing or broken file, an unavailable device, an existing
+run) ends with exit code 2 (usage) or 1 and one line on stderr; ``--debug`` (or
+``LEAPFORMER_DEBUG=1``) shows the Python traceback instead. Ctrl-C or SIGTERM during training
+saves a checkpoint of the last finished step, prints the command that resumes it and exits 130.
 """
 import argparse
 import json
 import math
+import os
+import shlex
 import sys
 import typing
 from dataclasses import MISSING, fields
 
-import torch
+from .errors import UsageError, UserError
+
+COMMANDS = ("train", "generate", "eval", "list", "build")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _parse_type(tp):
@@ -25,33 +44,68 @@ def _parse_type(tp):
     if origin is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         base = _parse_type(inner)
-        return lambda s: None if s.lower() == "none" else base(s)
+
+        def optional(s):
+            return None if s.lower() == "none" else base(s)
+        optional.__name__ = getattr(base, "__name__", "value")
+        return optional
     return tp
 
 
-def add_dataclass_args(parser, cls, skip=()):
+def add_dataclass_args(parser, cls, skip=(), choices=None):
+    helps = getattr(cls, "HELP", {})
+    choices = choices or {}
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
+        text = helps.get(f.name, f.name.replace("_", " "))
+        text = f"{text} (default: {'none' if default is None else default})".replace("%", "%%")
         if f.type is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"(default {default})")
+                                help=text)
         else:
+            ch = choices.get(f.name)
             parser.add_argument(flag, dest=f.name, type=_parse_type(f.type), default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=f"(default {default})")
+                                choices=ch, metavar=None if ch else f.name.upper(), help=text)
+
+
+def _add_debug(p):
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks (also LEAPFORMER_DEBUG=1)")
 
 
 def _train_parser(model_cls=None):
+    from . import MODELS
     from .train import TrainConfig
-    p = argparse.ArgumentParser(prog="leapformer train", description="train a model of the zoo")
-    add_dataclass_args(p, TrainConfig)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p = Parser(prog="leapformer train", description="train a model of the zoo on a text corpus")
+    add_dataclass_args(p, TrainConfig, choices={"model": sorted(MODELS), "tokenizer": ["byte", "bpe"]})
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="start over, replacing the checkpoint in --out")
+    _add_debug(p)
     if model_cls is not None:
         g = p.add_argument_group(f"{model_cls.name} config")
-        add_dataclass_args(g, model_cls.Config, skip=("vocab_size",))
+        add_dataclass_args(g, model_cls.Config, skip=("vocab_size",), choices=_config_choices(model_cls.Config))
     return p
+
+
+def _config_choices(cls):
+    """Choices of string config fields, read from the "a | b | c" form of their help line."""
+    out = {}
+    for f in fields(cls):
+        text = getattr(cls, "HELP", {}).get(f.name, "")
+        if f.type is str and "|" in text:
+            head = text.split("(")[0].split(":")[-1]
+            opts = [o.strip() for o in head.split("|")]
+            if all(o and " " not in o for o in opts):
+                out[f.name] = opts
+    return out
+
+
+def _resume_command(argv):
+    args = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return shlex.join(["leapformer", "train", *args, "--resume"])
 
 
 def cmd_train(argv):
@@ -60,42 +114,99 @@ def cmd_train(argv):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default=TrainConfig.model)
     known, _ = pre.parse_known_args(argv)
-    cls = get_model_class(known.model)
+    try:
+        cls = get_model_class(known.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     args = vars(_train_parser(cls).parse_args(argv))
-    resume = args.pop("resume")
+    resume, overwrite = args.pop("resume"), args.pop("overwrite")
+    args.pop("debug")
     tnames = {f.name for f in fields(TrainConfig)}
     tcfg = TrainConfig(**{k: v for k, v in args.items() if k in tnames})
     overrides = {k: v for k, v in args.items() if k not in tnames}
-    summary = train(tcfg, overrides, resume=resume)
+    if not resume:  # every model config field is checked before any work
+        try:
+            cls.Config(**overrides)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    from .errors import TrainingInterrupted
+    try:
+        summary = train(tcfg, overrides, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as e:
+        print(f"\ninterrupted: checkpoint of step {e.step} saved to {e.checkpoint}; resume with:\n"
+              f"  {_resume_command(argv)}", file=sys.stderr)
+        return 130
     keep = ("model", "attention", "params", "steps", "final_val_loss", "best_val_loss", "train_time_s",
-            "tokens_per_s", "device", "checkpoint")
+            "tokens_per_s", "device", "threads", "checkpoint")
     print(json.dumps({k: summary[k] for k in keep}, indent=1))
     return 0
 
 
-def cmd_generate(argv):
-    from .train import load_model, resolve_device
-    p = argparse.ArgumentParser(prog="leapformer generate", description="sample text from a checkpoint")
-    p.add_argument("--ckpt", required=True)
+def _gen_parser():
+    p = Parser(prog="leapformer generate", description="sample text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint file written by leapformer train (<out>/ckpt.pt)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for a batch of prompts (left-padded, generated together)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--distance", type=int, default=None, help="LEAP models: leap distance (default: the "
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt (>= 0)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (>= 0; 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (>= 1)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass p, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler (>= 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--distance", type=int, default=None, help="LEAP models only: leap distance (default: the "
                    "distance head if trained with one, else the config's gen_distance)")
-    p.add_argument("--no-cache", action="store_true", help="causal LMs: recompute the whole sequence each step")
-    a = p.parse_args(argv)
+    p.add_argument("--no-cache", action="store_true",
+                   help="causal LMs only: recompute the whole sequence each step (the reference)")
+    _add_debug(p)
+    return p
+
+
+def _check_gen_args(a):
+    if a.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {a.top_k}")
+    if a.top_p is not None and not (0 < a.top_p <= 1):
+        raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {a.seed}")
+
+
+def cmd_generate(argv):
+    import torch
+
+    from .train import load_model, resolve_device
+    a = _gen_parser().parse_args(argv)
+    _check_gen_args(a)
     dev = resolve_device(a.device)
-    model, tok, _ = load_model(a.ckpt, map_location=dev)
+    model, tok, ckpt = load_model(a.ckpt, map_location=dev)
+    causal = getattr(model, "causal", False)
+    name = ckpt["model_name"]
+    if causal and a.distance is not None:
+        raise UsageError(f"--distance is for LEAP models; {name} is a causal LM (drop --distance)")
+    if not causal and a.no_cache:
+        raise UsageError(f"--no-cache is for causal LMs; {name} generates leap by leap (drop --no-cache)")
+    if a.distance is not None:
+        c = model.config
+        if not c.min_distance <= a.distance <= c.max_distance:
+            raise UsageError(f"--distance must be in [{c.min_distance}, {c.max_distance}] for this model, "
+                             f"got {a.distance}")
     prompts = a.prompt or ["\n"]
     ids = [tok.encode(s) for s in prompts]
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+    n_new, note = a.max_new_tokens, None
+    fit = model.max_new_tokens_that_fit(ids) if hasattr(model, "max_new_tokens_that_fit") else None
+    if fit is not None and n_new > fit:
+        pos = model.config.max_positions
+        if fit <= 0:
+            raise UserError(f"the prompt is {max(len(i) for i in ids)} tokens; this model holds at most "
+                            f"{pos} positions (max_positions): shorten --prompt")
+        n_new, note = fit, (f"stopped after {fit} of {a.max_new_tokens} new tokens: the model holds at most "
+                            f"{pos} positions (max_positions)")
+    kw = dict(max_new_tokens=n_new, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               generator=torch.Generator(device=dev).manual_seed(a.seed))
-    if getattr(model, "causal", False):
+    if causal:
         kw["use_cache"] = not a.no_cache
     elif a.distance is not None:
         kw["distance"] = a.distance
@@ -104,53 +215,120 @@ def cmd_generate(argv):
         print(s + tok.decode(o))
         if len(prompts) > 1:
             print("-" * 60)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
 def cmd_eval(argv):
-    from .train import TrainConfig, evaluate, load_model, prepare_data, resolve_device
-    p = argparse.ArgumentParser(prog="leapformer eval", description="validation loss of a checkpoint")
-    p.add_argument("--ckpt", required=True)
+    from .train import TrainConfig, evaluate_terms, load_model, prepare_data, resolve_device
+    p = Parser(prog="leapformer eval", description="validation loss of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint file written by leapformer train")
     p.add_argument("--data", default=argparse.SUPPRESS, help="text file (default: the training run's corpus)")
-    p.add_argument("--batches", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batches", type=int, default=50, help="batches to average over (>= 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    _add_debug(p)
     a = p.parse_args(argv)
+    if a.batches < 1:
+        raise UsageError(f"--batches must be >= 1, got {a.batches}")
+    if a.batch_size is not None and a.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
     dev = resolve_device(a.device)
     model, tok, ckpt = load_model(a.ckpt, map_location=dev)
-    tcfg = TrainConfig(**ckpt["train_config"])
+    tcfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in TrainConfig.__dataclass_fields__})
     if hasattr(a, "data"):
         tcfg.data = a.data
     _, _, val_ids = prepare_data(tcfg, tok)
     bs = a.batch_size or tcfg.batch_size
-    loss = evaluate(model, val_ids, a.batches, bs, seed=12345)
-    res = {"checkpoint": a.ckpt, "model": ckpt["model_name"], "step": ckpt["step"], "val_loss": loss,
-           "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2), "tokenizer": tok.kind,
-           "batches": a.batches, "batch_size": bs}
+    terms = evaluate_terms(model, val_ids, a.batches, bs, seed=12345)
+    loss = sum(terms.values())
+    res = {"checkpoint": a.ckpt, "model": ckpt["model_name"], "step": ckpt["step"], "val_loss": loss}
+    if len(terms) == 1:  # one prediction per token: perplexity and bits per token are meaningful
+        res.update(perplexity=math.exp(loss), bits_per_token=loss / math.log(2))
+    else:  # LEAP: target + gap (+ distance) cross-entropies, each per predicted token
+        res["val_loss_is"] = "the sum of the terms below (the training objective)"
+        res["terms"] = {k: {"loss": v, "perplexity": math.exp(v), "bits_per_token": v / math.log(2)}
+                        for k, v in terms.items()}
+    res.update(tokenizer=tok.kind, batches=a.batches, batch_size=bs)
     print(json.dumps(res, indent=1))
     return 0
 
 
 def cmd_list(argv):
     from . import list_models
-    argparse.ArgumentParser(prog="leapformer list", description="the models of the zoo").parse_args(argv)
+    p = Parser(prog="leapformer list", description="the models of the zoo")
+    _add_debug(p)
+    p.parse_args(argv)
     for name, desc in list_models():
         print(f"{name:18s} {desc}")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list}
+def cmd_build(argv):
+    import time
+
+    import leapformer_kernels as lk
+    from leapformer_kernels import _build
+    p = Parser(prog="leapformer build", description="build the C++ CPU kernels ahead of time (cached)")
+    _add_debug(p)
+    p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        names = lk.build()
+    except _build.BuildError as e:
+        tail = str(e).strip().splitlines()
+        raise UserError(f"the C++ build failed ({tail[-1][:200] if tail else 'no log'}); "
+                        "run with --debug for the log; the torch backend still works") from None
+    print(f"C++ CPU kernels ready ({', '.join(names)}) in {time.perf_counter() - t0:.1f} s; cache: "
+          f"{_build.cache_root()}")
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list, "build": cmd_build}
+
+
+def _version() -> str:
+    import platform
+
+    import leapformer_kernels as lk
+    try:
+        import torch
+        tv = torch.__version__
+    except ImportError:
+        tv = "absent"
+    return f"leapformer-kernels {lk.__version__} (torch {tv}, Python {platform.python_version()})"
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    debug = "--debug" in argv or os.environ.get("LEAPFORMER_DEBUG", "0") not in ("", "0")
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
-            return 2
         return 0 if argv else 2
-    return COMMANDS[argv[0]](argv[1:])
+    if argv[0] in ("-V", "--version"):
+        print(_version())
+        return 0
+    if argv[0] not in HANDLERS:
+        print(f"leapformer: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (see leapformer --help)",
+              file=sys.stderr)
+        return 2
+    prog = f"leapformer {argv[0]}"
+    try:
+        return HANDLERS[argv[0]](argv[1:])
+    except UserError as e:
+        if debug:
+            raise
+        msg = str(e) if str(e).startswith("leapformer") else f"{prog}: {e}"
+        print(msg, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. leapformer generate ... | head
+        return 0
 
 
 if __name__ == "__main__":

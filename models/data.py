@@ -13,10 +13,20 @@ import torch
 def load_text(path: Optional[str] = None) -> str:
     """The text of ``path``, or of ``pydoc_data.topics`` (topics in sorted order) when None."""
     if path:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if not text:
-            raise ValueError(f"data file {path!r} is empty")
+        import os
+        from .errors import UsageError
+        if os.path.isdir(path):
+            raise UsageError(f"--data {path} is a folder; give a UTF-8 text file")
+        if not os.path.isfile(path):
+            raise UsageError(f"--data {path} does not exist; give a UTF-8 text file (or omit --data for the "
+                             "Python docs corpus)")
+        with open(path, "rb") as f:
+            raw = f.read()
+        if b"\0" in raw[:65536]:
+            raise UsageError(f"--data {path} is a binary file, not text")
+        text = raw.decode("utf-8", errors="replace")
+        if not text.strip():
+            raise UsageError(f"--data {path} is empty")
         return text
     from pydoc_data.topics import topics
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
@@ -59,10 +69,10 @@ class BPETokenizer:
     def _lib():
         try:
             import tokenizers
-        except ImportError as e:
-            raise ImportError("--tokenizer bpe needs the 'tokenizers' package: pip install tokenizers "
-                              "(or pip install 'leapformer-kernels[bpe]'); the default --tokenizer byte needs "
-                              "nothing") from e
+        except ImportError:
+            from .errors import MissingExtra
+            raise MissingExtra('--tokenizer bpe needs tokenizers: pip install "leapformer-kernels[bpe]" '
+                               "(the default --tokenizer byte needs nothing)") from None
         return tokenizers
 
     @classmethod

@@ -32,7 +32,7 @@ Each leap re-encodes a fixed-size window of ``context_len`` tokens, so there is 
 grows or is carried between leaps.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import leapformer_kernels as lk
 
-from .blocks import Block, init_weights, left_pad, make_norm, sample_logits
+from . import config_checks as cc
+from .blocks import ACTIVATIONS, ATTENTIONS, NORMS, Block, init_weights, left_pad, make_norm, sample_logits
 
 
 def sample_leap_batch(data: torch.Tensor, batch_size: int, generator: torch.Generator, context_len: int = 12,
@@ -102,16 +103,37 @@ class _LeapBase(nn.Module):
         dev = next(self.parameters()).device
         return {k: v.to(dev) for k, v in batch.items()}
 
-    def loss(self, batch):
+    def _loss_terms(self, batch) -> Dict[str, torch.Tensor]:
+        """The CE terms present: "target", "gap" (only if some gap position is valid), "distance"
+        (only with a distance head)."""
         b = self._to(batch)
         out = self(b["context"], b["context_pad"], b["distance"], b["target"])
-        loss = F.cross_entropy(out.target_logits.float(), b["target"])
+        terms = {"target": F.cross_entropy(out.target_logits.float(), b["target"])}
         G = out.gap_logits.shape[1]
         gap, valid = b["gap"][:, :G], ~b["gap_pad"][:, :G]
         if valid.any():
-            loss = loss + F.cross_entropy(out.gap_logits[valid].float(), gap[valid])
+            terms["gap"] = F.cross_entropy(out.gap_logits[valid].float(), gap[valid])
         if out.distance_logits is not None:
-            loss = loss + F.cross_entropy(out.distance_logits.float(), b["distance"])
+            terms["distance"] = F.cross_entropy(out.distance_logits.float(), b["distance"])
+        return terms
+
+    def loss_terms(self, batch) -> Dict[str, torch.Tensor]:
+        """{"target", "gap"[, "distance" with a distance head]}: each a mean cross-entropy in nats
+        per predicted token (target tokens, valid gap tokens, distances); "gap" is a 0 tensor when
+        the batch has no gap token. ``loss`` is their sum."""
+        terms = self._loss_terms(batch)
+        out = {"target": terms["target"], "gap": terms.get("gap", terms["target"].new_zeros(()))}
+        if "distance" in terms:
+            out["distance"] = terms["distance"]
+        return out
+
+    def loss(self, batch):
+        """CE(target) + CE(gap) (+ CE(distance)); an absent gap term adds nothing."""
+        terms = self._loss_terms(batch)
+        loss = terms["target"]
+        for k in ("gap", "distance"):
+            if k in terms:
+                loss = loss + terms[k]
         return loss
 
     def _distance_mask(self, logits):
@@ -196,6 +218,23 @@ class LeapLSTMConfig:
     gen_distance: int = 6       # leap length in generate() without a distance head
     distance_head: bool = False
 
+    HELP: ClassVar[Dict[str, str]] = {
+        "vocab_size": "vocabulary size in tokens (set from the tokenizer)",
+        "embed_dim": "token embedding size",
+        "hidden_dim": "LSTM hidden size",
+        "context_len": "context window in tokens before each leap",
+        "min_distance": "smallest leap distance d in tokens (>= 1; d = 1 is plain next-token, no gap)",
+        "max_distance": "largest leap distance d in tokens (>= min_distance)",
+        "gen_distance": "leap distance in tokens for generate without a distance head (in [min, max] distance)",
+        "distance_head": "also predict the leap distance (adds a CE(distance) loss term)",
+    }
+
+    def __post_init__(self):
+        for n in ("vocab_size", "embed_dim", "hidden_dim", "context_len"):
+            cc.check_int(self, n)
+        cc.check_distances(self)
+        cc.check_bool(self, "distance_head")
+
 
 class LeapLSTM(_LeapBase):
     """LEAP's LSTM baseline: embed 128 -> LSTM 256 over the (unpadded) context; target head on the
@@ -258,6 +297,42 @@ class LeapTransformerConfig:
     norm: str = "layernorm"
     activation: str = "gelu"
     dropout: float = 0.0
+
+    HELP: ClassVar[Dict[str, str]] = {
+        "vocab_size": "vocabulary size in tokens (set from the tokenizer)",
+        "embed_dim": "model width (embedding size)",
+        "num_heads": "attention heads per layer (must divide embed_dim)",
+        "num_layers": "encoder layers over the context",
+        "gap_layers": "blocks over the gap queries (>= 0; 0 = gap head on the embeddings)",
+        "mlp_ratio": "MLP hidden width as a multiple of embed_dim (> 0)",
+        "context_len": "context window in tokens before each leap",
+        "min_distance": "smallest leap distance d in tokens (>= 1; d = 1 is plain next-token, no gap)",
+        "max_distance": "largest leap distance d in tokens (>= min_distance)",
+        "gen_distance": "leap distance in tokens for generate without a distance head (in [min, max] distance)",
+        "distance_head": "also predict the leap distance (adds a CE(distance) loss term)",
+        "attention": "attention: leap | softmax (the baseline)",
+        "leap_hidden": "LeaP predictor hidden width (none = head_dim // 4)",
+        "eps": "LeaP denominator clamp (>= 0)",
+        "norm": "normalisation: layernorm | rmsnorm",
+        "activation": "MLP activation: gelu | swiglu",
+        "dropout": "dropout probability in [0, 1)",
+    }
+
+    def __post_init__(self):
+        for n in ("vocab_size", "embed_dim", "num_heads", "num_layers", "context_len"):
+            cc.check_int(self, n)
+        cc.check_int(self, "gap_layers", 0)
+        cc.check_int(self, "leap_hidden", optional=True)
+        cc.check_distances(self)
+        cc.check_bool(self, "distance_head")
+        cc.check_real(self, "mlp_ratio", 0, lo_open=True)
+        cc.check_real(self, "eps", 0)
+        cc.check_real(self, "dropout", 0, 1)
+        cc.check_choice(self, "attention", ATTENTIONS)
+        cc.check_choice(self, "norm", NORMS)
+        cc.check_choice(self, "activation", ACTIVATIONS)
+        cc.check_divides(self, "num_heads", "embed_dim")
+        cc.check_hidden_width(self, "mlp_ratio", "embed_dim")
 
 
 class LeapTransformer(_LeapBase):

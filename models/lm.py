@@ -13,13 +13,15 @@ are left-padded and masked with ``key_padding_mask``; positions count real token
 prompt gives the same tokens batched as alone.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block, TiedHead, init_weights, left_pad, make_norm, make_positions, sample_logits
+from . import config_checks as cc
+from .blocks import (ACTIVATIONS, ATTENTIONS, NORMS, POS_EMBS, Block, TiedHead, init_weights, left_pad, make_norm,
+                     make_positions, sample_logits)
 
 
 @dataclass
@@ -39,6 +41,42 @@ class LMConfig:
     eps: float = 0.1            # denominator clamp (official fairseq value)
     dropout: float = 0.0
     bias: bool = True
+
+    HELP: ClassVar[Dict[str, str]] = {
+        "vocab_size": "vocabulary size in tokens (set from the tokenizer)",
+        "seq_len": "training context length in tokens (<= max_positions with learned positions)",
+        "n_layer": "number of transformer blocks",
+        "n_head": "attention heads per block (must divide n_embd)",
+        "n_embd": "model width (embedding size)",
+        "mlp_ratio": "MLP hidden width as a multiple of n_embd (> 0)",
+        "activation": "MLP activation: gelu | swiglu",
+        "norm": "normalisation: layernorm | rmsnorm",
+        "pos_emb": "position embedding: learned | sinusoidal | none",
+        "max_positions": "learned positions: the longest sequence in tokens (prompt + generated)",
+        "attention": "attention: leap | softmax (the baseline)",
+        "leap_hidden": "LeaP predictor hidden width (none = head_dim // 4)",
+        "eps": "LeaP denominator clamp (>= 0)",
+        "dropout": "dropout probability in [0, 1)",
+        "bias": "biases in the linear layers",
+    }
+
+    def __post_init__(self):
+        for n in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "max_positions"):
+            cc.check_int(self, n)
+        cc.check_int(self, "leap_hidden", optional=True)
+        cc.check_real(self, "mlp_ratio", 0, lo_open=True)
+        cc.check_real(self, "eps", 0)
+        cc.check_real(self, "dropout", 0, 1)
+        cc.check_choice(self, "activation", ACTIVATIONS)
+        cc.check_choice(self, "norm", NORMS)
+        cc.check_choice(self, "pos_emb", POS_EMBS)
+        cc.check_choice(self, "attention", ATTENTIONS)
+        cc.check_bool(self, "bias")
+        cc.check_divides(self, "n_head", "n_embd")
+        cc.check_hidden_width(self, "mlp_ratio", "n_embd")
+        if self.pos_emb == "learned" and self.seq_len > self.max_positions:
+            cc.fail("seq_len", f"be <= {cc.field('max_positions')} = {self.max_positions} with learned "
+                    "positions (--pos-emb learned)", self.seq_len)
 
 
 @dataclass
@@ -112,16 +150,39 @@ class LeapformerLM(nn.Module):
         y = torch.stack([data[i + 1:i + T + 1] for i in ix.tolist()])
         return x, y
 
-    def loss(self, batch):
+    def loss_terms(self, batch) -> Dict[str, torch.Tensor]:
+        """{"next_token": mean cross-entropy in nats per predicted token} (the interface the LEAP
+        models share; ``loss`` is the sum of the terms)."""
         x, y = batch
         logits = self(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return {"next_token": F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))}
+
+    def loss(self, batch):
+        return self.loss_terms(batch)["next_token"]
 
     @staticmethod
     def batch_tokens(batch) -> int:
         return batch[0].numel()
 
     # ------------------------------------------------------------------ generation
+    @staticmethod
+    def _prompt_lists(prompts) -> List[List[int]]:
+        """Prompts as lists of ids, an empty prompt replaced by [0] (as generate runs them)."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        return [list(p) if len(p) else [0] for p in prompts]
+
+    def max_new_tokens_that_fit(self, prompts) -> Optional[int]:
+        """How many tokens ``generate`` can add to these prompts: with learned positions,
+        max_positions minus the longest prompt (positions count real tokens only, so padding
+        does not count; an empty prompt counts as one token); None (unbounded) with sinusoidal
+        or no positions. Never negative."""
+        c = self.config
+        if c.pos_emb != "learned":
+            return None
+        longest = max((len(p) for p in self._prompt_lists(prompts)), default=0)
+        return max(0, c.max_positions - longest)
+
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], max_new_tokens: int = 100, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -131,10 +192,18 @@ class LeapformerLM(nn.Module):
         Prompts of different lengths run as one left-padded batch. ``use_cache=True`` processes the
         prompts in one call and then one token per step through the state (O(1) memory per token
         with LeaP); ``use_cache=False`` recomputes the whole sequence at each step (the reference).
+        With learned positions, raises ValueError if max_new_tokens > ``max_new_tokens_that_fit``.
         """
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
-        prompts = [list(p) if len(p) else [0] for p in prompts]
+        prompts = self._prompt_lists(prompts)
+        fit = self.max_new_tokens_that_fit(prompts)
+        if fit is not None:
+            longest, M = max(len(p) for p in prompts), self.config.max_positions
+            if longest > M:
+                raise ValueError(f"the longest prompt has {longest} tokens, more than {cc.field('max_positions')} "
+                                 f"= {M} learned positions")
+            if max_new_tokens > fit:
+                raise ValueError(f"max_new_tokens={max_new_tokens} does not fit: the longest prompt has {longest} "
+                                 f"tokens and {cc.field('max_positions')} = {M}, so at most {fit} new tokens")
         dev = self.tok_emb.weight.device
         tokens, pad = left_pad(prompts, device=dev)
         out = []

@@ -15,12 +15,14 @@ import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 
 from . import get_model_class
+from .errors import (CheckpointError, RunExistsError, TrainingInterrupted, UsageError,
+                     require)
 from .data import encode_corpus, load_text, make_tokenizer, split_text, tokenizer_from_state
 
 CKPT_NAME = "ckpt.pt"
@@ -45,17 +47,119 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     ckpt_interval: int = 200
+    log_interval: int = 10              # without a progress bar: one "step N/M" line every this many steps
     seed: int = 1337
     device: str = "auto"
     threads: Optional[int] = None       # None = auto: the cores not busy with other work (>= 1)
     out: Optional[str] = None           # None = runs/<model>-<attention> (runs/<model> for the LSTM)
     progress: bool = True
 
+    HELP: ClassVar[dict] = {
+        "model": "the model to train (leapformer list shows them)",
+        "data": "UTF-8 text file to train on (none = the Python docs shipped with CPython)",
+        "tokenizer": "byte | bpe (bpe is trained locally and needs the tokenizers package)",
+        "bpe_vocab_size": "vocabulary size of the BPE tokenizer (> 256)",
+        "val_fraction": "fraction of the text, taken from its end, used for validation, in (0, 1)",
+        "steps": "optimizer steps; the learning-rate schedule spans them",
+        "stop_after": "stop after this step as if interrupted (the schedule still spans --steps)",
+        "time_limit": "stop after this many seconds of training (none = no limit)",
+        "batch_size": "sequences per step",
+        "lr": "peak learning rate (AdamW)",
+        "min_lr_ratio": "final learning rate as a fraction of --lr, in [0, 1]",
+        "warmup": "linear warm-up steps",
+        "weight_decay": "AdamW weight decay on matrices",
+        "grad_clip": "clip the gradient norm to this (0 = off)",
+        "eval_interval": "steps between validation losses",
+        "eval_batches": "batches per validation loss",
+        "ckpt_interval": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
+        "log_interval": "with --no-progress: steps between log lines",
+        "seed": "random seed (data order, initialisation)",
+        "device": "auto | cpu | cuda | cuda:N | mps",
+        "threads": "CPU threads (none = the idle cores; stored in the checkpoint and reused by --resume)",
+        "out": "run folder (default runs/<model>-<attention>)",
+        "progress": "show a progress bar (--no-progress: plain log lines)",
+    }
+
+    def __post_init__(self):
+        check = _Checker()
+        check.choice("tokenizer", self.tokenizer, ("byte", "bpe"))
+        check.integer("bpe_vocab_size", self.bpe_vocab_size, 257)
+        check.number("val_fraction", self.val_fraction, 0, 1, lo_open=True, hi_open=True)
+        for name in ("steps", "batch_size", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
+            check.integer(name, getattr(self, name), 1)
+        check.integer("stop_after", self.stop_after, 0, optional=True)
+        check.number("time_limit", self.time_limit, 0, None, lo_open=True, optional=True)
+        check.number("lr", self.lr, 0, None, lo_open=True)
+        check.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check.integer("warmup", self.warmup, 0)
+        check.number("weight_decay", self.weight_decay, 0, None)
+        check.number("grad_clip", self.grad_clip, 0, None)
+        check.integer("seed", self.seed, 0)
+        check.integer("threads", self.threads, 1, optional=True)
+        if not isinstance(self.device, str) or not self.device:
+            raise UsageError(f"device (--device) must be a device name such as cpu or cuda, got {self.device!r}")
+        if self.data is not None and not isinstance(self.data, str):
+            raise UsageError(f"data (--data) must be a path to a text file, got {self.data!r}")
+
+
+class _Checker:
+    """Range checks with one message format: ``name (--flag) must be ..., got value``."""
+
+    @staticmethod
+    def _fail(name, what, value):
+        raise UsageError(f"{name} (--{name.replace('_', '-')}) must be {what}, got {value!r}")
+
+    def choice(self, name, value, choices):
+        if value not in choices:
+            self._fail(name, "one of " + ", ".join(choices), value)
+
+    def integer(self, name, value, lo, optional=False):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            self._fail(name, f"an integer >= {lo}" + (" (or none)" if optional else ""), value)
+
+    def number(self, name, value, lo, hi, lo_open=False, hi_open=False, optional=False):
+        if value is None and optional:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > lo if lo_open else value >= lo) if lo is not None else ok
+        ok = ok and (value < hi if hi_open else value <= hi) if hi is not None else ok
+        if not ok:
+            rng = ("(" if lo_open else "[") + f"{lo}, " + (f"{hi}" if hi is not None else "inf") + \
+                (")" if hi_open or hi is None else "]")
+            self._fail(name, f"a finite number in {rng}" + (" (or none)" if optional else ""), value)
+
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+    """``auto`` -> cuda when available, else cpu; ``gpu`` means cuda. Raises ``UsageError`` (one
+    line naming the devices that exist) for a device this machine does not have."""
+    name = "cuda" if device == "gpu" else device
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device name; devices here: {', '.join(available_devices())}") \
+            from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {device}: no such CUDA device on this machine; devices here: "
+                         f"{', '.join(available_devices())}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available on this machine; devices here: "
+                         f"{', '.join(available_devices())}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device} is not supported; devices here: {', '.join(available_devices())}")
+    return dev
+
+
+def available_devices():
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
 
 
 def auto_threads() -> int:
@@ -118,6 +222,24 @@ def evaluate(model, data, batches: int, batch_size: int, seed: int = 0) -> float
     return total / batches
 
 
+@torch.no_grad()
+def evaluate_terms(model, data, batches: int, batch_size: int, seed: int = 0) -> dict:
+    """Like ``evaluate`` but per loss term (``model.loss_terms``: LEAP's target / gap / distance
+    cross-entropies, the LM's next-token one): {term: mean loss in nats per predicted token}."""
+    if not hasattr(model, "loss_terms"):
+        return {"loss": evaluate(model, data, batches, batch_size, seed)}
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    totals: dict = {}
+    for _ in range(batches):
+        for k, v in model.loss_terms(_to_device(model.get_batch(data, batch_size, gen), dev)).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    model.train(was_training)
+    return {k: v / batches for k, v in totals.items()}
+
+
 def _to_device(batch, dev):
     if isinstance(batch, dict):
         return {k: v.to(dev) for k, v in batch.items()}
@@ -157,14 +279,57 @@ def _set_rng_states(states: dict, gen: torch.Generator) -> None:
     gen.set_state(states["batch"])
 
 
+def package_version() -> str:
+    import leapformer_kernels
+    return leapformer_kernels.__version__
+
+
+_CKPT_KEYS = ("model_name", "model_config", "model", "tokenizer")
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint dict; ``CheckpointError`` (one line) if ``path`` is missing, a folder,
+    empty, truncated or another kind of file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, CKPT_NAME)
+        hint = f" (did you mean {inside}?)" if os.path.isfile(inside) else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist (leapformer train writes <out>/{CKPT_NAME})")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the run that wrote it did not finish")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        import zipfile
+        kind = "truncated or corrupt" if zipfile.is_zipfile(path) or "zip" in str(e).lower() else \
+            "not a PyTorch checkpoint"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({kind}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in _CKPT_KEYS):
+        raise CheckpointError(f"{path} is a PyTorch file but not a leapformer checkpoint "
+                              f"(it lacks {', '.join(k for k in _CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt)})")
+    return ckpt
+
+
 def load_model(path: str, map_location="cpu"):
-    """-> (model in eval mode, tokenizer, checkpoint dict)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    cls = get_model_class(ckpt["model_name"])
-    model = cls(cls.Config(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    """-> (model in eval mode, tokenizer, checkpoint dict). Raises ``CheckpointError`` (one line,
+    naming the version that wrote it) for a checkpoint this version cannot load."""
+    ckpt = read_checkpoint(path, map_location)
+    written = ckpt.get("package_version", "an unknown version (before 0.2.0)")
+    try:
+        cls = get_model_class(ckpt["model_name"])
+        model = cls(cls.Config(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+    except ImportError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} was written by leapformer-kernels {written} and cannot be loaded "
+                              f"by {package_version()}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
     model.to(map_location).eval()
-    return model, tokenizer_from_state(ckpt["tokenizer"]), ckpt
+    return model, tokenizer, ckpt
 
 
 # --------------------------------------------------------------------------- metrics
@@ -208,35 +373,122 @@ def plot_losses(histories: dict, path: str, title: str = "") -> None:
 
 
 # --------------------------------------------------------------------------- training
-_RUN_CONTROL = ("steps", "stop_after", "time_limit", "eval_interval", "ckpt_interval", "device", "threads", "out",
-                "progress")
+_RUN_CONTROL = ("steps", "stop_after", "time_limit", "eval_interval", "ckpt_interval", "log_interval", "device",
+                "out", "progress")
+
+
+def default_out(cfg: TrainConfig, model_overrides: Optional[dict] = None) -> str:
+    att = (model_overrides or {}).get("attention", getattr(get_model_class(cfg.model).Config, "attention", None))
+    return cfg.out or os.path.join("runs", f"{cfg.model}-{att}" if att else cfg.model)
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM during training set a flag; the loop saves a checkpoint after the current
+    step and stops. A second Ctrl-C interrupts at once (the handlers are restored on exit)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+        if self.signal is not None:  # second signal: give up waiting for the step to finish
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _new_dirs(path: str) -> list:
+    """The folders that ``os.makedirs(path)`` would create, deepest first."""
+    out, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        out.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return out
 
 
 def train(cfg: TrainConfig, model_overrides: Optional[dict] = None, resume: bool = False,
-          return_model: bool = False):
+          return_model: bool = False, overwrite: bool = False):
     """Train (or resume with ``resume=True`` from <out>/ckpt.pt) and return the run summary
     (and the trained model with ``return_model=True``).
 
-    Writes <out>/ckpt.pt, metrics.csv, metrics.json and loss.png.
+    Writes <out>/ckpt.pt, metrics.csv, metrics.json and loss.png. An existing checkpoint in <out>
+    needs ``resume=True`` or ``overwrite=True`` (else ``RunExistsError``). Ctrl-C or SIGTERM
+    saves a checkpoint of the last finished step and raises ``TrainingInterrupted``; a failed run
+    removes the folders it created while they are still empty.
     """
     model_overrides = dict(model_overrides or {})
-    torch.set_num_threads(cfg.threads or auto_threads())
-    att = model_overrides.get("attention", getattr(get_model_class(cfg.model).Config, "attention", None))
-    out = cfg.out or os.path.join("runs", f"{cfg.model}-{att}" if att else cfg.model)
+    require("leapformer train", "matplotlib", *(["tqdm"] if cfg.progress else []))
+    cls = get_model_class(cfg.model)
+    out = default_out(cfg, model_overrides)
     ckpt_path = os.path.join(out, CKPT_NAME)
     ckpt = None
     if resume:
         if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = TrainConfig(**ckpt["train_config"])
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} (start a new run without --resume)")
+        ckpt = read_checkpoint(ckpt_path)
+        if ckpt["model_name"] != cfg.model:
+            raise UsageError(f"--resume: {ckpt_path} holds a {ckpt['model_name']} run, not {cfg.model} "
+                             f"(pass --model {ckpt['model_name']})")
+        differ = {k: v for k, v in model_overrides.items() if ckpt["model_config"].get(k, v) != v}
+        if differ:
+            k, v = next(iter(differ.items()))
+            raise UsageError(f"--resume continues the saved model, whose {k} is {ckpt['model_config'][k]!r}, "
+                             f"not {v!r}: drop --{k.replace('_', '-')} or start a new run")
+        saved = TrainConfig(**{k: v for k, v in ckpt["train_config"].items()
+                               if k in TrainConfig.__dataclass_fields__})
+        threads = cfg.threads or saved.threads
         for k in _RUN_CONTROL:  # the new invocation controls how far and where the run goes
             setattr(saved, k, getattr(cfg, k))
+        saved.threads = threads  # the thread count of the run (reductions depend on it)
         cfg = saved
+    elif os.path.exists(ckpt_path) and not overwrite:
+        step = _peek_step(ckpt_path)
+        raise RunExistsError(f"{out} already holds a checkpoint{step}: pass --resume to continue it, "
+                             f"--overwrite to start over, or --out DIR for a new run")
     cfg.out = out
-    os.makedirs(out, exist_ok=True)
     device = resolve_device(cfg.device)
+    cfg.threads = cfg.threads or auto_threads()
+    created = _new_dirs(out)
+    finished = False
+    try:
+        result = _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model)
+        finished = True
+        return result
+    finally:
+        if not finished:
+            for d in created:  # deepest first; only folders that are still empty
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
 
+
+def _peek_step(path: str) -> str:
+    try:
+        return f" (step {read_checkpoint(path)['step']})"
+    except Exception:
+        return ""
+
+
+def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -244,12 +496,12 @@ def train(cfg: TrainConfig, model_overrides: Optional[dict] = None, resume: bool
     tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else None
     tokenizer, train_ids, val_ids = prepare_data(cfg, tokenizer)
 
-    cls = get_model_class(cfg.model)
     if ckpt:
         mcfg = cls.Config(**ckpt["model_config"])
     else:
         mcfg = cls.Config(**{**model_overrides, "vocab_size": tokenizer.vocab_size})
     model = cls(mcfg).to(device)
+    _check_corpus(model, cfg, train_ids, val_ids)
     opt = make_optimizer(model, cfg)
     step, history, train_time, tokens_seen = 0, [], 0.0, 0
     if ckpt:
@@ -260,74 +512,105 @@ def train(cfg: TrainConfig, model_overrides: Optional[dict] = None, resume: bool
         _set_rng_states(ckpt["rng"], gen)
     n_params = sum(p.numel() for p in model.parameters())
     attention = getattr(mcfg, "attention", "n/a")
+    out = cfg.out
+
+    saved_step = [None]
 
     def checkpoint():
+        saved_step[0] = step
         save_checkpoint(ckpt_path, {
             "model_name": cfg.model, "model_config": asdict(mcfg), "train_config": asdict(cfg),
             "tokenizer": tokenizer.state(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "step": step, "history": history, "train_time": train_time, "tokens_seen": tokens_seen,
-            "rng": _rng_states(gen), "version": 1})
+            "rng": _rng_states(gen), "version": 1, "package_version": package_version()})
 
     def val_loss():
         return evaluate(model, val_ids, cfg.eval_batches, cfg.batch_size, seed=cfg.seed + 1)
 
-    if step == 0:
-        history.append({"step": 0, "train_loss": None, "val_loss": val_loss(), "lr": None, "tokens_per_s": None,
-                        "elapsed_s": 0.0})
+    def finish(interrupted: bool):
+        vals = [r["val_loss"] for r in history if r["val_loss"] is not None]
+        summary = {"model": cfg.model, "attention": attention, "params": n_params, "steps": step,
+                   "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
+                   "train_time_s": train_time, "tokens_seen": tokens_seen,
+                   "tokens_per_s": tokens_seen / train_time if train_time else None,
+                   "device": str(device), "attention_backend": attention_backend(device),
+                   "threads": torch.get_num_threads(), "checkpoint": ckpt_path, "interrupted": interrupted,
+                   "model_config": asdict(mcfg), "train_config": asdict(cfg)}
+        write_metrics(out, history, summary)
+        plot_losses({f"{cfg.model} ({attention})": history}, os.path.join(out, "loss.png"),
+                    f"{cfg.model}, {attention} attention")
+        return summary
+
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.model} ({attention})", dynamic_ncols=True)
-    model.train()
-    rate = None
-    while step < last:
-        t0 = time.perf_counter()
-        lr = lr_at(cfg, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = _to_device(model.get_batch(train_ids, cfg.batch_size, gen), device)
-        loss = model.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loss_v = loss.item()
-        dt = time.perf_counter() - t0
-        ntok = model.batch_tokens(batch)
-        step += 1
-        train_time += dt
-        tokens_seen += ntok
-        rate = ntok / dt if rate is None else 0.9 * rate + 0.1 * ntok / dt
-        row = {"step": step, "train_loss": loss_v, "val_loss": None, "lr": lr, "tokens_per_s": ntok / dt,
-               "elapsed_s": train_time}
-        out_of_time = cfg.time_limit is not None and train_time >= cfg.time_limit
-        if step % cfg.eval_interval == 0 or step == last or out_of_time:
-            row["val_loss"] = val_loss()
-        history.append(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{rate:,.0f}",
-                            val=f"{row['val_loss']:.3f}" if row["val_loss"] is not None else None, refresh=False)
-        if step % cfg.ckpt_interval == 0 or step == last or out_of_time:
-            checkpoint()
-        if out_of_time:
-            break
-    if bar is not None:
-        bar.close()
+    with _StopRequest() as stop:
+        if step == 0:
+            history.append({"step": 0, "train_loss": None, "val_loss": val_loss(), "lr": None,
+                            "tokens_per_s": None, "elapsed_s": 0.0})
+        if cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.model} ({attention})", dynamic_ncols=True)
+        model.train()
+        rate = None
+        try:
+            while step < last and stop.signal is None:
+                t0 = time.perf_counter()
+                lr = lr_at(cfg, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = _to_device(model.get_batch(train_ids, cfg.batch_size, gen), device)
+                loss = model.loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                loss_v = loss.item()
+                dt = time.perf_counter() - t0
+                ntok = model.batch_tokens(batch)
+                step += 1
+                train_time += dt
+                tokens_seen += ntok
+                rate = ntok / dt if rate is None else 0.9 * rate + 0.1 * ntok / dt
+                row = {"step": step, "train_loss": loss_v, "val_loss": None, "lr": lr, "tokens_per_s": ntok / dt,
+                       "elapsed_s": train_time}
+                out_of_time = cfg.time_limit is not None and train_time >= cfg.time_limit
+                if step % cfg.eval_interval == 0 or step == last or out_of_time:
+                    row["val_loss"] = val_loss()
+                history.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{rate:,.0f}",
+                                    val=f"{row['val_loss']:.3f}" if row["val_loss"] is not None else None,
+                                    refresh=False)
+                elif step % cfg.log_interval == 0 or step == last or row["val_loss"] is not None:
+                    val = f" val {row['val_loss']:.4f}" if row["val_loss"] is not None else ""
+                    print(f"step {step}/{cfg.steps} loss {loss_v:.4f}{val} ({rate:,.0f} tok/s)", flush=True)
+                if step % cfg.ckpt_interval == 0 or step == last or out_of_time or stop.signal is not None:
+                    checkpoint()
+                if out_of_time:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if stop.signal is not None and step < last:
+            if saved_step[0] != step:
+                checkpoint()
+            finish(interrupted=True)
+            raise TrainingInterrupted(step, ckpt_path)
     if history[-1]["val_loss"] is None:  # e.g. resumed at the end
         history[-1]["val_loss"] = val_loss()
         checkpoint()
-    vals = [r["val_loss"] for r in history if r["val_loss"] is not None]
-    summary = {"model": cfg.model, "attention": attention, "params": n_params, "steps": step,
-               "final_val_loss": vals[-1], "best_val_loss": min(vals), "train_time_s": train_time,
-               "tokens_seen": tokens_seen, "tokens_per_s": tokens_seen / train_time if train_time else None,
-               "device": str(device), "attention_backend": attention_backend(device),
-               "threads": torch.get_num_threads(), "checkpoint": ckpt_path,
-               "model_config": asdict(mcfg), "train_config": asdict(cfg)}
-    write_metrics(out, history, summary)
-    plot_losses({f"{cfg.model} ({attention})": history}, os.path.join(out, "loss.png"),
-                f"{cfg.model}, {attention} attention")
+    summary = finish(interrupted=False)
     return (summary, model.eval()) if return_model else summary
 
+
+def _check_corpus(model, cfg, train_ids, val_ids):
+    """One batch from each split before any training: a corpus too small for the model says so."""
+    for split, ids in (("training", train_ids), ("validation", val_ids)):
+        try:
+            model.get_batch(ids, 1, torch.Generator().manual_seed(0))
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise UsageError(f"the {split} text ({len(ids)} tokens) is too small for this model "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:100]}); use a longer --data, a smaller "
+                             "--seq-len or a different --val-fraction") from None
