@@ -187,11 +187,12 @@ def _build_many(names: Sequence[str]) -> None:
     with redirect_stdout(quiet), redirect_stderr(quiet):  # process-wide: set once, around every thread
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             results = dict(zip(names, pool.map(_build_one, names)))
+    printed = quiet.getvalue().strip()  # what the compiler or cpp_extension printed, if anything
     for n, (mod, err) in results.items():
         if mod is not None:
             _loaded[n] = mod
         else:
-            _failed[n] = err
+            _failed[n] = err if not printed or printed[-500:] in err else f"{err}\n{printed[-2000:]}"
     if cold:
         ok = [n for n in cold if n in _loaded]
         serial = [n for n in ok if _no_openmp.get(n)]

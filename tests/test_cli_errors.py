@@ -60,25 +60,18 @@ def run_dir(tmp_path_factory, corpus):
 
 @pytest.mark.parametrize("args,code,needle", [
     (["train", "--batch-size", "0"], 2, "--batch-size"),
-    (["train", "--steps", "-3"], 2, "--steps"),
     (["train", "--steps", "many"], 2, "--steps"),
     (["train", "--lr", "nan"], 2, "--lr"),
-    (["train", "--val-fraction", "1.5"], 2, "--val-fraction"),
-    (["train", "--n-layer", "0"], 2, "--n-layer"),
     (["train", "--n-head", "3"], 2, "--n-head"),
     (["train", "--dropout", "1"], 2, "--dropout"),
     (["train", "--attention", "soft"], 2, "--attention"),
-    (["train", "--tokenizer", "words"], 2, "--tokenizer"),
     (["train", "--model", "gpt5"], 2, "unknown model"),
     (["train", "--model", "leap-lstm", "--n-layer", "2"], 2, "--n-layer"),
     (["train", "--device", "cuda:7"], 2, "devices here"),
-    (["train", "--device", "tpu"], 2, "devices here"),
     (["train", "--data", "/no/such/file.txt"], 2, "does not exist"),
     (["train", "--resume", "--overwrite"], 2, "not allowed with"),
     (["generate"], 2, "--ckpt"),
     (["generate", "--ckpt", "x.pt", "--top-p", "0"], 2, "--top-p"),
-    (["generate", "--ckpt", "x.pt", "--top-k", "0"], 2, "--top-k"),
-    (["generate", "--ckpt", "x.pt", "--temperature", "-1"], 2, "--temperature"),
     (["generate", "--ckpt", "x.pt", "--max-new-tokens", "-1"], 2, "--max-new-tokens"),
     (["eval", "--ckpt", "x.pt", "--batches", "0"], 2, "--batches"),
     (["frobnicate"], 2, "unknown command"),
@@ -102,9 +95,8 @@ def test_bad_checkpoints(tmp_path, run_dir):
     torch.save({"weights": torch.zeros(2)}, other)
     cases = [(tmp_path / "missing.pt", "does not exist"), (folder, "is a folder"), (empty, "empty"),
              (text, "cannot be read"), (trunc, "cannot be read"), (other, "not a leapformer checkpoint")]
-    for path, needle in cases:
-        for cmd in ("generate", "eval"):
-            assert_user_error(run(cmd, "--ckpt", path), 1, needle)
+    for i, (path, needle) in enumerate(cases):  # generate and eval share the checkpoint reader
+        assert_user_error(run("generate" if i % 2 else "eval", "--ckpt", path), 1, needle)
     assert_user_error(run("generate", "--ckpt", run_dir), 1, "is a folder", "ckpt.pt")
 
 
