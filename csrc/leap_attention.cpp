@@ -15,10 +15,16 @@
 // Two drivers with bitwise identical results (the same per-chunk functions, the same
 // summation order): per (sequence, head) sequentially over chunks (the state stays in
 // cache), or across chunks in phases (chunk-local states, a prefix over chunk states, then
-// outputs; the backward adds a suffix over chunk state-gradients) so that few heads with long
+// outputs; the backward adds a suffix over chunk state-gradients) so that few heads with int64_t
 // sequences use every core. Parallelism is at::parallel_for with a task counter; every
 // output element is written by exactly one task and every sum has a fixed order: the
 // results are deterministic and independent of the number of threads.
+//
+// Hardening (DESIGN section 6): sizes fit in int (checked; refused, never truncated) and every
+// offset or product is int64_t (never `long`, 32-bit on Windows); block_size is int64 and any
+// value >= the sequence length is one block; cu_seqlens is checked here (it is a CPU tensor, and
+// the Python-side value checks are skipped under torch.compile); relu keeps NaN; a padded key is
+// selected to 0 where loaded (k, pk, v) and its dk, dv, dpk are exactly 0.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -49,18 +55,18 @@ template <> struct AccOf<double> { using type = double; };
 // k ascending), then add into C. Results depend on the shapes only (deterministic).
 // ---------------------------------------------------------------------------------------
 template <typename T, int MR, int NR>
-inline void micro(int K, const T* __restrict A, long sai, long sak, const T* __restrict B, long ldb,
-                  T* __restrict C, long ldc) {
+inline void micro(int K, const T* __restrict A, int64_t sai, int64_t sak, const T* __restrict B, int64_t ldb,
+                  T* __restrict C, int64_t ldc) {
   T acc[MR][NR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
     for (int c = 0; c < NR; ++c) acc[r][c] = T(0);
   for (int k = 0; k < K; ++k) {
-    const T* b = B + (long)k * ldb;
+    const T* b = B + (int64_t)k * ldb;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const T a = A[r * sai + (long)k * sak];
+      const T a = A[r * sai + (int64_t)k * sak];
 #pragma GCC unroll 16
       for (int c = 0; c < NR; ++c) acc[r][c] += a * b[c];
     }
@@ -72,43 +78,43 @@ inline void micro(int K, const T* __restrict A, long sai, long sak, const T* __r
 }
 
 template <typename T>
-inline void gemm_edge(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C,
-                      long ldc) {
+inline void gemm_edge(int M, int N, int K, const T* A, int64_t sai, int64_t sak, const T* B, int64_t ldb, T* C,
+                      int64_t ldc) {
   for (int i = 0; i < M; ++i) {
-    T* c = C + (long)i * ldc;
+    T* c = C + (int64_t)i * ldc;
     for (int k = 0; k < K; ++k) {
-      const T a = A[i * sai + (long)k * sak];
-      const T* b = B + (long)k * ldb;
+      const T a = A[i * sai + (int64_t)k * sak];
+      const T* b = B + (int64_t)k * ldb;
       for (int j = 0; j < N; ++j) c[j] += a * b[j];
     }
   }
 }
 
 template <typename T, int NR>
-inline void gemm_cols(int M, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc) {
+inline void gemm_cols(int M, int K, const T* A, int64_t sai, int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc) {
   constexpr int MR = 4;
   int i = 0;
-  for (; i + MR <= M; i += MR) micro<T, MR, NR>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
-  for (; i < M; ++i) micro<T, 1, NR>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
+  for (; i + MR <= M; i += MR) micro<T, MR, NR>(K, A + i * sai, sai, sak, B, ldb, C + (int64_t)i * ldc, ldc);
+  for (; i < M; ++i) micro<T, 1, NR>(K, A + i * sai, sai, sak, B, ldb, C + (int64_t)i * ldc, ldc);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
 // float32 micro-kernel with explicit AVX2/FMA: MR rows x NV*8 columns in ymm accumulators
 // (6 x 16: 12 accumulators, about 70% of the FMA peak on the 2-core Zen 3 test machine).
 template <int MR, int NV>
-inline void micro_f32(int K, const float* __restrict A, long sai, long sak, const float* __restrict B, long ldb,
-                      float* __restrict C, long ldc) {
+inline void micro_f32(int K, const float* __restrict A, int64_t sai, int64_t sak, const float* __restrict B,
+                      int64_t ldb, float* __restrict C, int64_t ldc) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int k = 0; k < K; ++k) {
-    const float* b = B + (long)k * ldb;
+    const float* b = B + (int64_t)k * ldb;
     __m256 bv[NV];
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) bv[c] = _mm256_loadu_ps(b + 8 * c);
-    const float* a = A + (long)k * sak;
+    const float* a = A + (int64_t)k * sak;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * sai);
@@ -126,16 +132,16 @@ inline void micro_f32(int K, const float* __restrict A, long sai, long sak, cons
 }
 
 template <int NV>
-inline void gemm_cols_f32(int M, int K, const float* A, long sai, long sak, const float* B, long ldb, float* C,
-                          long ldc) {
+inline void gemm_cols_f32(int M, int K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb, float* C,
+                          int64_t ldc) {
   int i = 0;
-  for (; i + 6 <= M; i += 6) micro_f32<6, NV>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
-  for (; i + 4 <= M; i += 4) micro_f32<4, NV>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
-  for (; i < M; ++i) micro_f32<1, NV>(K, A + i * sai, sai, sak, B, ldb, C + (long)i * ldc, ldc);
+  for (; i + 6 <= M; i += 6) micro_f32<6, NV>(K, A + i * sai, sai, sak, B, ldb, C + (int64_t)i * ldc, ldc);
+  for (; i + 4 <= M; i += 4) micro_f32<4, NV>(K, A + i * sai, sai, sak, B, ldb, C + (int64_t)i * ldc, ldc);
+  for (; i < M; ++i) micro_f32<1, NV>(K, A + i * sai, sai, sak, B, ldb, C + (int64_t)i * ldc, ldc);
 }
 
-inline void gemm_f32(int M, int N, int K, const float* A, long sai, long sak, const float* B, long ldb, float* C,
-                     long ldc) {
+inline void gemm_f32(int M, int N, int K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
+                     float* C, int64_t ldc) {
   int j = 0;
   for (; j + 16 <= N; j += 16) gemm_cols_f32<2>(M, K, A, sai, sak, B + j, ldb, C + j, ldc);
   if (N - j >= 8) {
@@ -152,7 +158,7 @@ inline void gemm_f32(int M, int N, int K, const float* A, long sai, long sak, co
 // [0, 8*NV): S'[f] = S[f] + k~_f v and num += q~_f S'[f], f ascending. One read of S and one
 // write of S' per element; v and num stay in ymm registers.
 template <int NV>
-inline void step_cols_f32(int F, long ld, const float* __restrict Sin, float* __restrict So,
+inline void step_cols_f32(int F, int64_t ld, const float* __restrict Sin, float* __restrict So,
                           const float* __restrict kf, const float* __restrict qf, const float* __restrict v,
                           float* __restrict num) {
   __m256 vv[NV], nm[NV];
@@ -163,8 +169,8 @@ inline void step_cols_f32(int F, long ld, const float* __restrict Sin, float* __
   }
   for (int f = 0; f < F; ++f) {
     const __m256 kv = _mm256_broadcast_ss(kf + f), qv = _mm256_broadcast_ss(qf + f);
-    float* so = So + (long)f * ld;
-    const float* si = Sin ? Sin + (long)f * ld : nullptr;
+    float* so = So + (int64_t)f * ld;
+    const float* si = Sin ? Sin + (int64_t)f * ld : nullptr;
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) {
       const __m256 s = si ? _mm256_fmadd_ps(kv, vv[c], _mm256_loadu_ps(si + 8 * c)) : _mm256_mul_ps(kv, vv[c]);
@@ -187,7 +193,7 @@ inline void step_rows_f32(int F, int Dv, const float* Sin, float* So, const floa
 #endif
 
 template <typename T>
-void gemm(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc) {
+void gemm(int M, int N, int K, const T* A, int64_t sai, int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0 || K <= 0) return;
 #ifdef LEAP_HAVE_F32_KERNEL
   if constexpr (std::is_same_v<T, float>) {
@@ -212,48 +218,48 @@ constexpr int RB = 6;
 
 // C[i][j] += ..., for j < nv[i] at least (columns rounded up to 16, at most N)
 template <typename T>
-void gemm_prefix_n(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc,
-                   const int* nv) {
+void gemm_prefix_n(int M, int N, int K, const T* A, int64_t sai, int64_t sak, const T* B, int64_t ldb, T* C,
+                   int64_t ldc, const int* nv) {
   for (int i0 = 0; i0 < M; i0 += RB) {
     const int i1 = std::min(M, i0 + RB);
     const int n = std::min(N, (nv[i1 - 1] + 15) / 16 * 16);
-    if (n > 0) gemm<T>(i1 - i0, n, K, A + i0 * sai, sai, sak, B, ldb, C + (long)i0 * ldc, ldc);
+    if (n > 0) gemm<T>(i1 - i0, n, K, A + i0 * sai, sai, sak, B, ldb, C + (int64_t)i0 * ldc, ldc);
   }
 }
 
 // row i sums over k < nv[i] only (the A entries beyond are zero)
 template <typename T>
-void gemm_prefix_k(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc,
-                   const int* nv) {
+void gemm_prefix_k(int M, int N, int K, const T* A, int64_t sai, int64_t sak, const T* B, int64_t ldb, T* C,
+                   int64_t ldc, const int* nv) {
   for (int i0 = 0; i0 < M; i0 += RB) {
     const int i1 = std::min(M, i0 + RB);
     const int kk = std::min(K, nv[i1 - 1]);
-    if (kk > 0) gemm<T>(i1 - i0, N, kk, A + i0 * sai, sai, sak, B, ldb, C + (long)i0 * ldc, ldc);
+    if (kk > 0) gemm<T>(i1 - i0, N, kk, A + i0 * sai, sai, sak, B, ldb, C + (int64_t)i0 * ldc, ldc);
   }
 }
 
 // row i sums over k >= ks[i] only (ks non-decreasing; the A entries before are zero)
 template <typename T>
-void gemm_suffix_k(int M, int N, int K, const T* A, long sai, long sak, const T* B, long ldb, T* C, long ldc,
-                   const int* ks) {
+void gemm_suffix_k(int M, int N, int K, const T* A, int64_t sai, int64_t sak, const T* B, int64_t ldb, T* C,
+                   int64_t ldc, const int* ks) {
   for (int i0 = 0; i0 < M; i0 += RB) {
     const int i1 = std::min(M, i0 + RB);
     const int k0 = std::max(0, ks[i0]);
     if (k0 < K)
-      gemm<T>(i1 - i0, N, K - k0, A + i0 * sai + (long)k0 * sak, sai, sak, B + (long)k0 * ldb, ldb,
-              C + (long)i0 * ldc, ldc);
+      gemm<T>(i1 - i0, N, K - k0, A + i0 * sai + (int64_t)k0 * sak, sai, sak, B + (int64_t)k0 * ldb, ldb,
+              C + (int64_t)i0 * ldc, ldc);
   }
 }
 
 template <typename T>
-inline void transpose(int R, int Cc, const T* src, long lds, T* dst, long ldd) {  // dst[c][r] = src[r][c]
+inline void transpose(int R, int Cc, const T* src, int64_t lds, T* dst, int64_t ldd) {  // dst[c][r] = src[r][c]
   constexpr int TB = 8;  // tiles keep both sides within a few cache lines
   for (int r0 = 0; r0 < R; r0 += TB) {
     const int r1 = std::min(R, r0 + TB);
     for (int c0 = 0; c0 < Cc; c0 += TB) {
       const int c1 = std::min(Cc, c0 + TB);
       for (int c = c0; c < c1; ++c)
-        for (int r = r0; r < r1; ++r) dst[(long)c * ldd + r] = src[(long)r * lds + c];
+        for (int r = r0; r < r1; ++r) dst[(int64_t)c * ldd + r] = src[(int64_t)r * lds + c];
     }
   }
 }
@@ -293,7 +299,11 @@ struct Leap {
   using acc_t = typename AccOf<scalar_t>::type;
   static constexpr double HALF_PI = 1.57079632679489661923;
 
-  int B = 0, T = 0, S = 0, H = 0, Hkv = 0, G = 1, Dk = 0, Dv = 0, F = 0, W = 0, N = 0;
+  // sizes fit in int (checked by make_ctx); offsets and products are formed in int64_t.
+  // W: the block size clamped to [0, max(T, S)] (0 = not block-causal; any block_size >= the
+  // sequence length is one block), so that no caller's int64 block size is truncated.
+  int B = 0, T = 0, S = 0, H = 0, Hkv = 0, G = 1, Dk = 0, Dv = 0, F = 0, N = 0;
+  int64_t W = 0;
   bool causal = true, normalize = true;
   acc_t eps = 0;
   const int64_t* cu = nullptr;
@@ -313,7 +323,7 @@ struct Leap {
   std::vector<acc_t> sqv, cqv, skv, ckv;
   const acc_t *sq_ = nullptr, *cq_ = nullptr, *sk_ = nullptr, *ck_ = nullptr;
   void prepare() {
-    const long nq = (long)B * T * H, nk = (long)B * S * Hkv;
+    const int64_t nq = (int64_t)B * T * H, nk = (int64_t)B * S * Hkv;
     g_call_work = (double)B * std::max(T, S) * H * (double)F * (Dv + CH);
     sqv.resize(nq);
     cqv.resize(nq);
@@ -355,8 +365,8 @@ struct Leap {
   int lim(const Item& it, int t) const {
     if (!causal) return it.Sn;
     if (W <= 0) return t + 1;
-    long e = ((long)t / W + 1) * (long)W;
-    return (int)std::min<long>(e, it.Sn);
+    const int64_t e = ((int64_t)t / W + 1) * W;  // W <= max(T, S): no overflow
+    return (int)std::min<int64_t>(e, it.Sn);
   }
   int group_of(const Item& it, int t) const {
     int l = lim(it, t);
@@ -434,15 +444,16 @@ struct Leap {
     const int nk = std::min(CH, it.Sn - s0);
     sc.nk = nk;
     for (int s = 0; s < nk; ++s) {
-      const long gs = (long)it.b * S + it.ko + s0 + s;
+      const int64_t gs = (int64_t)it.b * S + it.ko + s0 + s;
+      // a padded key is selected to 0 where loaded (k, pk and v: NaN or Inf there reach nothing)
       const bool pad = kpm && kpm[gs];
-      const acc_t sn = sk_[gs * Hkv + hk], cs = ck_[gs * Hkv + hk];
+      const acc_t sn = pad ? acc_t(0) : sk_[gs * Hkv + hk], cs = pad ? acc_t(0) : ck_[gs * Hkv + hk];
       sc.sk[s] = sn;
       sc.ck[s] = cs;
       sc.msk[s] = pad ? acc_t(0) : acc_t(1);
       const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
-      acc_t* kb = sc.Kb.data() + (long)s * Dk;
-      acc_t* kf = sc.Kf.data() + (long)s * F;
+      acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
+      acc_t* kf = sc.Kf.data() + (int64_t)s * F;
       for (int d = 0; d < Dk; ++d) {
         const acc_t x = pad ? acc_t(0) : relu(static_cast<acc_t>(kr[d]));
         kb[d] = x;
@@ -450,8 +461,8 @@ struct Leap {
         kf[Dk + d] = x * cs;
       }
       const scalar_t* vr = v + (gs * Hkv + hk) * Dv;
-      acc_t* vv = sc.V.data() + (long)s * Dv;
-      for (int e = 0; e < Dv; ++e) vv[e] = static_cast<acc_t>(vr[e]);
+      acc_t* vv = sc.V.data() + (int64_t)s * Dv;
+      for (int e = 0; e < Dv; ++e) vv[e] = pad ? acc_t(0) : static_cast<acc_t>(vr[e]);
     }
     transpose(nk, Dk, sc.Kb.data(), Dk, sc.KbT.data(), CH);
     transpose(nk, Dv, sc.V.data(), Dv, sc.VT.data(), CH);
@@ -459,13 +470,13 @@ struct Leap {
 
   void load_queries(const Item& it, int h, int t0, int nq, Scratch& sc) const {
     for (int i = 0; i < nq; ++i) {
-      const long gt = (long)it.b * T + it.qo + t0 + i;
+      const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
       const acc_t sn = sq_[gt * H + h], cs = cq_[gt * H + h];
       sc.sq[i] = sn;
       sc.cq[i] = cs;
       const scalar_t* qr = q + (gt * H + h) * Dk;
-      acc_t* qa = sc.Qa.data() + (long)i * Dk;
-      acc_t* qf = sc.Qf.data() + (long)i * F;
+      acc_t* qa = sc.Qa.data() + (int64_t)i * Dk;
+      acc_t* qf = sc.Qf.data() + (int64_t)i * F;
       for (int d = 0; d < Dk; ++d) {
         const acc_t x = relu(static_cast<acc_t>(qr[d]));
         qa[d] = x;
@@ -481,7 +492,7 @@ struct Leap {
     gemm<acc_t>(F, Dv, sc.nk, sc.Kf.data(), 1, F, sc.V.data(), Dv, dS, Dv);
     for (int f = 0; f < F; ++f) dz[f] = 0;
     for (int s = 0; s < sc.nk; ++s) {
-      const acc_t* kf = sc.Kf.data() + (long)s * F;
+      const acc_t* kf = sc.Kf.data() + (int64_t)s * F;
       for (int f = 0; f < F; ++f) dz[f] += kf[f];
     }
   }
@@ -492,7 +503,7 @@ struct Leap {
     std::fill(sc.num.begin(), sc.num.begin() + (size_t)nq * Dv, acc_t(0));
     gemm<acc_t>(nq, Dv, F, sc.Qf.data(), F, 1, S_, Dv, sc.num.data(), Dv);
     for (int i = 0; i < nq; ++i) {
-      const acc_t* qf = sc.Qf.data() + (long)i * F;
+      const acc_t* qf = sc.Qf.data() + (int64_t)i * F;
       acc_t d = 0;
       for (int f = 0; f < F; ++f) d += qf[f] * z_[f];
       sc.den[i] = d;
@@ -504,8 +515,8 @@ struct Leap {
     gemm_prefix_n<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH, sc.nv.data());
     for (int i = 0; i < nq; ++i) {
       const int n_vis = sc.nv[i];
-      const acc_t* p = sc.P.data() + (long)i * CH;
-      acc_t* a = sc.A.data() + (long)i * CH;
+      const acc_t* p = sc.P.data() + (int64_t)i * CH;
+      acc_t* a = sc.A.data() + (int64_t)i * CH;
       const acc_t sn = sc.sq[i], cs = sc.cq[i];
       acc_t rs = 0;
       for (int s = 0; s < nk; ++s) {
@@ -525,9 +536,9 @@ struct Leap {
       load_queries(it, h, t0, nq, sc);
       attend(it, j, t0, nq, S_, z_, sc);
       for (int i = 0; i < nq; ++i) {
-        const long gt = (long)it.b * T + it.qo + t0 + i;
+        const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
         scalar_t* orow = o + (gt * H + h) * Dv;
-        const acc_t* nm = sc.num.data() + (long)i * Dv;
+        const acc_t* nm = sc.num.data() + (int64_t)i * Dv;
         if (normalize) {
           const acc_t dd = std::max(sc.den[i], eps);
           for (int e = 0; e < Dv; ++e) orow[e] = static_cast<scalar_t>(nm[e] / dd);
@@ -549,10 +560,10 @@ struct Leap {
       load_queries(it, h, t0, nq, sc);
       attend(it, j, t0, nq, S_, z_, sc);
       for (int i = 0; i < nq; ++i) {
-        const long gt = (long)it.b * T + it.qo + t0 + i;
+        const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
         const scalar_t* dor = dout + (gt * H + h) * Dv;
-        const acc_t* nm = sc.num.data() + (long)i * Dv;
-        acc_t* dn = sc.dn.data() + (long)i * Dv;
+        const acc_t* nm = sc.num.data() + (int64_t)i * Dv;
+        acc_t* dn = sc.dn.data() + (int64_t)i * Dv;
         acc_t ddv = 0;
         if (normalize) {
           const acc_t den = sc.den[i];
@@ -568,7 +579,7 @@ struct Leap {
           for (int e = 0; e < Dv; ++e) dn[e] = static_cast<acc_t>(dor[e]);
         }
         sc.dd[i] = ddv;
-        const long w = ((long)it.b * H + h) * T + it.qo + t0 + i;
+        const int64_t w = ((int64_t)it.b * H + h) * T + it.qo + t0 + i;
         std::memcpy(wdn + w * Dv, dn, sizeof(acc_t) * Dv);
         wdd[w] = ddv;
       }
@@ -576,11 +587,11 @@ struct Leap {
       std::fill(sc.g.begin(), sc.g.begin() + (size_t)nq * F, acc_t(0));
       gemm<acc_t>(nq, F, Dv, sc.dn.data(), Dv, 1, ST, F, sc.g.data(), F);
       for (int i = 0; i < nq; ++i) {
-        acc_t* g = sc.g.data() + (long)i * F;
+        acc_t* g = sc.g.data() + (int64_t)i * F;
         const acc_t ddv = sc.dd[i];
         for (int f = 0; f < F; ++f) g[f] += ddv * z_[f];
-        const acc_t* qa = sc.Qa.data() + (long)i * Dk;
-        acc_t* da = sc.da.data() + (long)i * Dk;
+        const acc_t* qa = sc.Qa.data() + (int64_t)i * Dk;
+        acc_t* da = sc.da.data() + (int64_t)i * Dk;
         const acc_t sn = sc.sq[i], cs = sc.cq[i];
         acc_t th = 0;
         for (int d = 0; d < Dk; ++d) {
@@ -594,9 +605,9 @@ struct Leap {
         std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
         gemm_prefix_n<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH, sc.nv.data());
         for (int i = 0; i < nq; ++i) {
-          acc_t* dA = sc.dA.data() + (long)i * CH;
-          acc_t* E = sc.E.data() + (long)i * CH;
-          const acc_t* p = sc.P.data() + (long)i * CH;
+          acc_t* dA = sc.dA.data() + (int64_t)i * CH;
+          acc_t* E = sc.E.data() + (int64_t)i * CH;
+          const acc_t* p = sc.P.data() + (int64_t)i * CH;
           const int n_vis = sc.nv[i];
           const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i];
           acc_t th = 0;
@@ -611,10 +622,10 @@ struct Leap {
         gemm_prefix_k<acc_t>(nq, Dk, nk, sc.E.data(), CH, 1, sc.Kb.data(), Dk, sc.da.data(), Dk, sc.nv.data());
       }
       for (int i = 0; i < nq; ++i) {
-        const long gt = (long)it.b * T + it.qo + t0 + i;
+        const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
         const scalar_t* qr = q + (gt * H + h) * Dk;
         scalar_t* dqr = dq + (gt * H + h) * Dk;
-        const acc_t* da = sc.da.data() + (long)i * Dk;
+        const acc_t* da = sc.da.data() + (int64_t)i * Dk;
         for (int d = 0; d < Dk; ++d)
           dqr[d] = static_cast<scalar_t>(static_cast<acc_t>(qr[d]) > acc_t(0) ? da[d] : acc_t(0));
         dpq[gt * H + h] = acc_t(HALF_PI) * sc.dth[i];
@@ -623,7 +634,7 @@ struct Leap {
   }
 
   void load_dn(const Item& it, int h, int t0, int nq, Scratch& sc, const acc_t* wdn, const acc_t* wdd) const {
-    const long w = ((long)it.b * H + h) * T + it.qo + t0;
+    const int64_t w = ((int64_t)it.b * H + h) * T + it.qo + t0;
     std::memcpy(sc.dn.data(), wdn + w * Dv, sizeof(acc_t) * (size_t)nq * Dv);
     std::memcpy(sc.dd.data(), wdd + w, sizeof(acc_t) * (size_t)nq);
   }
@@ -639,7 +650,7 @@ struct Leap {
       load_dn(it, h, t0, nq, sc, wdn, wdd);
       gemm<acc_t>(F, Dv, nq, sc.Qf.data(), 1, F, sc.dn.data(), Dv, dS, Dv);
       for (int i = 0; i < nq; ++i) {
-        const acc_t* qf = sc.Qf.data() + (long)i * F;
+        const acc_t* qf = sc.Qf.data() + (int64_t)i * F;
         const acc_t ddv = sc.dd[i];
         for (int f = 0; f < F; ++f) dz[f] += qf[f] * ddv;
       }
@@ -658,10 +669,10 @@ struct Leap {
     std::fill(sc.dvv.begin(), sc.dvv.begin() + (size_t)nk * Dv, acc_t(0));
     gemm<acc_t>(nk, Dv, F, sc.Kf.data(), F, 1, dSt, Dv, sc.dvv.data(), Dv);
     for (int s = 0; s < nk; ++s) {
-      acc_t* g = sc.dKf.data() + (long)s * F;
+      acc_t* g = sc.dKf.data() + (int64_t)s * F;
       for (int f = 0; f < F; ++f) g[f] += dzt[f];
-      const acc_t* kb = sc.Kb.data() + (long)s * Dk;
-      acc_t* db = sc.db.data() + (long)s * Dk;
+      const acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
+      acc_t* db = sc.db.data() + (int64_t)s * Dk;
       const acc_t sn = sc.sk[s], cs = sc.ck[s];
       acc_t th = 0;
       for (int d = 0; d < Dk; ++d) {
@@ -685,10 +696,10 @@ struct Leap {
       gemm_prefix_n<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH, sc.nv.data());
       for (int i = 0; i < nq; ++i) {
         const int n_vis = sc.nv[i];
-        const acc_t* p = sc.P.data() + (long)i * CH;
-        acc_t* a = sc.A.data() + (long)i * CH;
-        acc_t* dA = sc.dA.data() + (long)i * CH;
-        acc_t* E = sc.E.data() + (long)i * CH;
+        const acc_t* p = sc.P.data() + (int64_t)i * CH;
+        acc_t* a = sc.A.data() + (int64_t)i * CH;
+        acc_t* dA = sc.dA.data() + (int64_t)i * CH;
+        acc_t* E = sc.E.data() + (int64_t)i * CH;
         const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i];
         for (int s = 0; s < nk; ++s) {
           const bool vis = s < n_vis;
@@ -703,20 +714,22 @@ struct Leap {
       gemm_suffix_k<acc_t>(nk, Dk, nq, sc.E.data(), 1, CH, sc.Qa.data(), Dk, sc.db.data(), Dk, sc.ks.data());
       for (int s = 0; s < nk; ++s) {
         acc_t th = 0;
-        for (int i = 0; i < nq; ++i) th += sc.dA[(long)i * CH + s];
+        for (int i = 0; i < nq; ++i) th += sc.dA[(int64_t)i * CH + s];
         sc.dthk[s] += th;
       }
     }
     for (int s = 0; s < nk; ++s) {
-      const long gs = (long)it.b * S + it.ko + j * CH + s;
-      const long row = gs * H + h;
+      const int64_t gs = (int64_t)it.b * S + it.ko + j * CH + s;
+      const int64_t row = gs * H + h;
       const int hk = h / G;
       const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
       const bool keep = sc.msk[s] != acc_t(0);
-      const acc_t* db = sc.db.data() + (long)s * Dk;
+      const acc_t* db = sc.db.data() + (int64_t)s * Dk;
       acc_t* dkr = dkh + row * Dk;
       for (int d = 0; d < Dk; ++d) dkr[d] = keep && static_cast<acc_t>(kr[d]) > acc_t(0) ? db[d] : acc_t(0);
-      std::memcpy(dvh + row * Dv, sc.dvv.data() + (long)s * Dv, sizeof(acc_t) * Dv);
+      const acc_t* dvs = sc.dvv.data() + (int64_t)s * Dv;
+      acc_t* dvr = dvh + row * Dv;
+      for (int e = 0; e < Dv; ++e) dvr[e] = keep ? dvs[e] : acc_t(0);  // exactly 0 for a padded key
       dpkh[row] = keep ? acc_t(HALF_PI) * sc.dthk[s] : acc_t(0);
     }
   }
@@ -727,11 +740,11 @@ struct Leap {
     if (g_mode == 2) return true;
     const int nt = at::get_num_threads();
     if (nt <= 1) return false;
-    long total = 0, mx = 0;
+    int64_t total = 0, mx = 0;
     for (int n = 0; n < N; ++n) {
       const Item it = item(n);
-      total += (long)(it.NK + 1) * H;
-      mx = std::max<long>(mx, it.NK + 1);
+      total += (int64_t)(it.NK + 1) * H;
+      mx = std::max<int64_t>(mx, it.NK + 1);
     }
     (void)items;
     // across chunks only when one (sequence, head) would dominate the makespan: fewer items than
@@ -740,10 +753,10 @@ struct Leap {
   }
 
   const acc_t* state_ptr(const acc_t* base, int n, int h) const {
-    return base ? base + ((long)n * H + h) * F * Dv : nullptr;
+    return base ? base + ((int64_t)n * H + h) * F * Dv : nullptr;
   }
   const acc_t* zstate_ptr(const acc_t* base, int n, int h) const {
-    return base ? base + ((long)n * H + h) * F : nullptr;
+    return base ? base + ((int64_t)n * H + h) * F : nullptr;
   }
   void init_state(acc_t* S_, acc_t* z_, const acc_t* S0, const acc_t* z0) const {
     if (S0) std::memcpy(S_, S0, sizeof(acc_t) * (size_t)F * Dv);
@@ -760,13 +773,13 @@ struct Leap {
   // ---------------- across-chunks layout ----------------
   // One (S, z) slot per chunk boundary j = 0..NK of every (sequence, head) item.
   struct ChunkTable {
-    std::vector<long> off;                   // first slot of item idx; off[items] = all slots
-    std::vector<std::pair<int, int>> tasks;  // (item, j) for j = 0..NK
+    std::vector<int64_t> off;                   // first slot of item idx; off[items] = all slots
+    std::vector<std::pair<int64_t, int>> tasks;  // (item, j) for j = 0..NK
     std::vector<std::vector<int>> gbs;       // query group boundaries per sequence (same for every head)
-    long slot = 0;                           // F * Dv + F values per slot
+    int64_t slot = 0;                           // F * Dv + F values per slot
   };
   ChunkTable chunk_table() const {
-    const int items = N * H;
+    const int64_t items = (int64_t)N * H;
     ChunkTable tb;
     tb.off.assign(items + 1, 0);
     tb.gbs.resize(N);
@@ -774,27 +787,28 @@ struct Leap {
       const Item it = item(n);
       groups(it, tb.gbs[n]);
       for (int h = 0; h < H; ++h) {
-        const int idx = n * H + h;
+        const int64_t idx = (int64_t)n * H + h;
         tb.off[idx + 1] = tb.off[idx] + it.NK + 1;
         for (int j = 0; j <= it.NK; ++j) tb.tasks.emplace_back(idx, j);
       }
     }
-    tb.slot = (long)F * Dv + F;
+    tb.slot = (int64_t)F * Dv + F;
     return tb;
   }
   // X slot j of item idx <- S0 + the states of chunks < j (chunk-local states in parallel over
   // all (item, chunk) tasks, then a prefix per item).
   void prefix_states(const ChunkTable& tb, std::vector<acc_t>& X, const acc_t* S0, const acc_t* z0) const {
-    auto XS = [&](int idx, int j) { return X.data() + (tb.off[idx] + j) * tb.slot; };
-    auto Xz = [&](int idx, int j) { return X.data() + (tb.off[idx] + j) * tb.slot + (long)F * Dv; };
+    auto XS = [&](int64_t idx, int j) { return X.data() + (tb.off[idx] + j) * tb.slot; };
+    auto Xz = [&](int64_t idx, int j) { return X.data() + (tb.off[idx] + j) * tb.slot + (int64_t)F * Dv; };
     run_tasks<Scratch>((int64_t)tb.tasks.size(), [&] { return make_scratch(); }, [&](int64_t ti, Scratch& sc) {
-      const int idx = tb.tasks[ti].first, j = tb.tasks[ti].second;
+      const int64_t idx = tb.tasks[ti].first;
+      const int j = tb.tasks[ti].second;
       const Item it = item(idx / H);
       if (j >= it.NK) return;
       load_keys(it, idx % H, j, sc);
       chunk_state(sc, XS(idx, j + 1), Xz(idx, j + 1));
     });
-    run_tasks<int>(N * H, [] { return 0; }, [&](int64_t idx, int&) {
+    run_tasks<int>((int64_t)N * H, [] { return 0; }, [&](int64_t idx, int&) {
       const int n = (int)(idx / H), h = (int)(idx % H);
       const Item it = item(n);
       init_state(XS(idx, 0), Xz(idx, 0), state_ptr(S0, n, h), zstate_ptr(z0, n, h));
@@ -803,7 +817,7 @@ struct Leap {
   }
 
   void forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const {
-    const int items = N * H;
+    const int64_t items = (int64_t)N * H;
     if (!use_chunks(items)) {
       run_tasks<Scratch>(items, [&] { return make_scratch(); }, [&](int64_t idx, Scratch& sc) {
         const int n = (int)(idx / H), h = (int)(idx % H);
@@ -819,33 +833,34 @@ struct Leap {
           }
         }
         if (Sout) {
-          std::memcpy(Sout + ((long)n * H + h) * F * Dv, sc.S.data(), sizeof(acc_t) * (size_t)F * Dv);
-          std::memcpy(zout + ((long)n * H + h) * F, sc.z.data(), sizeof(acc_t) * F);
+          std::memcpy(Sout + ((int64_t)n * H + h) * F * Dv, sc.S.data(), sizeof(acc_t) * (size_t)F * Dv);
+          std::memcpy(zout + ((int64_t)n * H + h) * F, sc.z.data(), sizeof(acc_t) * F);
         }
       });
       return;
     }
     // across chunks
     const ChunkTable tb = chunk_table();
-    const std::vector<long>& off = tb.off;
-    const std::vector<std::pair<int, int>>& tasks = tb.tasks;
+    const std::vector<int64_t>& off = tb.off;
+    const std::vector<std::pair<int64_t, int>>& tasks = tb.tasks;
     const std::vector<std::vector<int>>& gbs = tb.gbs;
-    const long slot = tb.slot;
+    const int64_t slot = tb.slot;
     std::vector<acc_t> X((size_t)off[items] * slot);
-    auto XS = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot; };
-    auto Xz = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot + (long)F * Dv; };
+    auto XS = [&](int64_t idx, int j) { return X.data() + (off[idx] + j) * slot; };
+    auto Xz = [&](int64_t idx, int j) { return X.data() + (off[idx] + j) * slot + (int64_t)F * Dv; };
     // phases 1-2: chunk-local states, then the prefix over them
     prefix_states(tb, X, S0, z0);
     if (Sout) {
-      for (int idx = 0; idx < items; ++idx) {
+      for (int64_t idx = 0; idx < items; ++idx) {
         const int n = idx / H, h = idx % H, NK = item(n).NK;
-        std::memcpy(Sout + ((long)n * H + h) * F * Dv, XS(idx, NK), sizeof(acc_t) * (size_t)F * Dv);
-        std::memcpy(zout + ((long)n * H + h) * F, Xz(idx, NK), sizeof(acc_t) * F);
+        std::memcpy(Sout + ((int64_t)n * H + h) * F * Dv, XS(idx, NK), sizeof(acc_t) * (size_t)F * Dv);
+        std::memcpy(zout + ((int64_t)n * H + h) * F, Xz(idx, NK), sizeof(acc_t) * F);
       }
     }
     // phase 3: outputs
     run_tasks<Scratch>((int64_t)tasks.size(), [&] { return make_scratch(); }, [&](int64_t ti, Scratch& sc) {
-      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const int64_t idx = tasks[ti].first;
+      const int j = tasks[ti].second;
       const int h = idx % H;
       const Item it = item(idx / H);
       const std::vector<int>& gbv = gbs[idx / H];
@@ -857,7 +872,7 @@ struct Leap {
 
   void backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
                 scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const {
-    const int items = N * H;
+    const int64_t items = (int64_t)N * H;
     std::vector<acc_t> wdn((size_t)B * H * T * Dv), wdd((size_t)B * H * T);
     if (!use_chunks(items)) {
       run_tasks<Scratch>(items, [&] { return make_scratch(); }, [&](int64_t idx, Scratch& sc) {
@@ -890,27 +905,28 @@ struct Leap {
           add_state(sc.S.data(), sc.z.data(), sc.dS.data(), sc.dz.data());
         }
         if (dS0) {
-          std::memcpy(dS0 + ((long)n * H + h) * F * Dv, sc.S.data(), sizeof(acc_t) * (size_t)F * Dv);
-          std::memcpy(dz0 + ((long)n * H + h) * F, sc.z.data(), sizeof(acc_t) * F);
+          std::memcpy(dS0 + ((int64_t)n * H + h) * F * Dv, sc.S.data(), sizeof(acc_t) * (size_t)F * Dv);
+          std::memcpy(dz0 + ((int64_t)n * H + h) * F, sc.z.data(), sizeof(acc_t) * F);
         }
       });
       return;
     }
     const ChunkTable tb = chunk_table();
-    const std::vector<long>& off = tb.off;
-    const std::vector<std::pair<int, int>>& tasks = tb.tasks;
+    const std::vector<int64_t>& off = tb.off;
+    const std::vector<std::pair<int64_t, int>>& tasks = tb.tasks;
     const std::vector<std::vector<int>>& gbs = tb.gbs;
-    const long slot = tb.slot;
+    const int64_t slot = tb.slot;
     std::vector<acc_t> X((size_t)off[items] * slot), Y((size_t)off[items] * slot);
-    auto XS = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot; };
-    auto Xz = [&](int idx, int j) { return X.data() + (off[idx] + j) * slot + (long)F * Dv; };
-    auto YS = [&](int idx, int j) { return Y.data() + (off[idx] + j) * slot; };
-    auto Yz = [&](int idx, int j) { return Y.data() + (off[idx] + j) * slot + (long)F * Dv; };
+    auto XS = [&](int64_t idx, int j) { return X.data() + (off[idx] + j) * slot; };
+    auto Xz = [&](int64_t idx, int j) { return X.data() + (off[idx] + j) * slot + (int64_t)F * Dv; };
+    auto YS = [&](int64_t idx, int j) { return Y.data() + (off[idx] + j) * slot; };
+    auto Yz = [&](int64_t idx, int j) { return Y.data() + (off[idx] + j) * slot + (int64_t)F * Dv; };
     auto mk = [&] { return make_scratch(); };
     const int64_t nt = (int64_t)tasks.size();
     prefix_states(tb, X, S0, z0);  // recomputed, as in the forward
     run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
-      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const int64_t idx = tasks[ti].first;
+      const int j = tasks[ti].second;
       const int h = idx % H;
       const Item it = item(idx / H);
       const std::vector<int>& gbv = gbs[idx / H];
@@ -921,7 +937,8 @@ struct Leap {
                   wdd.data(), dq, dpq);
     });
     run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
-      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const int64_t idx = tasks[ti].first;
+      const int j = tasks[ti].second;
       const Item it = item(idx / H);
       const std::vector<int>& gbv = gbs[idx / H];
       group_dstate(it, idx % H, gbv[j], gbv[j + 1], sc, wdn.data(), wdd.data(), YS(idx, j), Yz(idx, j));
@@ -941,12 +958,13 @@ struct Leap {
         add_state(r, rz, sc.dS.data(), sc.dz.data());
       }
       if (dS0) {
-        std::memcpy(dS0 + ((long)n * H + h) * F * Dv, r, sizeof(acc_t) * (size_t)F * Dv);
-        std::memcpy(dz0 + ((long)n * H + h) * F, rz, sizeof(acc_t) * F);
+        std::memcpy(dS0 + ((int64_t)n * H + h) * F * Dv, r, sizeof(acc_t) * (size_t)F * Dv);
+        std::memcpy(dz0 + ((int64_t)n * H + h) * F, rz, sizeof(acc_t) * F);
       }
     });
     run_tasks<Scratch>(nt, mk, [&](int64_t ti, Scratch& sc) {
-      const int idx = tasks[ti].first, j = tasks[ti].second;
+      const int64_t idx = tasks[ti].first;
+      const int j = tasks[ti].second;
       const int h = idx % H;
       const Item it = item(idx / H);
       if (j >= it.NK) return;
@@ -960,7 +978,7 @@ struct Leap {
 
   // Decode step: t new tokens, causal among them, on top of (S0, z0); one sweep over the state.
   void step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const {
-    const int items = B * H;
+    const int64_t items = (int64_t)B * H;
     g_call_work = 4.0 * B * H * (double)F * Dv * (T + 1);  // memory-bound: weigh bytes
     const int t = T;
     auto mk = [&] {
@@ -975,24 +993,24 @@ struct Leap {
       acc_t* num = vv + (size_t)t * Dv;
       acc_t* den = num + (size_t)t * Dv;
       for (int i = 0; i < t; ++i) {
-        const long gt = (long)b * T + i;
+        const int64_t gt = (int64_t)b * T + i;
         acc_t sn, cs;
         sincos_p(pq[gt * H + h], sn, cs);
         const scalar_t* qr = q + (gt * H + h) * Dk;
         for (int d = 0; d < Dk; ++d) {
           const acc_t x = relu(static_cast<acc_t>(qr[d]));
-          qf[(long)i * F + d] = x * sn;
-          qf[(long)i * F + Dk + d] = x * cs;
+          qf[(int64_t)i * F + d] = x * sn;
+          qf[(int64_t)i * F + Dk + d] = x * cs;
         }
         sincos_p(pk[gt * Hkv + hk], sn, cs);
         const scalar_t* kr = k + (gt * Hkv + hk) * Dk;
         for (int d = 0; d < Dk; ++d) {
           const acc_t x = relu(static_cast<acc_t>(kr[d]));
-          kf[(long)i * F + d] = x * sn;
-          kf[(long)i * F + Dk + d] = x * cs;
+          kf[(int64_t)i * F + d] = x * sn;
+          kf[(int64_t)i * F + Dk + d] = x * cs;
         }
         const scalar_t* vr = v + (gt * Hkv + hk) * Dv;
-        for (int e = 0; e < Dv; ++e) vv[(long)i * Dv + e] = static_cast<acc_t>(vr[e]);
+        for (int e = 0; e < Dv; ++e) vv[(int64_t)i * Dv + e] = static_cast<acc_t>(vr[e]);
         den[i] = 0;
       }
       std::fill(num, num + (size_t)t * Dv, acc_t(0));
@@ -1018,14 +1036,14 @@ struct Leap {
 #endif
       if (!swept) {  // general t (and float64, or Dv not a multiple of 8): scalar rows
         for (int f = 0; f < F; ++f) {
-          acc_t* srow = So + (long)f * Dv;
-          if (Sin) std::memcpy(srow, Sin + (long)f * Dv, sizeof(acc_t) * Dv);
+          acc_t* srow = So + (int64_t)f * Dv;
+          if (Sin) std::memcpy(srow, Sin + (int64_t)f * Dv, sizeof(acc_t) * Dv);
           else std::fill(srow, srow + Dv, acc_t(0));
           acc_t zf = zin ? zin[f] : acc_t(0);
           for (int i = 0; i < t; ++i) {
-            const acc_t kv = kf[(long)i * F + f], qv = qf[(long)i * F + f];
-            const acc_t* vr = vv + (long)i * Dv;
-            acc_t* nm = num + (long)i * Dv;
+            const acc_t kv = kf[(int64_t)i * F + f], qv = qf[(int64_t)i * F + f];
+            const acc_t* vr = vv + (int64_t)i * Dv;
+            acc_t* nm = num + (int64_t)i * Dv;
             for (int e = 0; e < Dv; ++e) {
               const acc_t s = srow[e] + kv * vr[e];
               srow[e] = s;
@@ -1038,11 +1056,11 @@ struct Leap {
         }
       }
       for (int i = 0; i < t; ++i) {
-        const long gt = (long)b * T + i;
+        const int64_t gt = (int64_t)b * T + i;
         scalar_t* orow = o + (gt * H + h) * Dv;
         const acc_t dd = normalize ? std::max(den[i], eps) : acc_t(1);
         for (int e = 0; e < Dv; ++e)
-          orow[e] = static_cast<scalar_t>(normalize ? num[(long)i * Dv + e] / dd : num[(long)i * Dv + e]);
+          orow[e] = static_cast<scalar_t>(normalize ? num[(int64_t)i * Dv + e] / dd : num[(int64_t)i * Dv + e]);
       }
     });
   }
@@ -1052,6 +1070,8 @@ struct Leap {
 // Python bindings
 // ---------------------------------------------------------------------------------------
 using OptT = c10::optional<at::Tensor>;
+
+inline bool has(const OptT& t) { return t.has_value() && t->defined(); }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
                   const at::Tensor& pk) {
@@ -1063,6 +1083,66 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(pq.scalar_type() == acc && pk.scalar_type() == acc, "pq, pk must be in the state dtype");
+  // the kernels index with these: a mismatch would read out of bounds
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), S = k.size(1), Hkv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == S && v.size(2) == Hkv && k.size(3) == q.size(3),
+              "q, k, v shapes do not match");
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "the heads of k must divide the heads of q");
+  TORCH_CHECK(pq.dim() == 3 && pq.size(0) == B && pq.size(1) == T && pq.size(2) == H, "pq must be [B, T, H]");
+  TORCH_CHECK(pk.dim() == 3 && pk.size(0) == B && pk.size(1) == S && pk.size(2) == Hkv, "pk must be [B, S, Hkv]");
+  // sizes are held in int (loop counters, and small sums such as 2*F + 2*Dv + 1 of head sizes);
+  // offsets and products are formed in int64_t. Refuse, never truncate.
+  constexpr int64_t kMax = std::numeric_limits<int>::max() / 2, kMaxHead = int64_t(1) << 24;
+  for (int64_t d : {B, T, H, S, Hkv})
+    TORCH_CHECK(d <= kMax, "leap_attention cpu kernels: a dimension of ", d, " exceeds ", kMax);
+  TORCH_CHECK(q.size(3) <= kMaxHead && v.size(3) <= kMaxHead, "leap_attention cpu kernels: head dims above ",
+              kMaxHead, " are not supported");
+}
+
+// cu_seqlens is read on the host (a CPU tensor here, so checking it costs nothing): the eager
+// validation is skipped under torch.compile, and a bad offset would index out of bounds.
+void check_cu_seqlens(const at::Tensor& cu, int64_t B, int64_t T, int64_t S) {
+  TORCH_CHECK_VALUE(cu.device().is_cpu() && cu.scalar_type() == at::kLong && cu.is_contiguous() && cu.dim() == 1,
+                    "cu_seqlens: a contiguous 1-D int64 CPU tensor");
+  TORCH_CHECK_VALUE(cu.numel() >= 2, "cu_seqlens must hold N + 1 >= 2 offsets, got ", cu.numel());
+  TORCH_CHECK_VALUE(B == 1 && S == T, "cu_seqlens needs packed q, k, v (batch size 1, S == T), got B=", B,
+                    ", T=", T, ", S=", S);
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const int64_t n = cu.numel() - 1;
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int>::max() / 2, "cu_seqlens: too many sequences (", n, ")");
+  TORCH_CHECK_VALUE(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(c[i + 1] >= c[i] && c[i + 1] <= T, "cu_seqlens must be non-decreasing within [0, T=", T,
+                      "], got cu_seqlens[", i + 1, "] = ", c[i + 1], " after ", c[i]);
+  TORCH_CHECK_VALUE(c[n] == T, "cu_seqlens must end at the total length T=", T, ", got ", c[n]);
+}
+
+// an optional state-like tensor: contiguous, CPU, dtype, numel
+void check_opt(const OptT& t, const char* name, at::ScalarType dt, int64_t numel, bool contiguous = true) {
+  if (!has(t)) return;
+  TORCH_CHECK(t->device().is_cpu() && (t->is_contiguous() || !contiguous) && t->scalar_type() == dt, name,
+              ": a contiguous CPU tensor in the state dtype");
+  TORCH_CHECK(t->numel() == numel, name, " has ", t->numel(), " elements, expected ", numel);
+}
+
+int64_t num_seqs(const at::Tensor& q, const at::Tensor& k, const OptT& cu) {
+  if (!has(cu)) return q.size(0);
+  check_cu_seqlens(*cu, q.size(0), q.size(1), k.size(1));
+  return cu->numel() - 1;
+}
+
+void check_states(const at::Tensor& q, const at::Tensor& v, int64_t n, const OptT& S0, const OptT& z0,
+                  const OptT& kpm, int64_t S) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t H = q.size(2), F = 2 * q.size(3), Dv = v.size(3);
+  TORCH_CHECK(has(S0) == has(z0), "S0 and z0 come together");
+  check_opt(S0, "S0", acc, n * H * F * Dv);
+  check_opt(z0, "z0", acc, n * H * F);
+  if (has(kpm)) {
+    TORCH_CHECK(kpm->device().is_cpu() && kpm->scalar_type() == at::kBool && kpm->is_contiguous(),
+                "key_padding_mask: contiguous bool");
+    TORCH_CHECK(kpm->numel() == q.size(0) * S, "key_padding_mask must be [B, S]");
+  }
 }
 
 template <typename scalar_t>
@@ -1079,7 +1159,8 @@ Leap<scalar_t> make_ctx(const at::Tensor& q, const at::Tensor& k, const at::Tens
   L.Dv = (int)v.size(3);
   L.G = L.H / L.Hkv;
   L.F = 2 * L.Dk;
-  L.W = (int)block_size;
+  // any block_size >= the longest sequence is one block: clamp (64-bit, never truncated)
+  L.W = block_size <= 0 ? 0 : std::min<int64_t>(block_size, std::max<int64_t>({L.T, L.S, 1}));
   L.causal = causal;
   L.normalize = normalize;
   using acc_ty = typename Leap<scalar_t>::acc_t;
@@ -1091,14 +1172,10 @@ Leap<scalar_t> make_ctx(const at::Tensor& q, const at::Tensor& k, const at::Tens
   using acc_t = typename Leap<scalar_t>::acc_t;
   L.pq = pq.data_ptr<acc_t>();
   L.pk = pk.data_ptr<acc_t>();
-  if (kpm.has_value() && kpm->defined()) {
-    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->is_contiguous(), "key_padding_mask: contiguous bool");
-    L.kpm = kpm->data_ptr<bool>();
-  }
-  if (cu.has_value() && cu->defined()) {
-    TORCH_CHECK(cu->scalar_type() == at::kLong && cu->is_contiguous(), "cu_seqlens: contiguous int64");
+  if (has(kpm)) L.kpm = kpm->data_ptr<bool>();  // checked by check_states
+  if (has(cu)) {  // checked by num_seqs
     L.cu = cu->data_ptr<int64_t>();
-    L.N = (int)cu->numel() - 1;
+    L.N = (int)(cu->numel() - 1);
   } else {
     L.N = L.B;
   }
@@ -1107,7 +1184,7 @@ Leap<scalar_t> make_ctx(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 template <typename T>
 const T* opt_ptr(const OptT& t) {
-  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+  return has(t) ? t->data_ptr<T>() : nullptr;
 }
 
 py::tuple fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
@@ -1115,8 +1192,9 @@ py::tuple fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
               int64_t block_size, double eps, bool normalize, bool output_final_state) {
   check_inputs(q, k, v, pq, pk);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = num_seqs(q, k, cu);
+  check_states(q, v, n, S0, z0, kpm, k.size(1));
   auto o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  const int64_t n = (cu.has_value() && cu->defined()) ? cu->numel() - 1 : q.size(0);
   at::Tensor S, z;
   if (output_final_state) {
     S = at::empty({n, q.size(2), 2 * q.size(3), v.size(3)}, q.options().dtype(acc));
@@ -1141,7 +1219,12 @@ py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3), S = k.size(1), Hkv = k.size(2),
                 Dv = v.size(3);
-  const int64_t n = (cu.has_value() && cu->defined()) ? cu->numel() - 1 : B;
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == T && dout.size(2) == H && dout.size(3) == Dv,
+              "do must have o's shape [B, T, H, Dv]");
+  const int64_t n = num_seqs(q, k, cu);
+  check_states(q, v, n, S0, z0, kpm, S);
+  check_opt(dS, "dS", acc, n * H * 2 * Dk * Dv, false);  // made contiguous below
+  check_opt(dz, "dz", acc, n * H * 2 * Dk, false);
   auto dq = at::empty_like(q);
   auto dpq = at::empty({B, T, H}, q.options().dtype(acc));
   auto dkh = at::empty({B, S, H, Dk}, q.options().dtype(acc));
@@ -1217,6 +1300,8 @@ py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::
 py::tuple step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
                const at::Tensor& pk, const OptT& S0, const OptT& z0, double eps, bool normalize) {
   check_inputs(q, k, v, pq, pk);
+  TORCH_CHECK(k.size(1) == q.size(1), "step: k needs as many new tokens as q");
+  check_states(q, v, q.size(0), S0, z0, c10::nullopt, k.size(1));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto S = at::empty({q.size(0), q.size(2), 2 * q.size(3), v.size(3)}, q.options().dtype(acc));

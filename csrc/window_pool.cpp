@@ -1,22 +1,29 @@
 // Window pooling on the CPU: forward and backward of sum / mean / max over windows (a, b) of
 // offsets relative to t (DESIGN section 2), for x [B, T, D] in float16 / bfloat16 / float32 /
-// float64 (templated; accumulation in float32, float64 for double).
+// float64 (templated; sum / mean prefixes in double for every dtype, max and the backward's
+// per-row accumulators in float32, double for double).
 //
 // Work is split over tasks with at::parallel_for: (b, D-block) for sum / mean and the
 // backwards, (b, T-tile, D-block) for the max forward; each task owns the columns [d0, d0 + DB)
 // of one sequence (rows of its tile) and keeps its scratch in a thread-local buffer.
 //
 // sum / mean: one blocked two-level prefix sum along T per task, shared by every window.
-//   P[i] = sum x[blk(i)*TB .. i-1] (intra-block, acc_t), C[k] = sum x[0 .. k*TB-1] (double),
-//   so sum x[lo .. hi-1] = (C[hi/TB] - C[lo/TB]) + (P[hi] - P[lo]): the error is that of an
-//   acc_t sum of one block whatever T, and the cost per window is O(T * D) whatever its length.
-//   The backward is the same operation on the gradient over the reversed windows (-b, -a),
-//   summed over windows (mean scales the gradient by 1 / count first).
+//   P[i] = sum x[blk(i)*TB .. i-1] (intra-block), C[k] = sum x[0 .. k*TB-1], both double for
+//   every input dtype, so sum x[lo .. hi-1] = (C[hi/TB] - C[lo/TB]) + (P[hi] - P[lo]) (then
+//   / count for mean, still in double): the error is that of a double sum of one block whatever
+//   T, the cost per window is O(T * D) whatever its length, and finite float32 / bfloat16 data
+//   up to the top of its range cannot overflow a partial sum (a float32 in-block prefix of
+//   x = 1e37 reached inf after 34 rows and gave NaN even for the window (0, 0)). A NaN or inf
+//   reaches every later prefix of its column: windows after it may be NaN (documented in
+//   ops.window_pool). The backward is the same operation on the gradient over the reversed
+//   windows (-b, -a), summed over windows (mean scales the gradient by 1 / count first).
 // max: a tiled sparse table (see max_fwd): O(T * D * log Lmax) for all windows together. Ties
-//   keep the first (lowest) index. With the argmax (only when a gradient is needed) it is saved
-//   as an offset from the window's clipped start (int16 where the longest window fits, else
-//   int32, as the caller asks; -1 for a wholly-outside window). The backward scatters the
-//   gradient to the argmax sequentially inside a task: deterministic.
+//   keep the first (lowest) index; NaN ranks above every number (a window holding NaN gives
+//   NaN, as torch.amax, and its argmax is the window's first NaN: see greater()). With the
+//   argmax (only when a gradient is needed) it is saved as an offset from the window's clipped
+//   start (int16 where the longest window fits, else int32, as the caller asks; -1 for a
+//   wholly-outside window). The backward scatters the gradient to the argmax sequentially
+//   inside a task: deterministic.
 //
 // Windows arrive clamped to [-T, T] (same result, no overflow) as int64 lists.
 #include <torch/extension.h>
@@ -53,6 +60,13 @@ void for_tasks(int64_t n, int64_t work_per_task, const F& fn) {
 
 inline int64_t clampi(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// The order of the max: NaN above every number (v != v is NaN; no -ffast-math here). Ties,
+// NaN with NaN included, are not "greater": the earlier (lower index) candidate stays.
+template <typename acc_t>
+inline bool greater(acc_t v, acc_t than) {
+  return v > than || (v != v && than == than);
+}
+
 // Clipped half-open range [lo, hi) of window (a, b) at t.
 inline void bounds(int64_t t, int64_t a, int64_t b, int64_t T, int64_t& lo, int64_t& hi) {
   lo = clampi(t + a, 0, T);
@@ -60,11 +74,11 @@ inline void bounds(int64_t t, int64_t a, int64_t b, int64_t T, int64_t& lo, int6
   if (hi < lo) hi = lo;
 }
 
-// Blocked prefix of y[i * ys + j] (i < T, j < cn), each row i scaled by scale[i] if given.
-template <typename scalar_t, typename acc_t>
-void blocked_prefix(const scalar_t* y, int64_t ys, int64_t T, int64_t cn, const acc_t* scale, acc_t* P,
+// Blocked prefix (double) of y[i * ys + j] (i < T, j < cn), each row i scaled by scale[i] if given.
+template <typename scalar_t>
+void blocked_prefix(const scalar_t* y, int64_t ys, int64_t T, int64_t cn, const double* scale, double* P,
                     double* C) {
-  acc_t run[DB];
+  double run[DB];
   double carry[DB];
   for (int64_t j = 0; j < DB; ++j) {
     run[j] = 0;
@@ -74,44 +88,44 @@ void blocked_prefix(const scalar_t* y, int64_t ys, int64_t T, int64_t cn, const 
     if (i % TB == 0) {
       double* c = C + (i / TB) * DB;
       for (int64_t j = 0; j < DB; ++j) {
-        carry[j] += static_cast<double>(run[j]);
+        carry[j] += run[j];
         c[j] = carry[j];
         run[j] = 0;
       }
     }
-    acc_t* p = P + i * DB;
+    double* p = P + i * DB;
     for (int64_t j = 0; j < DB; ++j) p[j] = run[j];
     if (i < T) {
       const scalar_t* row = y + i * ys;
       if (scale) {
-        const acc_t s = scale[i];
-        for (int64_t j = 0; j < cn; ++j) run[j] += static_cast<acc_t>(row[j]) * s;
+        const double s = scale[i];
+        for (int64_t j = 0; j < cn; ++j) run[j] += static_cast<double>(row[j]) * s;
       } else {
-        for (int64_t j = 0; j < cn; ++j) run[j] += static_cast<acc_t>(row[j]);
+        for (int64_t j = 0; j < cn; ++j) run[j] += static_cast<double>(row[j]);
       }
     }
   }
 }
 
-// v[j] = (sum over [lo, hi) of the prefixed column j) * scale, for j < n (v: any float type;
-// v[j] += instead with ADD)
-template <bool ADD = false, typename acc_t, typename out_t>
-inline void range_sum(const acc_t* P, const double* C, int64_t lo, int64_t hi, acc_t scale, out_t* __restrict v,
+// v[j] = (sum over [lo, hi) of the prefixed column j) * scale, for j < n, computed in double and
+// rounded once (v: any float type; v[j] += instead with ADD)
+template <bool ADD = false, typename out_t>
+inline void range_sum(const double* P, const double* C, int64_t lo, int64_t hi, double scale, out_t* __restrict v,
                       int64_t n) {
-  const acc_t* pl = P + lo * DB;
-  const acc_t* ph = P + hi * DB;
+  const double* pl = P + lo * DB;
+  const double* ph = P + hi * DB;
   const int64_t bl = lo / TB, bh = hi / TB;
   if (bl == bh) {
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t r = (ph[j] - pl[j]) * scale;
-      v[j] = static_cast<out_t>(ADD ? static_cast<acc_t>(v[j]) + r : r);
+      const double r = (ph[j] - pl[j]) * scale;
+      v[j] = static_cast<out_t>(ADD ? static_cast<double>(v[j]) + r : r);
     }
   } else {
     const double* cl = C + bl * DB;
     const double* ch = C + bh * DB;
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t r = (static_cast<acc_t>(ch[j] - cl[j]) + (ph[j] - pl[j])) * scale;
-      v[j] = static_cast<out_t>(ADD ? static_cast<acc_t>(v[j]) + r : r);
+      const double r = ((ch[j] - cl[j]) + (ph[j] - pl[j])) * scale;
+      v[j] = static_cast<out_t>(ADD ? static_cast<double>(v[j]) + r : r);
     }
   }
 }
@@ -142,20 +156,19 @@ Problem make_problem(const at::Tensor& t3, int64_t T, const std::vector<int64_t>
 // ---------------------------------------------------------------- sum / mean
 template <typename scalar_t>
 void sum_fwd(const scalar_t* x, scalar_t* out, const Problem& pr, bool mean) {
-  using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
   for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> P((T + 1) * DB);
+    std::vector<double> P((T + 1) * DB);
     std::vector<double> C((T / TB + 1) * DB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
-      blocked_prefix<scalar_t, acc_t>(x + bb * T * D + d0, D, T, cn, nullptr, P.data(), C.data());
+      blocked_prefix<scalar_t>(x + bb * T * D + d0, D, T, cn, nullptr, P.data(), C.data());
       for (int64_t t = 0; t < T; ++t) {
         scalar_t* orow = out + (bb * T + t) * W * D + d0;
         for (int64_t w = 0; w < W; ++w) {
           int64_t lo, hi;
           bounds(t, pr.a[w], pr.b[w], T, lo, hi);
-          const acc_t scale = mean ? acc_t(1) / static_cast<acc_t>(std::max<int64_t>(hi - lo, 1)) : acc_t(1);
+          const double scale = mean ? 1.0 / static_cast<double>(std::max<int64_t>(hi - lo, 1)) : 1.0;
           range_sum(P.data(), C.data(), lo, hi, scale, orow + w * D, cn);
         }
       }
@@ -168,31 +181,31 @@ void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
   // per-window row scales of the gradient: 1 / count for mean
-  std::vector<acc_t> scales;
+  std::vector<double> scales;
   if (mean) {
     scales.resize(W * T);
     for (int64_t w = 0; w < W; ++w)
       for (int64_t t = 0; t < T; ++t) {
         int64_t lo, hi;
         bounds(t, pr.a[w], pr.b[w], T, lo, hi);
-        scales[w * T + t] = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(hi - lo, 1));
+        scales[w * T + t] = 1.0 / static_cast<double>(std::max<int64_t>(hi - lo, 1));
       }
   }
   for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> P((T + 1) * DB);
+    std::vector<double> P((T + 1) * DB);
     std::vector<double> C((T / TB + 1) * DB);
     std::vector<acc_t> acc(T * DB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t w = 0; w < W; ++w) {
-        blocked_prefix<scalar_t, acc_t>(g + bb * T * W * D + w * D + d0, W * D, T, cn,
+        blocked_prefix<scalar_t>(g + bb * T * W * D + w * D + d0, W * D, T, cn,
                                         mean ? scales.data() + w * T : nullptr, P.data(), C.data());
         // position s receives the gradient of every t with s in [t+a, t+b]: t in [s-b, s-a]
         for (int64_t s = 0; s < T; ++s) {
           int64_t lo, hi;
           bounds(s, -pr.b[w], -pr.a[w], T, lo, hi);
-          range_sum<true>(P.data(), C.data(), lo, hi, acc_t(1), acc.data() + s * DB, DB);
+          range_sum<true>(P.data(), C.data(), lo, hi, 1.0, acc.data() + s * DB, DB);
         }
       }
       for (int64_t s = 0; s < T; ++s) {
@@ -212,8 +225,9 @@ void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
 // no sentinel (so -inf inputs need no special case). Level j of the buffer holds M_j[r] = first
 // max of rows r .. r + 2^j - 1, built in place from level j - 1 (ascending r reads only level
 // j - 1 rows); window (a, b) of length L, level k = floor(log2 L), is the first max of M_k[t + a]
-// and M_k[t + b - 2^k + 1] (overlapping ranges: the right one wins only when strictly greater,
-// as the left one holds the lower index on ties). Wholly-outside windows give 0 (argmax -1).
+// and M_k[t + b - 2^k + 1] (overlapping ranges: the right one wins only when greater(), as the
+// left one holds the lower index on ties; when both hold NaN the left one's first NaN is the
+// union's first NaN). Wholly-outside windows give 0 (argmax -1).
 // Cost O(T * D * log Lmax) per call plus a halo of (bmax - amin) rows per tile (TT >= the halo
 // up to T, so at most 2x), whatever the number of windows per level.
 template <typename scalar_t, typename index_t, bool ARG>
@@ -275,12 +289,12 @@ void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) 
               const int32_t* i2 = bi.data() + (t + b - span + 1 - base) * DB;
               const int32_t lo = static_cast<int32_t>(std::max<int64_t>(t + a, 0));
               for (int64_t j = 0; j < cn; ++j) {
-                const bool take2 = v2[j] > v1[j];
+                const bool take2 = greater(v2[j], v1[j]);
                 o[j] = static_cast<scalar_t>(take2 ? v2[j] : v1[j]);
                 ao[j] = static_cast<index_t>((take2 ? i2[j] : i1[j]) - lo);
               }
             } else {
-              for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(v2[j] > v1[j] ? v2[j] : v1[j]);
+              for (int64_t j = 0; j < cn; ++j) o[j] = static_cast<scalar_t>(greater(v2[j], v1[j]) ? v2[j] : v1[j]);
             }
           }
         }
@@ -293,12 +307,12 @@ void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) 
             int32_t* ix = bi.data() + r * DB;
             const int32_t* ir = ix + span * DB;
             for (int64_t j = 0; j < DB; ++j) {
-              const bool take = vr[j] > v[j];
+              const bool take = greater(vr[j], v[j]);
               v[j] = take ? vr[j] : v[j];
               ix[j] = take ? ir[j] : ix[j];
             }
           } else {
-            for (int64_t j = 0; j < DB; ++j) v[j] = vr[j] > v[j] ? vr[j] : v[j];
+            for (int64_t j = 0; j < DB; ++j) v[j] = greater(vr[j], v[j]) ? vr[j] : v[j];
           }
         }
       }

@@ -8,6 +8,7 @@ input gives the same error whatever backend would have run. Checks that read ten
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -16,6 +17,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_NAMES = ("torch", "cpu", "triton")
 REDUCES = ("sum", "mean", "max")
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # window offsets (the custom ops take int64 lists)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,7 +64,10 @@ def check_backend(backend) -> None:
 def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
+    # Comparisons, not ``math.isfinite``: under ``torch.compile(dynamic=True)`` a Python float
+    # argument is traced as a SymFloat, on which ``math.isfinite`` is a graph break, while a
+    # comparison is a guard. NaN fails both comparisons.
+    if not (eps >= 0 and eps < math.inf):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return float(eps)
 
@@ -221,21 +226,30 @@ def check_window_pool(x, windows, reduce, backend) -> Tuple[Tuple[int, int], ...
     """Validate ``window_pool`` arguments; returns the windows as a tuple of int pairs."""
     x = _tensor(x, "x", 3, "[B, T, D]")
     _floating(x, "x")
-    if min(x.shape) < 1:
-        raise ValueError(f"x must have no empty dimension, got shape {tuple(x.shape)}")
+    if min(x.shape[1:]) < 1:  # an empty batch (B = 0) gives empty outputs, as in leap_attention
+        raise ValueError(f"x must have T >= 1 and D >= 1, got shape {tuple(x.shape)}")
     if not isinstance(reduce, str) or reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
     check_backend(backend)
+    return check_windows(windows)
+
+
+def check_windows(windows) -> Tuple[Tuple[int, int], ...]:
+    """Validate window offsets (a non-empty list of int pairs (a, b), a <= b, in the int64 range)."""
     if isinstance(windows, torch.Tensor) or not isinstance(windows, Sequence) or isinstance(windows, str):
         raise TypeError(f"windows must be a list of (a, b) int pairs, got {type(windows).__name__}")
     if len(windows) == 0:
         raise ValueError("windows must hold at least one (a, b) pair, got an empty list")
     out = []
     for i, w in enumerate(windows):
+        # ints, numpy integers included (numbers.Integral); bools and floats are not offsets
         if not isinstance(w, Sequence) or len(w) != 2 or not all(
-                isinstance(e, int) and not isinstance(e, bool) for e in w):
+                isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in w):
             raise TypeError(f"windows[{i}] must be a pair of ints (a, b), got {w!r}")
         a, b = int(w[0]), int(w[1])
+        if not (INT64_MIN <= a <= INT64_MAX and INT64_MIN <= b <= INT64_MAX):
+            raise ValueError(f"windows[{i}] = ({a}, {b}) has an offset outside the int64 range; an offset "
+                             f"beyond +-T acts as +-T (write sys.maxsize for 'to the end')")
         if a > b:
             raise ValueError(f"windows[{i}] = ({a}, {b}) has a > b; a window (a, b) needs a <= b")
         out.append((a, b))

@@ -73,6 +73,9 @@ class Block(nn.Module):
     forward(x [B, T, E], context=None [B, S, kdim], key_padding_mask=None [B, T] (True = pad),
     context_padding_mask=None [B, S], state=None, use_cache=False) -> x, or (x, state) with
     use_cache. The state is a dict ``{"self": ..., "cross": ...}`` of ``LeapAttention`` states.
+    With a state, ``context`` follows ``LeapAttention``'s rule: for non-causal cross-attention it
+    holds only source tokens not yet in the state (``None`` at decoding steps where no new source
+    arrived), for causal cross-attention the context positions aligned with the new queries.
     """
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, activation: str = "gelu",

@@ -24,9 +24,61 @@ def test_explicit_backend_is_used(monkeypatch):
     assert calls == [1]
 
 
-def test_float64_automatic_never_goes_to_triton():
-    assert backends.select("leap_attention", None, torch.device("cpu"), torch.float64).__name__.split(".")[-1] \
-        in ("torch_backend", "cpu_backend")
+OPS = ["leap_attention", "leap_attention_step", "window_pool"]
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def cuda_and_triton(monkeypatch):
+    """The selection rules for CUDA tensors, without a GPU: CUDA reported available (only the
+    selection functions are called, no kernel runs), triton importable."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LEAPFORMER_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_warned", set())
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_float64_automatic_goes_to_torch_silently(cuda_and_triton, op):
+    """DESIGN section 3/4: the automatic choice sends float64 CUDA tensors to torch, without a
+    warning, while the other float dtypes go to triton."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select(op, None, CUDA, torch.float64) is backends.get("torch")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert backends.select(op, None, CUDA, dtype) is backends.get("triton"), dtype
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_float64_explicit_triton_raises(cuda_and_triton, op):
+    with pytest.raises(ValueError, match="backend='triton'.*float64"):
+        backends.select(op, "triton", CUDA, torch.float64)
+
+
+def test_cuda_float64_env_triton_falls_back_to_torch(cuda_and_triton, monkeypatch):
+    monkeypatch.setenv("LEAPFORMER_BACKEND", "triton")
+    with pytest.warns(RuntimeWarning, match="float64"):
+        assert backends.select("leap_attention", None, CUDA, torch.float64) is backends.get("torch")
+
+
+def test_cuda_automatic_without_gpu():
+    """On this machine as it is: float64 CUDA tensors go to torch silently; float32 ones fall back
+    to torch with a warning when CUDA is missing (and go to triton on a GPU machine)."""
+    backends.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select("leap_attention", None, CUDA, torch.float64) is backends.get("torch")
+    if torch.cuda.is_available():
+        return
+    with pytest.warns(RuntimeWarning, match="triton backend is unavailable"):
+        assert backends.select("leap_attention", None, CUDA, torch.float32) is backends.get("torch")
+
+
+def test_cpu_float64_automatic_never_goes_to_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # even where triton can serve CPU tensors
+    monkeypatch.delenv("LEAPFORMER_BACKEND", raising=False)
+    assert backends.select("leap_attention", None, torch.device("cpu"), torch.float64) in \
+        (backends.get("torch"), backends.get("cpu"))
 
 
 def test_env_preference_falls_back_with_one_warning(monkeypatch):

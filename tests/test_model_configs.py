@@ -12,8 +12,6 @@ from leapformer_models.blocks import left_pad
 from leapformer_models.leap import LeapLSTMConfig, LeapTransformerConfig
 from leapformer_models.lm import LMConfig
 
-torch.set_num_threads(1)
-
 CONFIGS = [LMConfig, LeapLSTMConfig, LeapTransformerConfig]
 TINY = {
     "leapformer-lm": dict(n_layer=2, n_head=2, n_embd=32, seq_len=32),
@@ -187,7 +185,10 @@ def test_lm_max_new_tokens_that_fit():
         model.generate(prompts, 31, temperature=0, use_cache=False)
     with pytest.raises(ValueError, match="max_positions"):
         model.generate([list(range(41))], 0)
-    for pos in ("sinusoidal", "none"):
-        m = lm.build("leapformer-lm", **dict(TINY["leapformer-lm"], pos_emb=pos, max_positions=8)).eval()
-        assert m.max_new_tokens_that_fit(prompts) is None
-        assert [len(o) for o in m.generate([[1, 2, 3]], 10, temperature=0)] == [10]
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "none"])
+def test_lm_generation_unlimited_without_learned_positions(pos):
+    m = lm.build("leapformer-lm", **dict(TINY["leapformer-lm"], pos_emb=pos, max_positions=8)).eval()
+    assert m.max_new_tokens_that_fit([[1, 2, 3], list(range(10, 20)), []]) is None
+    assert [len(o) for o in m.generate([[1, 2, 3]], 10, temperature=0)] == [10]

@@ -5,8 +5,13 @@ prefix (cumsum) over chunks, so the state is carried between chunks without a Py
 and each chunk adds its masked intra-chunk scores. Chunk length 64 (causal); for
 block-causal attention with block ``W`` the chunk is a multiple of ``W`` (``W <= 64``) or
 ``W`` itself (``W > 64``, where a whole block is visible to all its queries, so the
-inclusive chunk state serves without intra-chunk scores). Memory is O(T * (Dk + Dv) +
-T/C * Dk * Dv); no T x T buffer. Autograd provides the backward.
+inclusive chunk state serves without intra-chunk scores). Any ``W >= T`` is one block: the
+chunk is then T rows (never ``W`` rows). Memory is O(T * (Dk + Dv) + T/C * Dk * Dv); no
+T x T buffer. Autograd provides the backward.
+
+Padded keys are selected to 0 (``torch.where``, not a 0/1 multiply) in k, pk and v, so NaN / Inf
+there reach nothing and their gradients are exactly 0. ``cu_seqlens`` is checked here too
+(its values are not checked under torch.compile): a bad one raises ``ValueError``.
 """
 from typing import Optional
 
@@ -23,6 +28,8 @@ def _chunk_plan(T: int, block_size: Optional[int]):
     Short causal calls (a decode step of a few tokens) use one chunk of their own length."""
     if block_size is None:
         return min(CHUNK, T), "causal"
+    if block_size >= T:  # one block: every query sees the whole (T-row) chunk
+        return T, None
     if block_size <= CHUNK:
         return block_size * (CHUNK // block_size), "block"
     return block_size, None
@@ -37,6 +44,8 @@ def chunked_core(qf, kf, v, S0, z0, causal: bool, block_size: Optional[int]):
         return qf @ S_fin, (qf * z_fin[:, :, None, :]).sum(-1), S_fin, z_fin
     B, H, T, F = qf.shape
     Dv = v.shape[-1]
+    if block_size is not None:
+        block_size = min(block_size, T)  # any block_size >= T is one block
     C, kind = _chunk_plan(T, block_size)
     N = (T + C - 1) // C
     pad = N * C - T
@@ -75,6 +84,17 @@ def chunked_core(qf, kf, v, S0, z0, causal: bool, block_size: Optional[int]):
     return num, den, S_fin, z_fin
 
 
+def _check_cu_seqlens(cu_seqlens, B: int, T: int, S: int):
+    """The offsets as a list, after the checks that keep every slice inside the tensors (the
+    eager validation is skipped under torch.compile): starts at 0, non-decreasing, ends at T."""
+    bounds = cu_seqlens.tolist()
+    if B != 1 or S != T:
+        raise ValueError(f"cu_seqlens needs packed q, k, v (batch size 1, S == T), got B={B}, T={T}, S={S}")
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {bounds}")
+    return bounds
+
+
 def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_padding_mask=None,
                          cu_seqlens=None, initial_state=None, output_final_state=False,
                          eps=1e-6, normalize=True):
@@ -84,10 +104,14 @@ def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_p
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     qf = reweight(q.to(acc), pq.to(acc)).transpose(1, 2)  # [B, H, T, 2Dk]
-    kf = reweight(expand_kv_heads(k, H).to(acc), expand_kv_heads(pk, H).to(acc))
     if key_padding_mask is not None:
-        kf = kf * (~key_padding_mask)[:, :, None, None].to(acc)
-    kf = kf.transpose(1, 2)
+        # selected where loaded, not multiplied: NaN / Inf in a padded key reach nothing (not even
+        # the gradients, which a product with NaN features would poison)
+        pad = key_padding_mask[:, :, None]
+        k = torch.where(pad[..., None], 0., k)
+        v = torch.where(pad[..., None], 0., v)
+        pk = torch.where(pad, 0., pk)
+    kf = reweight(expand_kv_heads(k, H).to(acc), expand_kv_heads(pk, H).to(acc)).transpose(1, 2)
     vh = expand_kv_heads(v, H).to(acc).transpose(1, 2)  # [B, H, S, Dv]
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is None:
@@ -98,7 +122,7 @@ def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_p
     if cu_seqlens is None:
         num, den, S_fin, z_fin = chunked_core(qf, kf, vh, S0, z0, causal, block_size)
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = _check_cu_seqlens(cu_seqlens, B, T, kf.shape[2])
         parts = [chunked_core(qf[:, :, a:b], kf[:, :, a:b], vh[:, :, a:b], S0[i:i + 1], z0[i:i + 1],
                               causal, block_size) if b > a else
                  (qf.new_zeros(1, H, 0, Dv), qf.new_zeros(1, H, 0), S0[i:i + 1], z0[i:i + 1])
@@ -142,7 +166,10 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size
 
     primals = (q, k, v, pq, pk) + ((S0, z0) if has_state else ())
     (o, S, z), vjp = torch.func.vjp(f, *primals)
-    grads = vjp((do, torch.zeros_like(S) if dS is None else dS, torch.zeros_like(z) if dz is None else dz))
+    cot = (do, torch.zeros_like(S) if dS is None else dS, torch.zeros_like(z) if dz is None else dz)
+    # an identity VJP returns the cotangent object itself (z = z0 + ... with causal=False and
+    # normalize=False gives dz0 = dz): return fresh tensors, never an input
+    grads = [g.clone() if any(g is c for c in cot + primals) else g for g in vjp(cot)]
     dS0, dz0 = (grads[5], grads[6]) if has_state else (None, None)
     return (*grads[:5], dS0, dz0)
 

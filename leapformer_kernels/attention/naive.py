@@ -3,7 +3,9 @@
 This is the oracle of the test suite (``lk.reference.leap_attention``). It builds the full
 score matrix ``A = q~ k~^T`` with the visibility mask and applies
 ``o = (A v + q~ S0) / max(A 1 + q~ z0, eps)``. It computes in the state dtype (float64 for
-float64 inputs, float32 otherwise) and returns ``o`` in q's dtype.
+float64 inputs, float32 otherwise) and returns ``o`` in q's dtype. Padded keys are selected to
+0 (``torch.where``) in k, pk and v, so NaN / Inf there reach nothing; relu keeps NaN. Any
+``block_size`` >= the sequence length is one block.
 """
 from typing import Optional, Tuple
 
@@ -18,13 +20,17 @@ State = Tuple[torch.Tensor, torch.Tensor]
 def _one_sequence(q, k, v, pq, pk, kpm, causal, block_size, S0, z0, eps, normalize):
     """q [T, H, Dk], k [S, H, Dk], v [S, H, Dv], pq [T, H], pk [S, H], kpm [S] or None,
     S0 [H, 2Dk, Dv], z0 [H, 2Dk] -> o [T, H, Dv], S [H, 2Dk, Dv], z [H, 2Dk] (all in acc dtype)."""
+    if kpm is not None:  # selected where loaded, not multiplied: NaN / Inf in a padded key reach nothing
+        k = torch.where(kpm[:, None, None], 0., k)
+        v = torch.where(kpm[:, None, None], 0., v)
+        pk = torch.where(kpm[:, None], 0., pk)
     qf = reweight(q, pq)  # [T, H, 2Dk]
     kf = reweight(k, pk)  # [S, H, 2Dk]
-    if kpm is not None:
-        kf = kf * (~kpm)[:, None, None].to(kf.dtype)
     T, S = q.shape[0], k.shape[0]
-    mask = visible_mask(T, S, causal, block_size, q.device).to(kf.dtype)
-    A = torch.einsum("thd,shd->hts", qf, kf) * mask  # [H, T, S]
+    if block_size is not None:
+        block_size = min(block_size, max(T, S, 1))  # any block_size >= T is one block
+    mask = visible_mask(T, S, causal, block_size, q.device)
+    A = torch.where(mask, torch.einsum("thd,shd->hts", qf, kf), 0.)  # [H, T, S]; a key never seen reaches nothing
     num = torch.einsum("hts,she->the", A, v) + torch.einsum("thd,hde->the", qf, S0)
     den = A.sum(-1).transpose(0, 1) + torch.einsum("thd,hd->th", qf, z0)  # [T, H]
     o = num / torch.clamp(den, min=eps)[..., None] if normalize else num

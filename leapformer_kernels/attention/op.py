@@ -23,6 +23,14 @@ or None; dk, dv, dpk with Hkv heads. ``leap_attention`` below adapts dtypes and 
 
 Numerics every kernel follows: the cosine half of the features is ``sin(pi/2 * (1 - p))``
 (exactly 0 at p = 1), see ``attention/features.py``.
+
+Rules every kernel follows (DESIGN section 6): ``block_size`` is any int64 and any value >= the
+sequence length is one block (``leap_attention`` clamps larger Python ints to 2**63 - 1, which
+means the same); relu keeps NaN; a padded key is selected to 0 where loaded (so NaN / Inf there
+reach nothing, and its dk, dv, dpk are exactly 0); a ``cu_seqlens`` that reaches a kernel
+unchecked (value checks are skipped under torch.compile) never makes it read or write out of
+bounds: the C++ and torch kernels raise, the Triton kernels clamp (see ``triton_chunk.py``).
+Every op returns fresh tensors: an output that would share memory with an input is copied.
 """
 import contextlib
 from typing import Optional, Tuple
@@ -48,8 +56,26 @@ def _device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
+_I64_MAX = 2 ** 63 - 1
+
+
 def _opt(t: Optional[Tensor], like: Tensor, dtype) -> Tensor:
     return like.new_empty(_EMPTY, dtype=dtype) if t is None else t
+
+
+def _fresh(outs, ins):
+    """``outs`` contiguous, each copied if it shares memory with one of ``ins`` (a custom op may
+    not return an alias of an input; e.g. an identity VJP hands the incoming gradient back)."""
+    taken = {t.untyped_storage().data_ptr() for t in ins if isinstance(t, Tensor) and t.numel()}
+    res = []
+    for t in outs:
+        t = t.contiguous()
+        if t.numel():
+            if t.untyped_storage().data_ptr() in taken:
+                t = t.clone()
+            taken.add(t.untyped_storage().data_ptr())  # nor may two outputs share memory
+        res.append(t)
+    return tuple(res)
 
 
 @torch.library.custom_op("leapformer::leap_attention_fwd", mutates_args=())
@@ -61,7 +87,7 @@ def leap_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, 
         o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal,
                                         block_size, eps, normalize, output_final_state)
     acc = state_dtype(q.dtype)
-    return o.contiguous(), _opt(S, q, acc).contiguous(), _opt(z, q, acc).contiguous()
+    return _fresh((o, _opt(S, q, acc), _opt(z, q, acc)), (q, k, v, pq, pk, S0, z0))
 
 
 @leap_attention_fwd.register_fake
@@ -88,7 +114,7 @@ def leap_attention_bwd(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q
                                                                key_padding_mask, cu_seqlens, causal, block_size,
                                                                eps, normalize)
     out = (dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype))
-    return tuple(t.contiguous() for t in out)
+    return _fresh(out, (do, dS, dz, q, k, v, pq, pk, S0, z0))
 
 
 @leap_attention_bwd.register_fake
@@ -131,7 +157,7 @@ def leap_attention_step_op(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tens
                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     with _device_guard(q):
         out = _kernels(backend).step(q, k, v, pq, pk, S0, z0, eps, normalize)
-    return tuple(t.contiguous() for t in out)
+    return _fresh(out, (q, k, v, pq, pk, S0, z0))
 
 
 @leap_attention_step_op.register_fake
@@ -162,7 +188,10 @@ def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_pad
     c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0)
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
-    o, S, z = leap_attention_fwd(*c, S0, z0, kpm, cu, causal, block_size or 0, float(eps), normalize,
+    # any block_size >= T is one block: a Python int beyond int64 means the same as 2**63 - 1
+    # (no comparison with T here: T may be symbolic under torch.compile)
+    bs = min(int(block_size), _I64_MAX) if block_size else 0
+    o, S, z = leap_attention_fwd(*c, S0, z0, kpm, cu, causal, bs, float(eps), normalize,
                                  output_final_state, backend)
     return (o, (S, z)) if output_final_state else o
 

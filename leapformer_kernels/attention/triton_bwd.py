@@ -2,13 +2,14 @@
 
 With ``g = dL/dnum = do / max(den, eps)`` and ``r = dL/dden = -(do . num) / max(den, eps)^2``
 (zero where the clamp is active; ``g = do``, ``r = 0`` without normalisation), the op is
-linear attention on ``[v, 1]`` with output gradient ``[g, r]``. One program per (value tile,
-sequence x query head) walks its sequence from the end, carrying in registers
+linear attention on ``[v, 1]`` with output gradient ``[g, r]``. One program per (sequence x
+query head, value tile) walks its sequence from the end, carrying in registers
 
     dH = dS + sum_{t later} q~_t^T g_t    (2 x [BK, BV])     dZ = dz + sum_{t later} q~_t r_t   (2 x [BK])
 
 and for each key chunk computes ``dk~ = dH v + dZ (+ intra)``, ``dv = k~ dH (+ intra)``, then
-reduces ``dk~ (2Dk) -> dk (Dk)`` and ``-> dpk`` in registers. Padded keys get zero gradients.
+reduces ``dk~ (2Dk) -> dk (Dk)`` and ``-> dpk`` in registers. Padded keys are not loaded (0)
+and their dk, dv, dpk are selected to exactly 0 (even where NaN reaches the state gradient).
 At the start of the sequence ``dH``, ``dZ`` are ``dS0``, ``dz0``. ``r`` terms are counted on
 value tile 0 only; per-value-tile partials of dk / dpk and per-query-head dk / dv / dpk (GQA)
 are summed on the host in a fixed order (deterministic, no atomics).
@@ -25,13 +26,12 @@ def _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
               H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
               HAS_A: tl.constexpr, HAS_KPM: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """Gradients of one key tile from the state gradient of later positions (+ intra chunk)."""
-    b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, m_s, HKV * K, HKV, o_k, m_k)
-    b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM)
-    b_kvf = b_kv.to(tl.float32)
-    b_ks = _cvt(b_ak * (b_sk * b_kvf)[:, None], DOT_MODE, DT)
-    b_kc = _cvt(b_ak * (b_ck * b_kvf)[:, None], DOT_MODE, DT)
+    b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM)  # padded keys are not loaded: 0
+    b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, b_kv, HKV * K, HKV, o_k, m_k)
+    b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
+    b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
     o_s64 = o_s.to(tl.int64)
-    b_v = tl.load(v + o_s64[:, None] * (HKV * V) + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.)
+    b_v = tl.load(v + o_s64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :], other=0.)
     # dv = k~ dH ; dk~ = v dH^T + dZ
     b_dv = _dot(b_ks, b_dhs, DOT_MODE, DT) + _dot(b_kc, b_dhc, DOT_MODE, DT)
     b_dks = _dot(b_v, tl.trans(b_dhs), DOT_MODE, DT) + b_dzs[None, :]
@@ -44,10 +44,10 @@ def _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
         b_dv += _dot(tl.trans(b_A), b_g, DOT_MODE, DT)
         b_dks += _dot(tl.trans(b_dA), b_qs, DOT_MODE, DT)
         b_dkc += _dot(tl.trans(b_dA), b_qc, DOT_MODE, DT)
-    b_dks = b_dks * b_kvf[:, None]
-    b_dkc = b_dkc * b_kvf[:, None]
-    b_dk = (b_dks * b_sk[:, None] + b_dkc * b_ck[:, None]) * (b_ak > 0).to(tl.float32)
-    b_dp = HALF_PI * tl.sum(b_ak * (b_dks * b_ck[:, None] - b_dkc * b_sk[:, None]), 1)
+    # selected, not multiplied: a padded key's gradients are exactly 0 even if dH holds NaN
+    b_dk = tl.where(b_kv[:, None] & (b_ak > 0), b_dks * b_sk[:, None] + b_dkc * b_ck[:, None], 0.)
+    b_dp = tl.where(b_kv, HALF_PI * tl.sum(b_ak * (b_dks * b_ck[:, None] - b_dkc * b_sk[:, None]), 1), 0.)
+    b_dv = tl.where(b_kv[:, None], b_dv, 0.)
     # per query head outputs: row s, head h (the host sums a GQA group)
     tl.store(dk + i_v * NSH * K + o_s64[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty),
              mask=m_s[:, None] & m_k[None, :])
@@ -71,7 +71,7 @@ def leap_bwd_kernel_dkv(
     USE_DS: tl.constexpr, STORE_DS0: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # B*H on axis 0 (CUDA: axes 1, 2 <= 65535)
     i_n, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G

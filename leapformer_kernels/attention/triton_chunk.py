@@ -8,7 +8,9 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
 - ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``.
 - ``triton_step.leap_step_kernel``: the decode step (one launch per step).
 
-Grid: (value tiles, sequences x query heads). The backward recomputes the chunk states on
+Grid: (sequences x query heads, value tiles) (``sweep_grid``, ``step_grid``): B*H on axis 0,
+whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
+must launch). The backward recomputes the chunk states on
 the fly (nothing per chunk is stored); the only extra memory is ``den`` and ``delta``
 (fp32, per query row and head) and, for Dv > BV or GQA, per-tile / per-head partial
 gradients summed here in a fixed order: deterministic, no atomics.
@@ -18,6 +20,15 @@ Tiles: the features are ``2 * Dk`` wide (sin and cos halves, each a ``[BT, BK]``
 Dk = 128, so that the operand tiles and the two ``[BK, BV]`` fp32 states fit an A100's shared
 memory and registers. The autotuner varies num_warps / num_stages keyed on head sizes and
 flags, never on T (``do_not_specialize``), so a new length does not re-tune.
+
+Unchecked ``cu_seqlens`` (its values are not validated under torch.compile): the kernels never
+read or write outside the tensors. The offsets are first clamped into [0, T], made
+non-decreasing (a running maximum) and pinned to 0 first and T last (``_safe_cu_seqlens``), and
+the kernels clamp each sequence's bounds again. The output is then exactly that of the
+corrected offsets: sequence i covers rows [c_i, c_{i+1}) (possibly none; its final state is
+then its initial state); every row belongs to one sequence, so every output row and gradient
+is written. For example, with T = 9, [0, 4, 100000] reads as [0, 4, 9], [0, 4, 7] as [0, 4, 9],
+[2, 5, 9] as [0, 5, 9] and [0, 6, 3, 9] as [0, 6, 6, 9]. A valid ``cu_seqlens`` is unchanged.
 """
 import contextlib
 
@@ -60,6 +71,26 @@ def _sweep(T: int, S: int, causal: bool, block_size: int, BT: int):
     return False, min(block_size, longest), BT
 
 
+def sweep_grid(N: int, H: int, NV: int):
+    """Launch grid of the chunk sweeps (forward, backward stages): (N*H, NV), sequences x heads
+    on axis 0 (CUDA allows 2**31 - 1 there, but only 65535 on axes 1 and 2)."""
+    return (N * H, NV)
+
+
+def step_grid(B: int, H: int, NV: int):
+    """Launch grid of the decode step: (B*H, NV), batch x heads on axis 0."""
+    return (B * H, NV)
+
+
+def _safe_cu_seqlens(cu: torch.Tensor, T: int) -> torch.Tensor:
+    """Offsets the kernels can always follow (no host sync): clamped into [0, T], non-decreasing,
+    first 0, last T. A valid ``cu_seqlens`` comes back equal."""
+    c = torch.cummax(cu.clamp(0, T), dim=0).values
+    c[0] = 0
+    c[-1] = T
+    return c
+
+
 def _guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -89,6 +120,8 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_siz
     B, T, H, K = q.shape
     S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cu_seqlens is not None:
+        cu_seqlens = _safe_cu_seqlens(cu_seqlens, T)
     BT, BK, BV, NV = _tiles(K, V)
     INTRA, W, CL = _sweep(T, S, causal, block_size, BT)
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -101,7 +134,7 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_siz
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     dummy = pq
     with _guard(q):
-        leap_fwd_kernel_sweep[(NV, N * H)](
+        leap_fwd_kernel_sweep[sweep_grid(N, H, NV)](
             q, k, v, pq, pk, kpm if kpm is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
             S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
             o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
@@ -124,6 +157,8 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
     S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cu_seqlens is not None:
+        cu_seqlens = _safe_cu_seqlens(cu_seqlens, T)
     BT, BK, BV, NV = _tiles(K, V)
     INTRA, W, CL = _sweep(T, S, causal, block_size, BT)
     dev = q.device
@@ -154,7 +189,7 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
     dv = torch.empty(B, S, H, V, dtype=torch.float32 if G > 1 else q.dtype, device=dev)
     dS0 = torch.empty(N, H, 2 * K, V, **f32) if S0 is not None else None
     dz0 = torch.empty(N, H, 2 * K, **f32) if S0 is not None else None
-    grid = (NV, N * H)
+    grid = sweep_grid(N, H, NV)
     with _guard(q):
         if normalize:
             leap_fwd_kernel_sweep[grid](
@@ -200,7 +235,7 @@ def step(q, k, v, pq, pk, S0, z0, eps, normalize):
     zn = torch.empty(B, H, 2 * K, **f32)
     dummy = pq
     with _guard(q):
-        leap_step_kernel[(NV, B * H)](
+        leap_step_kernel[step_grid(B, H, NV)](
             q, k, v, pq, pk, S0 if S0 is not None else dummy, z0 if z0 is not None else dummy, o, Sn, zn,
             T, eps, H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, USE_S0=S0 is not None, NORMALIZE=normalize)
     return o, Sn, zn

@@ -1,6 +1,6 @@
 """Triton forward-order sweep of chunkwise LeaP attention (forward and two backward stages).
 
-One program per (value tile ``i_v``, sequence x query head ``i_nh``) walks its sequence
+One program per (sequence x query head ``i_nh``, value tile ``i_v``) walks its sequence
 from the start, carrying the running state ``[S_sin; S_cos]`` (``2 x [BK, BV]``) and
 ``[z_sin; z_cos]`` (``2 x [BK]``) in registers, fp32. The re-weighted features
 ``[relu(x) sin(pi/2 p), relu(x) cos(pi/2 p)]`` are built in registers from each loaded
@@ -20,6 +20,14 @@ Two sweep shapes (constexpr ``INTRA``):
   1: backward preparation: ``den`` and per-value-tile ``delta = sum(do * num)``;
   2: backward ``dq``/``dpq`` (per value tile partials when ``NV > 1``).
 The reverse sweep (``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``) is in ``triton_bwd.py``.
+
+Grid: ``(sequences x query heads, value tiles)`` (``triton_chunk.sweep_grid``): B*H on axis 0,
+whose CUDA limit is 2**31 - 1 (axes 1 and 2 stop at 65535).
+
+Non-finite values: relu is ``where(x < 0, 0, x)`` (``tl.maximum`` would turn NaN into 0) and
+the ``den`` clamp is a ``where`` too, so a non-finite q_t, or k, v or pk of a visible key, makes
+o_t non-finite as on the other backends. A padded or out-of-range key is never loaded (masked
+loads with ``other=0``: a selection, so NaN / Inf there reach no output and no state).
 """
 import os
 
@@ -41,11 +49,27 @@ def autotune_configs():
 
 
 @triton.jit
+def _relu(x):
+    """relu that keeps NaN (``tl.maximum(x, 0.)`` returns 0 for NaN)."""
+    return tl.where(x < 0., 0., x)
+
+
+@triton.jit
+def _clamp_den(den, eps):
+    """max(den, eps) that keeps NaN."""
+    return tl.where(den < eps, eps, den)
+
+
+@triton.jit
 def _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN: tl.constexpr):
-    """(first query row, first key row, query length, key length) of sequence i_n (int64 rows)."""
+    """(first query row, first key row, query length, key length) of sequence i_n (int64 rows).
+    Varlen offsets are clamped so that ``0 <= bos <= eos <= T`` whatever ``cu_seqlens`` holds
+    (it is unchecked under torch.compile): no row outside the tensors is ever touched."""
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        bos = tl.minimum(tl.maximum(bos, 0), T)
+        eos = tl.minimum(tl.maximum(eos, bos), T)
         Lq = (eos - bos).to(tl.int32)
         Lk = Lq
         kbos = bos
@@ -84,12 +108,12 @@ def _cvt(x, DOT_MODE: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _load_feat(x, p, o_r, m_r, stride_x, stride_p, o_d, m_d):
     """Rows ``o_r`` (masked ``m_r``) of x (columns ``o_d``) and p -> relu(x), sin(pi/2 p),
-    cos(pi/2 p) (fp32)."""
+    cos(pi/2 p) (fp32). Masked rows are not loaded: their features are exactly 0."""
     o_r64 = o_r.to(tl.int64)
     b_x = tl.load(x + o_r64[:, None] * stride_x + o_d[None, :], mask=m_r[:, None] & m_d[None, :],
                   other=0.).to(tl.float32)
     b_p = tl.load(p + o_r64 * stride_p, mask=m_r, other=0.).to(tl.float32)
-    b_a = tl.maximum(b_x, 0.)
+    b_a = _relu(b_x)
     # cosine half as sin(pi/2 (1 - p)): exact 0 at p = 1 (fp32 cos(pi/2) is -4.4e-8)
     return b_a, tl.sin(b_p * HALF_PI), tl.sin((1. - b_p) * HALF_PI)
 
@@ -116,7 +140,7 @@ def _grad_rows(do, den, delta, o_r, m_r, o_v, m_v, stride_do, stride_h, NTH, NV,
         b_delta = tl.zeros_like(b_den)
         for j in range(0, NV):
             b_delta += tl.load(delta + j * NTH + o_r64 * stride_h, mask=m_r, other=0.)
-        b_dd = tl.maximum(b_den, eps)
+        b_dd = _clamp_den(b_den, eps)
         b_g = b_do / b_dd[:, None]
         b_r = tl.where(b_den >= eps, -b_delta / (b_dd * b_dd), 0.)
         b_r = tl.where(m_r & (i_v == 0), b_r, 0.)
@@ -149,7 +173,7 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
                 b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
                 if HAS_A:
                     b_den += tl.sum(b_A, 1)
-                b_num = b_num / tl.maximum(b_den, eps)[:, None]
+                b_num = b_num / _clamp_den(b_den, eps)[:, None]
             tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
         else:
@@ -170,7 +194,7 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
             b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
             b_dqs += _dot(b_dA, b_ks, DOT_MODE, DT)
             b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
-        b_dq = (b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None]) * (b_a > 0).to(tl.float32)
+        b_dq = tl.where(b_a > 0, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None], 0.)
         b_dp = HALF_PI * tl.sum(b_a * (b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None]), 1)
         tl.store(dq + i_v * NTH * K + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
                  mask=m_t[:, None] & m_k[None, :])
@@ -192,7 +216,7 @@ def leap_fwd_kernel_sweep(
     USE_S0: tl.constexpr, STORE_STATE: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
@@ -234,12 +258,12 @@ def leap_fwd_kernel_sweep(
         for c0 in range(0, Lq, CL):
             o_t = c0 + o_i
             m_t = (o_i < CL) & (o_t < Lq)
-            b_ak, b_sk, b_ck = _load_feat(k, pk, o_t, m_t, HKV * K, HKV, o_k, m_k)
-            b_kv = _key_valid(kpm, o_t, m_t, HAS_KPM).to(tl.float32)
-            b_ks = _cvt(b_ak * (b_sk * b_kv)[:, None], DOT_MODE, DT)
-            b_kc = _cvt(b_ak * (b_ck * b_kv)[:, None], DOT_MODE, DT)
+            b_kv = _key_valid(kpm, o_t, m_t, HAS_KPM)  # padded keys are not loaded: 0
+            b_ak, b_sk, b_ck = _load_feat(k, pk, o_t, b_kv, HKV * K, HKV, o_k, m_k)
+            b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
+            b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
             o_t64 = o_t.to(tl.int64)
-            b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+            b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :],
                           other=0.)
             _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
                         b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_v, eps, NTH, NV,
@@ -257,12 +281,12 @@ def leap_fwd_kernel_sweep(
             for s0 in range(b0, ke, BT):
                 o_s = s0 + o_i
                 m_s = o_s < ke
-                b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, m_s, HKV * K, HKV, o_k, m_k)
-                b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM).to(tl.float32)
-                b_ks = _cvt(b_ak * (b_sk * b_kv)[:, None], DOT_MODE, DT)
-                b_kc = _cvt(b_ak * (b_ck * b_kv)[:, None], DOT_MODE, DT)
+                b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM)  # padded keys are not loaded: 0
+                b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, b_kv, HKV * K, HKV, o_k, m_k)
+                b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
+                b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
                 b_v = tl.load(v + o_s.to(tl.int64)[:, None] * (HKV * V) + o_v[None, :],
-                              mask=m_s[:, None] & m_v[None, :], other=0.)
+                              mask=b_kv[:, None] & m_v[None, :], other=0.)
                 b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
                 b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
                 b_zs += tl.sum(b_ks.to(tl.float32), 0)

@@ -1,14 +1,17 @@
 """Triton decode step of LeaP attention: one launch for the whole batch.
 
-One program per (value tile, batch x head) reads its slice of the state ``(S, z)`` once,
+One program per (batch x head, value tile) reads its slice of the state ``(S, z)`` once,
 folds in the ``t >= 1`` new tokens one after another (token i sees tokens <= i), writes each
 output row, and writes the new state once into fresh tensors (the input state is untouched).
 No dots: the rows are vectors, the update is an outer product in registers.
+Grid ``(batch x heads, value tiles)`` (``triton_chunk.step_grid``): B*H on axis 0, so decoding
+with B*H >= 65536 launches (CUDA limits axes 1 and 2 to 65535). relu and the ``den`` clamp
+keep NaN (``where``, not ``tl.maximum``), as on the other backends.
 """
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, autotune_configs
+from .triton_fwd import HALF_PI, _clamp_den, _relu, autotune_configs
 
 
 @triton.autotune(configs=autotune_configs(), key=['H', 'G', 'K', 'V', 'BK', 'BV', 'USE_S0', 'NORMALIZE'])
@@ -19,7 +22,7 @@ def leap_step_kernel(
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, USE_S0: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
@@ -46,7 +49,7 @@ def leap_step_kernel(
         b_k = tl.load(k + (row * HKV + i_hk) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_pk = tl.load(pk + row * HKV + i_hk).to(tl.float32)
         b_v = tl.load(v + (row * HKV + i_hk) * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        b_ak = tl.maximum(b_k, 0.)
+        b_ak = _relu(b_k)
         b_ks = b_ak * tl.sin(b_pk * HALF_PI)
         b_kc = b_ak * tl.sin((1. - b_pk) * HALF_PI)  # cos(pi/2 p), exact at p = 1
         b_hs += b_ks[:, None] * b_v[None, :]
@@ -55,13 +58,13 @@ def leap_step_kernel(
         b_zc += b_kc
         b_q = tl.load(q + (row * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_pq = tl.load(pq + row * H + i_h).to(tl.float32)
-        b_aq = tl.maximum(b_q, 0.)
+        b_aq = _relu(b_q)
         b_qs = b_aq * tl.sin(b_pq * HALF_PI)
         b_qc = b_aq * tl.sin((1. - b_pq) * HALF_PI)
         b_o = tl.sum(b_qs[:, None] * b_hs, 0) + tl.sum(b_qc[:, None] * b_hc, 0)
         if NORMALIZE:
             b_den = tl.sum(b_qs * b_zs, 0) + tl.sum(b_qc * b_zc, 0)
-            b_o = b_o / tl.maximum(b_den, eps)
+            b_o = b_o / _clamp_den(b_den, eps)
         tl.store(o + (row * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     tl.store(Sn + p_s, b_hs, mask=m_s)
     tl.store(Sn + p_s + K * V, b_hc, mask=m_s)

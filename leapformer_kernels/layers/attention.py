@@ -1,4 +1,5 @@
 """``LeapAttention``: multi-head LeaPformer attention layer (or softmax, for comparison)."""
+import math
 from typing import Optional
 
 import torch
@@ -7,6 +8,13 @@ from torch import nn
 
 from ..ops import leap_attention, leap_attention_step
 from .leap import LeaP
+
+
+def _positive_int(value, name: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
 
 
 class LeapAttention(nn.Module):
@@ -22,18 +30,27 @@ class LeapAttention(nn.Module):
         leap_hidden: hidden width of the two LeaP predictors (None = head_dim // 4).
         eps: denominator clamp (0.1 as in the official fairseq code).
         normalize: divide by the denominator (False: leave normalisation to a norm layer).
-        attention: "leap", or "softmax" to run the same projections through SDPA.
+        attention: "leap", or "softmax" to run the same projections through SDPA (then no LeaP
+            predictors are built: the baseline has no dead parameters).
         backend: forwarded to the functional ops.
 
     forward(x [B, T, E], context [B, S, kdim] or None, key_padding_mask [B, S] bool (True = pad),
-    state, use_cache) -> y [B, T, E], or (y, state) with use_cache.
+    state, use_cache, cu_seqlens) -> y [B, T, E], or (y, state) with use_cache.
 
     The state is what streaming needs: for "leap" the pair (S [B, H, 2*hd, hd], z [B, H, 2*hd])
     (O(1) in the context length); for "softmax" a KV cache (k [B, S, Hkv, hd], v, pad [B, S]).
-    Self-attention (and causal cross-attention) extend it with the new tokens. A non-causal
-    cross-attention layer computes it once from ``context`` and afterwards may be called with
-    ``context=None`` and the state. Batched prompts of different lengths: left-pad them and
-    pass ``key_padding_mask``; padded keys never enter the state.
+    One rule for every attention: a call with a state extends it with the keys it is given, and
+    its output equals attention over everything seen so far. Self-attention (and causal cross-
+    attention) extend it with the new tokens. For non-causal cross-attention, ``context`` holds
+    only the source tokens that are not yet in the state: the first call builds the state from
+    the context, later calls pass new source tokens (the state then equals one built from the
+    concatenated source) or ``context=None`` when no new source arrived. Batched prompts of
+    different lengths: left-pad them and pass ``key_padding_mask``; padded keys never enter the
+    state (their values are zeroed before softmax too, so NaN in a padded key reaches nothing).
+
+    Packed sequences (training): ``cu_seqlens`` [N+1] int with B = 1, as in ``leap_attention``;
+    each sequence attends only within itself (softmax: through a block-diagonal mask). With
+    ``use_cache`` the LeaP state has one row per sequence; softmax takes no state with packing.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None, causal: bool = True,
@@ -41,6 +58,12 @@ class LeapAttention(nn.Module):
                  vdim: Optional[int] = None, leap_hidden: Optional[int] = None, eps: float = 0.1,
                  normalize: bool = True, bias: bool = True, attention: str = "leap", backend: Optional[str] = None):
         super().__init__()
+        _positive_int(embed_dim, "embed_dim")
+        _positive_int(num_heads, "num_heads")
+        _positive_int(num_kv_heads, "num_kv_heads", optional=True)
+        _positive_int(block_size, "block_size", optional=True)
+        _positive_int(kdim, "kdim", optional=True)
+        _positive_int(vdim, "vdim", optional=True)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -50,44 +73,79 @@ class LeapAttention(nn.Module):
             raise ValueError(f"attention must be 'leap' or 'softmax', got {attention!r}")
         if block_size is not None and not causal:
             raise ValueError("block_size needs causal=True (block-causal attention)")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.causal, self.block_size, self.cross = causal, block_size, cross
-        self.eps, self.normalize, self.attention, self.backend = eps, normalize, attention, backend
-        kdim = embed_dim if kdim is None else kdim
-        vdim = embed_dim if vdim is None else vdim
+        self.eps, self.normalize, self.attention, self.backend = float(eps), normalize, attention, backend
+        self.kdim = (kdim or embed_dim) if cross else embed_dim
+        self.vdim = (vdim or embed_dim) if cross else embed_dim
         kv_width = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(kdim if cross else embed_dim, kv_width, bias=bias)
-        self.v_proj = nn.Linear(vdim if cross else embed_dim, kv_width, bias=bias)
+        self.k_proj = nn.Linear(self.kdim, kv_width, bias=bias)
+        self.v_proj = nn.Linear(self.vdim, kv_width, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.leap_q = LeaP(self.head_dim, leap_hidden)
-        self.leap_k = LeaP(self.head_dim, leap_hidden)
+        if attention == "leap":
+            self.leap_q = LeaP(self.head_dim, leap_hidden)
+            self.leap_k = LeaP(self.head_dim, leap_hidden)
+        else:
+            self.leap_q = self.leap_k = None
+            # checkpoints from before 0.2.0 held (unused) LeaP predictors in softmax layers
+            self.register_load_state_dict_pre_hook(_drop_leap_predictors)
 
     # ---------------------------------------------------------------- helpers
     def _heads(self, x, proj, heads):
         B, T, _ = x.shape
         return proj(x).view(B, T, heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                key_padding_mask: Optional[torch.Tensor] = None, state=None, use_cache: bool = False):
+    def _check_inputs(self, x, context, key_padding_mask, state, cu_seqlens):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a [B, T, {self.embed_dim}] tensor (batch first), got {got}")
         if self.cross and context is None and (state is None or self.causal):
             raise ValueError("context is required for cross-attention (except non-causal cross-attention "
                              "with a state computed before)")
         if not self.cross and context is not None:
             raise ValueError("context is given but this layer was built with cross=False")
+        if context is not None and (not isinstance(context, torch.Tensor) or context.dim() != 3
+                                    or context.shape[0] != x.shape[0] or context.shape[-1] != self.kdim):
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context must be a [B, S, {self.kdim}] tensor with x's batch size {x.shape[0]}, "
+                             f"got {got}")
+        if key_padding_mask is not None:
+            S = (context if self.cross else x).shape[1] if (context is not None or not self.cross) else 1
+            if (not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool
+                    or tuple(key_padding_mask.shape) != (x.shape[0], S)):
+                got = (f"{tuple(key_padding_mask.shape)} {key_padding_mask.dtype}"
+                       if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__)
+                raise ValueError(f"key_padding_mask must be a bool [B, S] = [{x.shape[0]}, {S}] tensor "
+                                 f"(True = padded key), got {got}")
+        if cu_seqlens is not None:
+            if x.shape[0] != 1:
+                raise ValueError(f"cu_seqlens packs sequences along T with batch size 1, got x of batch {x.shape[0]}")
+            if state is not None:
+                raise ValueError("cu_seqlens is for packed training: pass no state with it")
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None, state=None, use_cache: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None):
+        self._check_inputs(x, context, key_padding_mask, state, cu_seqlens)
         source = context if self.cross else x
         B, T, _ = x.shape
         q = self._heads(x, self.q_proj, self.num_heads)
         if self.attention == "softmax":
-            y, new_state = self._softmax(q, source, key_padding_mask, state)
+            if cu_seqlens is not None and use_cache:
+                raise ValueError("use_cache with cu_seqlens needs attention='leap' (a softmax KV cache "
+                                 "is per batch row, not per packed sequence)")
+            y, new_state = self._softmax(q, source, key_padding_mask, state, cu_seqlens)
         else:
-            y, new_state = self._leap(q, source, key_padding_mask, state)
+            y, new_state = self._leap(q, source, key_padding_mask, state, cu_seqlens)
         y = self.out_proj(y.reshape(B, T, self.embed_dim))
         return (y, new_state) if use_cache else y
 
     # ---------------------------------------------------------------- leap
-    def _leap(self, q, source, key_padding_mask, state):
+    def _leap(self, q, source, key_padding_mask, state, cu_seqlens):
         q = q * self.head_dim ** -0.5
         pq = self.leap_q(torch.relu(q))
         kw = dict(eps=self.eps, normalize=self.normalize, backend=self.backend)
@@ -104,11 +162,11 @@ class LeapAttention(nn.Module):
         if state is not None and self.causal and key_padding_mask is None and self.block_size is None:
             return leap_attention_step(q, k, v, pq, pk, state, **kw)
         return leap_attention(q, k, v, pq, pk, causal=self.causal, block_size=self.block_size,
-                              key_padding_mask=key_padding_mask, initial_state=state, output_final_state=True,
-                              **kw)
+                              key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, initial_state=state,
+                              output_final_state=True, **kw)
 
     # ---------------------------------------------------------------- softmax
-    def _softmax(self, q, source, key_padding_mask, state):
+    def _softmax(self, q, source, key_padding_mask, state, cu_seqlens):
         B, T = q.shape[:2]
         if source is None:
             k, v, pad = state
@@ -117,24 +175,41 @@ class LeapAttention(nn.Module):
             v = self._heads(source, self.v_proj, self.num_kv_heads)
             pad = key_padding_mask if key_padding_mask is not None else torch.zeros(
                 k.shape[:2], dtype=torch.bool, device=k.device)
-            if state is not None and (self.causal or not self.cross):
+            if state is not None:  # extend the cache (self, causal cross and non-causal cross alike)
                 k = torch.cat([state[0], k], 1)
                 v = torch.cat([state[1], v], 1)
                 pad = torch.cat([state[2], pad], 1)
-        S = k.shape[1]
         new_state = (k, v, pad)
         g = self.num_heads // self.num_kv_heads
         kh, vh = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        qt, kt = q.transpose(1, 2), kh.transpose(1, 2)
+        plain = state is None and key_padding_mask is None and cu_seqlens is None and self.block_size is None
+        if plain and (not self.causal or k.shape[1] == T):  # no T x T mask: the flash / efficient kernels run
+            o = F.scaled_dot_product_attention(qt, kt, vh.transpose(1, 2), is_causal=self.causal)
+            return o.transpose(1, 2), new_state
+        zero = torch.zeros((), dtype=vh.dtype, device=vh.device)  # padded keys: selected to 0, NaN included
+        kt = torch.where(pad[:, None, :, None], zero, kt)
+        vh = torch.where(pad[:, :, None, None], zero, vh)
         allowed = ~pad[:, None, None, :]  # [B, 1, 1, S]
+        S = k.shape[1]
+        t = torch.arange(T, device=q.device)[:, None] + (S - T if self.causal else 0)  # absolute query positions
+        s = torch.arange(S, device=q.device)[None, :]
+        if cu_seqlens is not None:  # packed: positions count from each sequence's start
+            cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+            seq_t = torch.searchsorted(cu[1:], t, right=True)
+            seq_s = torch.searchsorted(cu[1:], s, right=True)
+            allowed = allowed & (seq_t == seq_s)
+            t, s = t - cu[seq_t], s - cu[seq_s]
         if self.causal:
-            past = S - T  # absolute position of the first query
-            t = torch.arange(T, device=q.device)[:, None] + past
-            s = torch.arange(S, device=q.device)[None, :]
             vis = s <= t if self.block_size is None else (s // self.block_size) <= (t // self.block_size)
             allowed = allowed & vis
         allowed = allowed.expand(B, 1, T, S)
         any_key = allowed.any(-1, keepdim=True)  # rows with no visible key give 0, not NaN
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2),
-                                           attn_mask=allowed | ~any_key)
+        o = F.scaled_dot_product_attention(qt, kt, vh.transpose(1, 2), attn_mask=allowed | ~any_key)
         o = o * any_key.to(o.dtype)
         return o.transpose(1, 2), new_state
+
+
+def _drop_leap_predictors(module, state_dict, prefix, *args):
+    for key in [k for k in state_dict if k.startswith((prefix + "leap_q.", prefix + "leap_k."))]:
+        del state_dict[key]

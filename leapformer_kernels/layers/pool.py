@@ -1,7 +1,7 @@
 """``WindowPool``: the module form of ``lk.window_pool``."""
 from torch import nn
 
-from .._validate import REDUCES
+from .._validate import REDUCES, check_backend, check_windows
 from ..ops import window_pool
 
 
@@ -10,9 +10,10 @@ class WindowPool(nn.Module):
 
     def __init__(self, windows, reduce: str = "mean", backend=None):
         super().__init__()
-        if reduce not in REDUCES:
+        if not isinstance(reduce, str) or reduce not in REDUCES:
             raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
-        self.windows = [tuple(w) for w in windows]
+        check_backend(backend)
+        self.windows = [tuple(w) for w in check_windows(windows)]
         self.reduce, self.backend = reduce, backend
 
     def forward(self, x):

@@ -6,9 +6,11 @@ Implements the kernel interface of ``pooling/op.py``:
     pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D]
     argmax_dtype(windows) -> torch.int16 or torch.int32
 
-sum / mean: one blocked two-level prefix sum along T (float32 inside blocks of 256 rows, float64
-block carries; float64 throughout for float64 inputs), O(T * D) per window whatever its length.
-max: a tiled sparse table, O(T * D * log Lmax) for all windows together; the argmax (only
+sum / mean: one blocked two-level prefix sum along T (float64 inside blocks of 256 rows and for
+the block carries, for every input dtype: finite float32 data up to the top of its range cannot
+overflow it), O(T * D) per window whatever its length.
+max: a tiled sparse table, O(T * D * log Lmax) for all windows together (NaN ranks above every
+number: a window holding NaN gives NaN, its argmax is its first NaN); the argmax (only
 when asked for) is saved as int16 offsets within the window where the longest window fits,
 else int32.
 Backward deterministic (per (b, D-block) task, sequential). The extension is built on first use

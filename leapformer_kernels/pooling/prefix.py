@@ -4,7 +4,9 @@ Sum and mean take differences of one prefix sum along T (accumulated in float64,
 difference of two large prefixes keeps float32 accuracy at any T), computed once for all
 windows, whatever their lengths. Max uses a sparse table of (value, first index) pairs:
 O(T * D * log W_max) memory and time, and a ``gather`` of the chosen element so that the
-gradient goes to the first maximal element.
+gradient goes to the first maximal element (NaN ranks above every number: a window holding NaN
+gives NaN and sends its gradient to its first NaN). Offsets are clamped to [-T, T] first
+(``naive.window_bounds``): no int64 overflow for offsets such as ``sys.maxsize``.
 """
 import torch
 
@@ -12,8 +14,10 @@ from .naive import window_bounds
 
 
 def _first_max(va, ia, vb, ib):
-    """Combine two (value, index) candidates; ties keep the lower index."""
-    take_b = (vb > va) | ((vb == va) & (ib < ia))
+    """Combine two (value, index) candidates; NaN ranks above every number (a window holding NaN
+    gives NaN, as ``torch.amax``); ties (NaN with NaN included) keep the lower index."""
+    na, nb = torch.isnan(va), torch.isnan(vb)
+    take_b = (vb > va) | (nb & ~na) | (((vb == va) | (na & nb)) & (ib < ia))
     return torch.where(take_b, vb, va), torch.where(take_b, ib, ia)
 
 
