@@ -47,9 +47,10 @@ def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.
                     eps=eps, normalize=normalize, backend=backend)
     q, k, v = _autocast(q, k, v)
     name = backends.choose("leap_attention", backend, q.device, q.dtype)
-    return _attention(name, q, k, v, pq, pk, causal=causal, block_size=block_size,
-                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, initial_state=initial_state,
-                      output_final_state=output_final_state, eps=effective_eps(eps, q.dtype), normalize=normalize)
+    return attention_op.leap_attention(name, q, k, v, pq, pk, causal=causal, block_size=block_size,
+                                       key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                                       initial_state=initial_state, output_final_state=output_final_state,
+                                       eps=effective_eps(eps, q.dtype), normalize=normalize)
 
 
 def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
@@ -69,9 +70,10 @@ def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: t
         # the step kernel is inference-only; with autograd on, the same result comes from the
         # differentiable op (DESIGN: the step equals leap_attention on the concatenation)
         name = backends.choose("leap_attention", backend, q.device, q.dtype)
-        return _attention(name, q, k, v, pq, pk, causal=True, block_size=None, key_padding_mask=None,
-                          cu_seqlens=None, initial_state=state, output_final_state=True,
-                          eps=effective_eps(eps, q.dtype), normalize=normalize)
+        return attention_op.leap_attention(name, q, k, v, pq, pk, causal=True, block_size=None,
+                                           key_padding_mask=None, cu_seqlens=None, initial_state=state,
+                                           output_final_state=True, eps=effective_eps(eps, q.dtype),
+                                           normalize=normalize)
     name = backends.choose("leap_attention_step", backend, q.device, q.dtype)
     return attention_op.leap_attention_step(name, q, k, v, pq, pk, state, eps=effective_eps(eps, q.dtype),
                                             normalize=normalize)
@@ -113,137 +115,7 @@ def window_pool(x: torch.Tensor, windows: Sequence[Tuple[int, int]], reduce: str
         valid = torch.zeros(0, T, len(windows), dtype=torch.bool, device=x.device)
         return x.new_zeros(0, T, len(windows), D) + x.sum() * 0, valid
     name = backends.choose("window_pool", backend, x.device, x.dtype)
-    if not _functorch_active():
-        return pooling_op.window_pool(name, x, windows, reduce)
-    need_argmax = reduce == "max" and torch.is_grad_enabled() and x.requires_grad
-    pooled, valid, _ = _PoolFunction.apply(x.contiguous(), [w[0] for w in windows], [w[1] for w in windows],
-                                           reduce, need_argmax, name)
-    return pooled, valid
-
-
-def _functorch_active() -> bool:
-    """True inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...); False while
-    ``torch.compile`` traces (dynamo handles the transforms itself)."""
-    if torch.compiler.is_compiling():
-        return False
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
-
-
-def _attention(name, q, k, v, pq, pk, **kw):
-    """The differentiable attention op; inside a ``torch.func`` transform, through
-    ``_AttentionFunction`` (see there)."""
-    if not _functorch_active():
-        return attention_op.leap_attention(name, q, k, v, pq, pk, **kw)
-    initial_state, ofs = kw["initial_state"], kw["output_final_state"]
-    S0, z0 = (None, None) if initial_state is None else initial_state
-    c, S0, z0 = attention_op._prepare(q, k, v, pq, pk, S0, z0)
-    kpm = kw["key_padding_mask"]
-    kpm = None if kpm is None else kpm.contiguous()
-    cu = kw["cu_seqlens"]
-    cu = None if cu is None else cu.to(torch.int64).contiguous()
-    bs = kw["block_size"]
-    bs = min(int(bs), 2 ** 63 - 1) if bs else 0  # as attention_op.leap_attention: any bs >= T is one block
-    o, S, z = _AttentionFunction.apply(*c, S0, z0, kpm, cu, kw["causal"], bs, float(kw["eps"]), kw["normalize"],
-                                       ofs, name)
-    return (o, (S, z)) if ofs else o
-
-
-class _AttentionFunction(torch.autograd.Function):
-    """``leapformer::leap_attention_fwd`` / ``_bwd`` as an ``autograd.Function`` with a separate
-    ``setup_context``, as ``torch.func`` transforms require. The autograd that ``torch.library``
-    generates for a custom op lacks it, so ``torch.func.grad`` through the plain op raises
-    (pytorch/pytorch#168393); everywhere else (eager autograd, torch.compile) the op is used."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize, ofs, backend):
-        return attention_op.leap_attention_fwd(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps,
-                                               normalize, ofs, backend)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:9])
-        ctx.flags = inputs[9:]
-
-    @staticmethod
-    def backward(ctx, do, dS, dz):
-        q, k, v, pq, pk, S0, z0, kpm, cu = ctx.saved_tensors
-        causal, block_size, eps, normalize, ofs, backend = ctx.flags
-        if ofs:  # e.g. S.sum() gives a stride-0 expanded gradient
-            dS = None if dS is None else dS.contiguous()
-            dz = None if dz is None else dz.contiguous()
-        else:
-            dS = dz = None
-        dq, dk, dv, dpq, dpk, dS0, dz0 = _AttentionBackward.apply(
-            do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize,
-            backend)
-        if S0 is None:
-            dS0 = dz0 = None
-        return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None
-
-
-class _AttentionBackward(torch.autograd.Function):
-    """The backward op, called below the transform's autograd level; not differentiable."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*args):
-        return attention_op.leap_attention_bwd(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("leap_attention: double backward (second derivatives, e.g. nested torch.func.grad "
-                           "or hessian) is not supported")
-
-
-class _PoolFunction(torch.autograd.Function):
-    """``leapformer::window_pool_fwd`` / ``_bwd`` for ``torch.func`` transforms (see
-    ``_AttentionFunction``)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, starts, ends, reduce, need_argmax, backend):
-        return pooling_op.window_pool_fwd(x, starts, ends, reduce, need_argmax, backend)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, starts, ends, reduce, need_argmax, backend = inputs
-        ctx.save_for_backward(output[2])
-        ctx.args = (x.shape[1], starts, ends, reduce, backend)
-        ctx.need_argmax = need_argmax
-
-    @staticmethod
-    def backward(ctx, grad, _gvalid, _gargmax):
-        (argmax,) = ctx.saved_tensors
-        if ctx.args[3] == "max" and not ctx.need_argmax:
-            raise RuntimeError("window_pool: the max forward saved no argmax (its input did not require grad)")
-        return _PoolBackward.apply(grad.contiguous(), argmax, *ctx.args), None, None, None, None, None
-
-
-class _PoolBackward(torch.autograd.Function):
-    """The window_pool backward op, called below the transform's autograd level; not differentiable."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*args):
-        return pooling_op.window_pool_bwd(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("window_pool: double backward (second derivatives) is not supported")
+    return pooling_op.window_pool(name, x, windows, reduce)
 
 
 def _autocast(*tensors):

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._functorch import functorch_active
 from .._validate import state_dtype
 
 _EMPTY = 0  # size of the placeholder returned for an absent optional tensor
@@ -191,8 +192,8 @@ def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_pad
     # any block_size >= T is one block: a Python int beyond int64 means the same as 2**63 - 1
     # (no comparison with T here: T may be symbolic under torch.compile)
     bs = min(int(block_size), _I64_MAX) if block_size else 0
-    o, S, z = leap_attention_fwd(*c, S0, z0, kpm, cu, causal, bs, float(eps), normalize,
-                                 output_final_state, backend)
+    fwd = _AttentionFunction.apply if functorch_active() else leap_attention_fwd
+    o, S, z = fwd(*c, S0, z0, kpm, cu, causal, bs, float(eps), normalize, output_final_state, backend)
     return (o, (S, z)) if output_final_state else o
 
 
@@ -205,3 +206,57 @@ def leap_attention_step(backend: str, q, k, v, pq, pk, state, *, eps, normalize)
         with _device_guard(q):
             o, S, z = _kernels(backend).step(*c, S0, z0, float(eps), normalize)
     return o, (S, z)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """``leapformer::leap_attention_fwd`` / ``_bwd`` as an ``autograd.Function`` with a separate
+    ``setup_context``, as ``torch.func`` transforms require. The autograd that ``torch.library``
+    generates for a custom op lacks it, so ``torch.func.grad`` through the plain op raises
+    (pytorch/pytorch#168393); everywhere else (eager autograd, torch.compile) the op is used."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize, ofs, backend):
+        return leap_attention_fwd(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps,
+                                               normalize, ofs, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:9])
+        ctx.flags = inputs[9:]
+
+    @staticmethod
+    def backward(ctx, do, dS, dz):
+        q, k, v, pq, pk, S0, z0, kpm, cu = ctx.saved_tensors
+        causal, block_size, eps, normalize, ofs, backend = ctx.flags
+        if ofs:  # e.g. S.sum() gives a stride-0 expanded gradient
+            dS = None if dS is None else dS.contiguous()
+            dz = None if dz is None else dz.contiguous()
+        else:
+            dS = dz = None
+        dq, dk, dv, dpq, dpk, dS0, dz0 = _AttentionBackward.apply(
+            do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize,
+            backend)
+        if S0 is None:
+            dS0 = dz0 = None
+        return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None
+
+
+class _AttentionBackward(torch.autograd.Function):
+    """The backward op, called below the transform's autograd level; not differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return leap_attention_bwd(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("leap_attention: double backward (second derivatives, e.g. nested torch.func.grad "
+                           "or hessian) is not supported")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .._functorch import functorch_active
 
 
 def _kernels(backend: str):
@@ -84,6 +85,50 @@ window_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def window_pool(backend: str, x, windows, reduce):
     need_argmax = reduce == "max" and torch.is_grad_enabled() and x.requires_grad
-    pooled, valid, _ = window_pool_fwd(x.contiguous(), [w[0] for w in windows], [w[1] for w in windows], reduce,
-                                       need_argmax, backend)
+    fwd = _PoolFunction.apply if functorch_active() else window_pool_fwd
+    pooled, valid, _ = fwd(x.contiguous(), [w[0] for w in windows], [w[1] for w in windows], reduce, need_argmax,
+                           backend)
     return pooled, valid
+
+
+class _PoolFunction(torch.autograd.Function):
+    """``leapformer::window_pool_fwd`` / ``_bwd`` for ``torch.func`` transforms (see
+    ``_AttentionFunction``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, starts, ends, reduce, need_argmax, backend):
+        return window_pool_fwd(x, starts, ends, reduce, need_argmax, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, starts, ends, reduce, need_argmax, backend = inputs
+        ctx.save_for_backward(output[2])
+        ctx.args = (x.shape[1], starts, ends, reduce, backend)
+        ctx.need_argmax = need_argmax
+
+    @staticmethod
+    def backward(ctx, grad, _gvalid, _gargmax):
+        (argmax,) = ctx.saved_tensors
+        if ctx.args[3] == "max" and not ctx.need_argmax:
+            raise RuntimeError("window_pool: the max forward saved no argmax (its input did not require grad)")
+        return _PoolBackward.apply(grad.contiguous(), argmax, *ctx.args), None, None, None, None, None
+
+
+class _PoolBackward(torch.autograd.Function):
+    """The window_pool backward op, called below the transform's autograd level; not differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return window_pool_bwd(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("window_pool: double backward (second derivatives) is not supported")
