@@ -10,8 +10,9 @@ from dataclasses import fields
 
 from .leap import LeapLSTM, LeapTransformer
 from .lm import LeapformerLM
+from .lra import LeapformerLRA
 
-MODELS = {cls.name: cls for cls in (LeapformerLM, LeapLSTM, LeapTransformer)}
+MODELS = {cls.name: cls for cls in (LeapformerLM, LeapLSTM, LeapTransformer, LeapformerLRA)}
 
 
 def get_model_class(name: str):
@@ -44,4 +45,4 @@ def load_checkpoint(path: str, map_location="cpu", with_tokenizer: bool = False)
 
 
 __all__ = ["MODELS", "build", "load_checkpoint", "list_models", "get_model_class",
-           "LeapformerLM", "LeapLSTM", "LeapTransformer"]
+           "LeapformerLM", "LeapLSTM", "LeapTransformer", "LeapformerLRA"]

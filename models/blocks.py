@@ -1,5 +1,6 @@
 """Shared building blocks of the zoo. They only compose package layers: every attention is
-``leapformer_kernels.LeapAttention`` (``attention="leap"``, or ``"softmax"`` as the baseline);
+``leapformer_kernels.LeapAttention`` (``attention="leap"``, or a baseline: ``"softmax"``,
+``"linear"`` (relu linear attention) or ``"cosformer"`` (position-ratio re-weighting));
 no model file holds attention math.
 
 Position information: ``LeapAttention`` has no rotary (RoPE) hook (RoPE has to rotate q and k
@@ -21,7 +22,7 @@ import leapformer_kernels as lk
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POS_EMBS = ("learned", "sinusoidal", "none")
-ATTENTIONS = ("leap", "softmax")  # what lk.LeapAttention accepts
+ATTENTIONS = ("leap", "softmax", "linear", "cosformer")  # what lk.LeapAttention accepts
 
 
 class RMSNorm(nn.Module):
@@ -82,9 +83,10 @@ class Block(nn.Module):
                  norm: str = "layernorm", attention: str = "leap", causal: bool = True,
                  block_size: Optional[int] = None, cross: bool = False, cross_causal: bool = False,
                  kdim: Optional[int] = None, num_kv_heads: Optional[int] = None, leap_hidden: Optional[int] = None,
-                 eps: float = 0.1, bias: bool = True, dropout: float = 0.0):
+                 eps: float = 0.1, bias: bool = True, dropout: float = 0.0, cosformer_max_len: int = 1024):
         super().__init__()
-        akw = dict(num_kv_heads=num_kv_heads, leap_hidden=leap_hidden, eps=eps, bias=bias, attention=attention)
+        akw = dict(num_kv_heads=num_kv_heads, leap_hidden=leap_hidden, eps=eps, bias=bias, attention=attention,
+                   cosformer_max_len=cosformer_max_len)
         self.norm1 = make_norm(norm, dim)
         self.attn = lk.LeapAttention(dim, num_heads, causal=causal, block_size=block_size, **akw)
         self.attn.out_proj.is_residual_proj = True

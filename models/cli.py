@@ -136,9 +136,9 @@ def cmd_train(argv):
         print(f"\ninterrupted: checkpoint of step {e.step} saved to {e.checkpoint}; resume with:\n"
               f"  {_resume_command(argv)}", file=sys.stderr)
         return 130
-    keep = ("model", "attention", "params", "steps", "final_val_loss", "best_val_loss", "train_time_s",
-            "tokens_per_s", "device", "threads", "checkpoint")
-    print(json.dumps({k: summary[k] for k in keep}, indent=1))
+    keep = ("model", "attention", "params", "steps", "final_val_loss", "best_val_loss", "val_accuracy",
+            "train_time_s", "tokens_per_s", "device", "threads", "checkpoint")
+    print(json.dumps({k: summary[k] for k in keep if k in summary}, indent=1))
     return 0
 
 
@@ -198,12 +198,12 @@ def cmd_generate(argv):
     n_new, note = a.max_new_tokens, None
     fit = model.max_new_tokens_that_fit(ids) if hasattr(model, "max_new_tokens_that_fit") else None
     if fit is not None and n_new > fit:
-        pos = model.config.max_positions
+        pos, limit_name = model._position_limit()
         if fit <= 0:
             raise UserError(f"the prompt is {max(len(i) for i in ids)} tokens; this model holds at most "
-                            f"{pos} positions (max_positions): shorten --prompt")
+                            f"{pos} positions ({limit_name}): shorten --prompt")
         n_new, note = fit, (f"stopped after {fit} of {a.max_new_tokens} new tokens: the model holds at most "
-                            f"{pos} positions (max_positions)")
+                            f"{pos} positions ({limit_name})")
     kw = dict(max_new_tokens=n_new, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               generator=torch.Generator(device=dev).manual_seed(a.seed))
     if causal:
@@ -224,7 +224,8 @@ def cmd_eval(argv):
     from .train import TrainConfig, evaluate_terms, load_model, prepare_data, resolve_device
     p = Parser(prog="leapformer eval", description="validation loss of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint file written by leapformer train")
-    p.add_argument("--data", default=argparse.SUPPRESS, help="text file (default: the training run's corpus)")
+    p.add_argument("--data", default=argparse.SUPPRESS,
+                   help="text file or task (mqar | listops) (default: the training run's data)")
     p.add_argument("--batches", type=int, default=50, help="batches to average over (>= 1)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -244,6 +245,9 @@ def cmd_eval(argv):
     terms = evaluate_terms(model, val_ids, a.batches, bs, seed=12345)
     loss = sum(terms.values())
     res = {"checkpoint": a.ckpt, "model": ckpt["model_name"], "step": ckpt["step"], "val_loss": loss}
+    from .tasks import TaskData, accuracy
+    if isinstance(val_ids, TaskData):  # a generated task: the accuracy of the scored predictions
+        res.update(task=val_ids.task, accuracy=accuracy(model, val_ids, a.batches, bs, seed=12345))
     if len(terms) == 1:  # one prediction per token: perplexity and bits per token are meaningful
         res.update(perplexity=math.exp(loss), bits_per_token=loss / math.log(2))
     else:  # LEAP: target + gap (+ distance) cross-entropies, each per predicted token

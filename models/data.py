@@ -107,6 +107,9 @@ def make_tokenizer(kind: str, train_text: str = "", vocab_size: int = 1024):
 def tokenizer_from_state(state: dict):
     if state["kind"] == "byte":
         return ByteTokenizer()
+    if state["kind"] == "task":
+        from .tasks import TaskTokenizer
+        return TaskTokenizer(state["task"], state["vocab_size"])
     if state["kind"] == "bpe":
         tk = BPETokenizer._lib()
         return BPETokenizer(tk.Tokenizer.from_str(state["json"]))

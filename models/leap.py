@@ -291,7 +291,8 @@ class LeapTransformerConfig:
     max_distance: int = 30
     gen_distance: int = 6
     distance_head: bool = False
-    attention: str = "leap"     # leap | softmax
+    attention: str = "leap"     # leap | softmax | linear | cosformer
+    cosformer_max_len: int = 1024  # cosformer: the longest sequence (proportion = position / M)
     leap_hidden: Optional[int] = None
     eps: float = 0.1
     norm: str = "layernorm"
@@ -310,7 +311,8 @@ class LeapTransformerConfig:
         "max_distance": "largest leap distance d in tokens (>= min_distance)",
         "gen_distance": "leap distance in tokens for generate without a distance head (in [min, max] distance)",
         "distance_head": "also predict the leap distance (adds a CE(distance) loss term)",
-        "attention": "attention: leap | softmax (the baseline)",
+        "attention": "attention: leap | softmax | linear | cosformer (the last three are baselines)",
+        "cosformer_max_len": "cosformer attention: the longest sequence M in tokens (proportion = position / M)",
         "leap_hidden": "LeaP predictor hidden width (none = head_dim // 4)",
         "eps": "LeaP denominator clamp (>= 0)",
         "norm": "normalisation: layernorm | rmsnorm",
@@ -329,6 +331,7 @@ class LeapTransformerConfig:
         cc.check_real(self, "eps", 0)
         cc.check_real(self, "dropout", 0, 1)
         cc.check_choice(self, "attention", ATTENTIONS)
+        cc.check_int(self, "cosformer_max_len")
         cc.check_choice(self, "norm", NORMS)
         cc.check_choice(self, "activation", ACTIVATIONS)
         cc.check_divides(self, "num_heads", "embed_dim")
@@ -351,7 +354,7 @@ class LeapTransformer(_LeapBase):
         self.config = c = config
         E = c.embed_dim
         akw = dict(mlp_ratio=c.mlp_ratio, activation=c.activation, norm=c.norm, attention=c.attention,
-                   leap_hidden=c.leap_hidden, eps=c.eps, dropout=c.dropout)
+                   leap_hidden=c.leap_hidden, eps=c.eps, dropout=c.dropout, cosformer_max_len=c.cosformer_max_len)
         self.tok_emb = nn.Embedding(c.vocab_size, E)
         self.pos_emb = nn.Embedding(c.context_len, E)          # counted from the end of the context
         self.dist_emb = nn.Embedding(c.max_distance + 1, E)
@@ -359,7 +362,7 @@ class LeapTransformer(_LeapBase):
         self.encoder = nn.ModuleList([Block(E, c.num_heads, causal=False, **akw) for _ in range(c.num_layers)])
         self.norm_enc = make_norm(c.norm, E)
         self.pool = lk.LeapAttention(E, c.num_heads, causal=False, cross=True, attention=c.attention,
-                                     leap_hidden=c.leap_hidden, eps=c.eps)
+                                     leap_hidden=c.leap_hidden, eps=c.eps, cosformer_max_len=c.cosformer_max_len)
         self.target_proj = nn.Sequential(nn.Linear(E, E), nn.LayerNorm(E), nn.GELU())
         self.target_head = nn.Linear(E, c.vocab_size)
         self.gap_blocks = nn.ModuleList([Block(E, c.num_heads, causal=False, cross=True, **akw)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config_checks as cc
+from .tasks import IGNORE, TaskData
 from .blocks import (ACTIVATIONS, ATTENTIONS, NORMS, POS_EMBS, Block, TiedHead, init_weights, left_pad, make_norm,
                      make_positions, sample_logits)
 
@@ -36,7 +37,8 @@ class LMConfig:
     norm: str = "layernorm"     # layernorm | rmsnorm
     pos_emb: str = "learned"    # learned | sinusoidal | none
     max_positions: int = 1024   # learned positions: the longest sequence (prompt + generated)
-    attention: str = "leap"     # leap | softmax
+    attention: str = "leap"     # leap | softmax | linear | cosformer
+    cosformer_max_len: int = 1024  # cosformer: the longest sequence (proportion = position / M)
     leap_hidden: Optional[int] = None  # LeaP predictor width (None = head_dim // 4)
     eps: float = 0.1            # denominator clamp (official fairseq value)
     dropout: float = 0.0
@@ -53,7 +55,8 @@ class LMConfig:
         "norm": "normalisation: layernorm | rmsnorm",
         "pos_emb": "position embedding: learned | sinusoidal | none",
         "max_positions": "learned positions: the longest sequence in tokens (prompt + generated)",
-        "attention": "attention: leap | softmax (the baseline)",
+        "attention": "attention: leap | softmax | linear | cosformer (the last three are baselines)",
+        "cosformer_max_len": "cosformer attention: the longest sequence M in tokens (proportion = position / M)",
         "leap_hidden": "LeaP predictor hidden width (none = head_dim // 4)",
         "eps": "LeaP denominator clamp (>= 0)",
         "dropout": "dropout probability in [0, 1)",
@@ -71,9 +74,13 @@ class LMConfig:
         cc.check_choice(self, "norm", NORMS)
         cc.check_choice(self, "pos_emb", POS_EMBS)
         cc.check_choice(self, "attention", ATTENTIONS)
+        cc.check_int(self, "cosformer_max_len")
         cc.check_bool(self, "bias")
         cc.check_divides(self, "n_head", "n_embd")
         cc.check_hidden_width(self, "mlp_ratio", "n_embd")
+        if self.attention == "cosformer" and self.seq_len > self.cosformer_max_len:
+            cc.fail("seq_len", f"be <= {cc.field('cosformer_max_len')} = {self.cosformer_max_len} with "
+                    "cosformer attention", self.seq_len)
         if self.pos_emb == "learned" and self.seq_len > self.max_positions:
             cc.fail("seq_len", f"be <= {cc.field('max_positions')} = {self.max_positions} with learned "
                     "positions (--pos-emb learned)", self.seq_len)
@@ -91,6 +98,7 @@ class LeapformerLM(nn.Module):
     description = "decoder-only LeaPformer language model (causal LeapAttention blocks, tied head)"
     Config = LMConfig
     causal = True
+    tasks = ("mqar",)  # generated tasks it trains on (``--data mqar``)
 
     def __init__(self, config: LMConfig):
         super().__init__()
@@ -101,7 +109,7 @@ class LeapformerLM(nn.Module):
         self.blocks = nn.ModuleList([
             Block(c.n_embd, c.n_head, mlp_ratio=c.mlp_ratio, activation=c.activation, norm=c.norm,
                   attention=c.attention, causal=True, leap_hidden=c.leap_hidden, eps=c.eps, bias=c.bias,
-                  dropout=c.dropout) for _ in range(c.n_layer)])
+                  dropout=c.dropout, cosformer_max_len=c.cosformer_max_len) for _ in range(c.n_layer)])
         self.norm_f = make_norm(c.norm, c.n_embd)
         self.head = TiedHead(self.tok_emb)
         init_weights(self, c.n_layer)
@@ -141,7 +149,11 @@ class LeapformerLM(nn.Module):
 
     # ------------------------------------------------------------------ training
     def get_batch(self, data: torch.Tensor, batch_size: int, generator: torch.Generator):
-        """Random windows of seq_len + 1 tokens from a 1-D token tensor -> (x [B, T], y [B, T])."""
+        """Random windows of seq_len + 1 tokens from a 1-D token tensor -> (x [B, T], y [B, T]);
+        from a generated task (``TaskData``: MQAR) its sequences of seq_len tokens, y = -100 where
+        unscored (cross_entropy ignores those)."""
+        if isinstance(data, TaskData):
+            return data.mqar_batch(batch_size, self.config.seq_len, generator)
         T = min(self.config.seq_len, len(data) - 1)
         if T < 1:
             raise ValueError(f"the corpus has {len(data)} tokens: too short for training")
@@ -164,6 +176,13 @@ class LeapformerLM(nn.Module):
     def batch_tokens(batch) -> int:
         return batch[0].numel()
 
+    @torch.no_grad()
+    def accuracy_counts(self, batch):
+        """(right, scored) next-token predictions of a batch: the positions where y != -100."""
+        x, y = batch
+        scored = y != IGNORE
+        return int((self(x).argmax(-1)[scored] == y[scored]).sum()), int(scored.sum())
+
     # ------------------------------------------------------------------ generation
     @staticmethod
     def _prompt_lists(prompts) -> List[List[int]]:
@@ -172,16 +191,24 @@ class LeapformerLM(nn.Module):
             prompts = prompts.tolist()
         return [list(p) if len(p) else [0] for p in prompts]
 
+    def _position_limit(self):
+        """(the most positions a sequence may hold, the config field that sets it) or None: learned
+        positions hold max_positions, cosformer attention cosformer_max_len (the smaller wins)."""
+        c = self.config
+        limits = ([(c.max_positions, "max_positions")] if c.pos_emb == "learned" else []) + \
+            ([(c.cosformer_max_len, "cosformer_max_len")] if c.attention == "cosformer" else [])
+        return min(limits) if limits else None
+
     def max_new_tokens_that_fit(self, prompts) -> Optional[int]:
         """How many tokens ``generate`` can add to these prompts: with learned positions,
         max_positions minus the longest prompt (positions count real tokens only, so padding
-        does not count; an empty prompt counts as one token); None (unbounded) with sinusoidal
-        or no positions. Never negative."""
-        c = self.config
-        if c.pos_emb != "learned":
+        does not count; an empty prompt counts as one token), with cosformer attention likewise
+        cosformer_max_len; None (unbounded) otherwise. Never negative."""
+        limit = self._position_limit()
+        if limit is None:
             return None
         longest = max((len(p) for p in self._prompt_lists(prompts)), default=0)
-        return max(0, c.max_positions - longest)
+        return max(0, limit[0] - longest)
 
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], max_new_tokens: int = 100, temperature: float = 1.0,
@@ -197,13 +224,13 @@ class LeapformerLM(nn.Module):
         prompts = self._prompt_lists(prompts)
         fit = self.max_new_tokens_that_fit(prompts)
         if fit is not None:
-            longest, M = max(len(p) for p in prompts), self.config.max_positions
+            (M, name), longest = self._position_limit(), max(len(p) for p in prompts)
             if longest > M:
-                raise ValueError(f"the longest prompt has {longest} tokens, more than {cc.field('max_positions')} "
-                                 f"= {M} learned positions")
+                raise ValueError(f"the longest prompt has {longest} tokens, more than {cc.field(name)} "
+                                 f"= {M} positions")
             if max_new_tokens > fit:
                 raise ValueError(f"max_new_tokens={max_new_tokens} does not fit: the longest prompt has {longest} "
-                                 f"tokens and {cc.field('max_positions')} = {M}, so at most {fit} new tokens")
+                                 f"tokens and {cc.field(name)} = {M}, so at most {fit} new tokens")
         dev = self.tok_emb.weight.device
         tokens, pad = left_pad(prompts, device=dev)
         out = []

@@ -24,6 +24,8 @@ from . import get_model_class
 from .errors import (CheckpointError, RunExistsError, TrainingInterrupted, UsageError,
                      require)
 from .data import encode_corpus, load_text, make_tokenizer, split_text, tokenizer_from_state
+from .tasks import TaskData
+from .tasks import accuracy as task_accuracy
 
 CKPT_NAME = "ckpt.pt"
 
@@ -31,9 +33,14 @@ CKPT_NAME = "ckpt.pt"
 @dataclass
 class TrainConfig:
     model: str = "leapformer-lm"
-    data: Optional[str] = None          # text file; None = pydoc_data.topics
+    data: Optional[str] = None          # text file, or a generated task (mqar | listops); None = the model's default
     tokenizer: str = "byte"             # byte | bpe
     bpe_vocab_size: int = 1024
+    mqar_pairs: int = 8                 # --data mqar: key-value pairs per sequence (length: the model's seq_len)
+    mqar_vocab: int = 64                # --data mqar: vocabulary (keys and values)
+    listops_min_len: int = 16           # --data listops: shortest expression (longest: the model's seq_len)
+    listops_max_depth: int = 10         # LRA: 10
+    listops_max_args: int = 10          # LRA: 10
     val_fraction: float = 0.1
     steps: int = 500
     stop_after: Optional[int] = None    # stop (as if interrupted) after this step; the schedule spans `steps`
@@ -56,9 +63,15 @@ class TrainConfig:
 
     HELP: ClassVar[dict] = {
         "model": "the model to train (leapformer list shows them)",
-        "data": "UTF-8 text file to train on (none = the Python docs shipped with CPython)",
+        "data": "UTF-8 text file to train on, or a generated task: mqar | listops (none = the model's default: "
+                "the Python docs shipped with CPython, ListOps for leapformer-lra)",
         "tokenizer": "byte | bpe (bpe is trained locally and needs the tokenizers package)",
         "bpe_vocab_size": "vocabulary size of the BPE tokenizer (> 256)",
+        "mqar_pairs": "--data mqar: key-value pairs per sequence (the sequence is the model's seq_len, >= 4x this)",
+        "mqar_vocab": "--data mqar: vocabulary size (keys and values; >= 2 * mqar_pairs + 1)",
+        "listops_min_len": "--data listops: shortest expression in tokens (the longest: the model's seq_len)",
+        "listops_max_depth": "--data listops: deepest nesting of operators",
+        "listops_max_args": "--data listops: most arguments of an operator (>= 2)",
         "val_fraction": "fraction of the text, taken from its end, used for validation, in (0, 1)",
         "steps": "optimizer steps; the learning-rate schedule spans them",
         "stop_after": "stop after this step as if interrupted (the schedule still spans --steps)",
@@ -84,6 +97,12 @@ class TrainConfig:
         check = _Checker()
         check.choice("tokenizer", self.tokenizer, ("byte", "bpe"))
         check.integer("bpe_vocab_size", self.bpe_vocab_size, 257)
+        check.integer("mqar_pairs", self.mqar_pairs, 1)
+        check.integer("mqar_vocab", self.mqar_vocab, 2 * self.mqar_pairs + 1 if isinstance(self.mqar_pairs, int)
+                      else 3)
+        check.integer("listops_min_len", self.listops_min_len, 1)
+        check.integer("listops_max_depth", self.listops_max_depth, 1)
+        check.integer("listops_max_args", self.listops_max_args, 2)
         check.number("val_fraction", self.val_fraction, 0, 1, lo_open=True, hi_open=True)
         for name in ("steps", "batch_size", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
             check.integer(name, getattr(self, name), 1)
@@ -200,11 +219,44 @@ def make_optimizer(model, cfg: TrainConfig):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def data_name(cfg: TrainConfig) -> Optional[str]:
+    """The text file or task name a run trains on (the model's ``default_data`` when --data is none)."""
+    return cfg.data if cfg.data is not None else getattr(get_model_class(cfg.model), "default_data", None)
+
+
+def task_of(cfg: TrainConfig) -> Optional[str]:
+    from .tasks import TASKS
+    name = data_name(cfg)
+    return name if name in TASKS else None
+
+
 def prepare_data(cfg: TrainConfig, tokenizer=None):
-    train_text, val_text = split_text(load_text(cfg.data), cfg.val_fraction)
+    """(tokenizer, train data, validation data): token tensors of a text corpus, or the
+    ``TaskData`` splits of a generated task (``--data mqar`` / ``listops``, for the models
+    whose ``tasks`` name it)."""
+    task = task_of(cfg)
+    if task is not None:
+        from .tasks import task_data
+        cls = get_model_class(cfg.model)
+        if task not in getattr(cls, "tasks", ()):
+            able = sorted(n for n, c in _models().items() if task in getattr(c, "tasks", ()))
+            raise UsageError(f"--data {task}: {cfg.model} does not train on {task}; models that do: {', '.join(able)}")
+        params = ({"num_pairs": cfg.mqar_pairs, "vocab_size": cfg.mqar_vocab} if task == "mqar" else
+                  {"min_len": cfg.listops_min_len, "max_depth": cfg.listops_max_depth,
+                   "max_args": cfg.listops_max_args})
+        return task_data(task, params)
+    if getattr(get_model_class(cfg.model), "needs_task", False):
+        raise UsageError(f"{cfg.model} trains on a generated task ({', '.join(get_model_class(cfg.model).tasks)}), "
+                         f"not on text: drop --data or pass --data {get_model_class(cfg.model).tasks[0]}")
+    train_text, val_text = split_text(load_text(data_name(cfg)), cfg.val_fraction)
     if tokenizer is None:
         tokenizer = make_tokenizer(cfg.tokenizer, train_text, cfg.bpe_vocab_size)
     return tokenizer, encode_corpus(tokenizer, train_text), encode_corpus(tokenizer, val_text)
+
+
+def _models():
+    from . import MODELS
+    return MODELS
 
 
 @torch.no_grad()
@@ -529,7 +581,10 @@ def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
 
     def finish(interrupted: bool):
         vals = [r["val_loss"] for r in history if r["val_loss"] is not None]
-        summary = {"model": cfg.model, "attention": attention, "params": n_params, "steps": step,
+        extra = {}
+        if isinstance(val_ids, TaskData):
+            extra["val_accuracy"] = task_accuracy(model, val_ids, cfg.eval_batches, cfg.batch_size, seed=cfg.seed + 1)
+        summary = {**extra, "model": cfg.model, "attention": attention, "params": n_params, "steps": step,
                    "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
                    "train_time_s": train_time, "tokens_seen": tokens_seen,
                    "tokens_per_s": tokens_seen / train_time if train_time else None,
@@ -611,6 +666,8 @@ def _check_corpus(model, cfg, train_ids, val_ids):
         try:
             model.get_batch(ids, 1, torch.Generator().manual_seed(0))
         except (RuntimeError, ValueError, IndexError) as e:
+            if isinstance(ids, TaskData):
+                raise UsageError(f"--data {ids.task}: {str(e).splitlines()[0][:200]}") from None
             raise UsageError(f"the {split} text ({len(ids)} tokens) is too small for this model "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:100]}); use a longer --data, a smaller "
                              "--seq-len or a different --val-fraction") from None

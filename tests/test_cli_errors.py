@@ -146,7 +146,7 @@ def test_help_and_version():
     assert r.returncode == 0 and r.stdout.startswith("leapformer-kernels ")
     r = run("train", "--help")
     assert r.returncode == 0
-    for needle in ("{leap,softmax}", "{byte,bpe}", "seconds", "--resume", "--overwrite"):
+    for needle in ("{leap,softmax,linear,cosformer}", "{byte,bpe}", "seconds", "--resume", "--overwrite"):
         assert needle in r.stdout, needle
     r = run("generate", "--help")
     assert r.returncode == 0 and "(0, 1]" in r.stdout

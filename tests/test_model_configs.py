@@ -98,7 +98,7 @@ def test_message_format():
     assert str(e.value) == "dropout (--dropout) must be in [0, 1), got 1.5"
     with pytest.raises(ValueError) as e:
         LeapTransformerConfig(attention="soft")
-    assert str(e.value) == "attention (--attention) must be one of leap, softmax, got 'soft'"
+    assert str(e.value) == "attention (--attention) must be one of leap, softmax, linear, cosformer, got 'soft'"
     with pytest.raises(ValueError) as e:
         LMConfig(vocab_size=0)
     assert str(e.value) == "vocab_size (--vocab-size) must be an int >= 1, got 0"

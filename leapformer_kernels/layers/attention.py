@@ -1,6 +1,7 @@
-"""``LeapAttention``: multi-head LeaPformer attention layer (or softmax, for comparison)."""
+"""``LeapAttention``: multi-head LeaPformer attention layer (or a baseline: softmax, plain relu
+linear attention, cosFormer)."""
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,20 @@ def _positive_int(value, name: str, optional: bool = False) -> None:
         raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
 
 
+ATTENTIONS = ("leap", "softmax", "linear", "cosformer")
+
+
+class CosformerState(NamedTuple):
+    """State of a ``attention="cosformer"`` layer: the linear-attention state (S, z) plus the
+    number of real positions seen per batch row (``pos`` [B] long: keys; ``qpos`` [B] long:
+    queries, which differ from the keys only in cross-attention). Left-padded prompts start at
+    different positions, hence one count per row."""
+    S: torch.Tensor
+    z: torch.Tensor
+    pos: torch.Tensor
+    qpos: torch.Tensor
+
+
 class LeapAttention(nn.Module):
     """Multi-head attention with LeaP re-weighted linear attention.
 
@@ -30,15 +45,21 @@ class LeapAttention(nn.Module):
         leap_hidden: hidden width of the two LeaP predictors (None = head_dim // 4).
         eps: denominator clamp (0.1 as in the official fairseq code).
         normalize: divide by the denominator (False: leave normalisation to a norm layer).
-        attention: "leap", or "softmax" to run the same projections through SDPA (then no LeaP
-            predictors are built: the baseline has no dead parameters).
+        attention: "leap"; or a baseline with the same projections and no LeaP predictors (no dead
+            parameters): "softmax" (SDPA), "linear" (plain relu linear attention: the same kernels
+            with the proportions fixed at 0, features [0, relu(x)]) or "cosformer" (cosFormer's
+            re-weighting: the proportion of the token at position t is t / cosformer_max_len).
+        cosformer_max_len: M of "cosformer", the longest sequence in tokens: positions count real
+            (unpadded) tokens from 0, per sequence, across calls with a state; a position >= M
+            raises ValueError. Unused by the other attentions.
         backend: forwarded to the functional ops.
 
     forward(x [B, T, E], context [B, S, kdim] or None, key_padding_mask [B, S] bool (True = pad),
     state, use_cache, cu_seqlens) -> y [B, T, E], or (y, state) with use_cache.
 
-    The state is what streaming needs: for "leap" the pair (S [B, H, 2*hd, hd], z [B, H, 2*hd])
-    (O(1) in the context length); for "softmax" a KV cache (k [B, S, Hkv, hd], v, pad [B, S]).
+    The state is what streaming needs: for "leap" and "linear" the pair (S [B, H, 2*hd, hd],
+    z [B, H, 2*hd]) (O(1) in the context length); for "cosformer" a ``CosformerState`` (S, z and
+    the positions seen per row); for "softmax" a KV cache (k [B, S, Hkv, hd], v, pad [B, S]).
     One rule for every attention: a call with a state extends it with the keys it is given, and
     its output equals attention over everything seen so far. Self-attention (and causal cross-
     attention) extend it with the new tokens. For non-causal cross-attention, ``context`` holds
@@ -56,7 +77,8 @@ class LeapAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None, causal: bool = True,
                  block_size: Optional[int] = None, cross: bool = False, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, leap_hidden: Optional[int] = None, eps: float = 0.1,
-                 normalize: bool = True, bias: bool = True, attention: str = "leap", backend: Optional[str] = None):
+                 normalize: bool = True, bias: bool = True, attention: str = "leap", backend: Optional[str] = None,
+                 cosformer_max_len: int = 1024):
         super().__init__()
         _positive_int(embed_dim, "embed_dim")
         _positive_int(num_heads, "num_heads")
@@ -64,13 +86,14 @@ class LeapAttention(nn.Module):
         _positive_int(block_size, "block_size", optional=True)
         _positive_int(kdim, "kdim", optional=True)
         _positive_int(vdim, "vdim", optional=True)
+        _positive_int(cosformer_max_len, "cosformer_max_len")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-        if attention not in ("leap", "softmax"):
-            raise ValueError(f"attention must be 'leap' or 'softmax', got {attention!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTIONS))}, got {attention!r}")
         if block_size is not None and not causal:
             raise ValueError("block_size needs causal=True (block-causal attention)")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
@@ -79,6 +102,7 @@ class LeapAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.causal, self.block_size, self.cross = causal, block_size, cross
         self.eps, self.normalize, self.attention, self.backend = float(eps), normalize, attention, backend
+        self.cosformer_max_len = cosformer_max_len
         self.kdim = (kdim or embed_dim) if cross else embed_dim
         self.vdim = (vdim or embed_dim) if cross else embed_dim
         kv_width = num_kv_heads * self.head_dim
@@ -91,7 +115,8 @@ class LeapAttention(nn.Module):
             self.leap_k = LeaP(self.head_dim, leap_hidden)
         else:
             self.leap_q = self.leap_k = None
-            # checkpoints from before 0.2.0 held (unused) LeaP predictors in softmax layers
+            # checkpoints from before 0.2.0 held (unused) LeaP predictors in softmax layers; a leap
+            # checkpoint also loads into a linear / cosformer layer (the predictors are dropped)
             self.register_load_state_dict_pre_hook(_drop_leap_predictors)
 
     # ---------------------------------------------------------------- helpers
@@ -144,26 +169,76 @@ class LeapAttention(nn.Module):
         y = self.out_proj(y.reshape(B, T, self.embed_dim))
         return (y, new_state) if use_cache else y
 
-    # ---------------------------------------------------------------- leap
+    # ---------------------------------------------------------------- leap, linear, cosformer
+    def _positions(self, n, B, mask, start, cu_seqlens, device):
+        """Positions [B, n] of n new tokens (real tokens counted from ``start`` [B] or 0; padded
+        ones get their row's last real position) and the new count [B]."""
+        if start is None:
+            start = torch.zeros(B, dtype=torch.long, device=device)
+        if cu_seqlens is not None:  # packed: positions count from each sequence's start
+            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            t = torch.arange(n, device=device)
+            pos = (t - cu[torch.searchsorted(cu[1:], t, right=True)])[None].expand(B, n)
+            return pos, cu[1:] - cu[:-1]  # the state has one row per packed sequence
+        real = (torch.ones(B, n, dtype=torch.long, device=device) if mask is None else (~mask).long())
+        pos = start[:, None] + (real.cumsum(1) - 1).clamp_min(0)
+        return pos, start + real.sum(1)
+
+    def _ratio(self, pos, heads, dtype):
+        """cosFormer proportions pos / M, [B, n] -> [B, n, heads]; ValueError beyond M."""
+        M = self.cosformer_max_len
+        if pos.numel() and int(pos.max()) >= M:
+            raise ValueError(f"position {int(pos.max())} is beyond cosformer_max_len={M} (cosformer attention: "
+                             f"at most {M} tokens per sequence; build the layer with a larger cosformer_max_len)")
+        return (pos.to(dtype) / M)[..., None].expand(*pos.shape, heads).contiguous()
+
     def _leap(self, q, source, key_padding_mask, state, cu_seqlens):
         q = q * self.head_dim ** -0.5
-        pq = self.leap_q(torch.relu(q))
+        B, T = q.shape[:2]
+        kind = self.attention
+        pdtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        pos = qpos = new_pos = new_qpos = None
+        if kind == "cosformer":
+            if state is not None:
+                state, pos, qpos = (state.S, state.z), state.pos, state.qpos
+            self_mask = None if self.cross else key_padding_mask
+            q_positions, new_qpos = self._positions(T, B, self_mask, qpos, cu_seqlens, q.device)
+            pq = self._ratio(q_positions, self.num_heads, pdtype)
+        elif kind == "linear":
+            pq = torch.zeros(B, T, self.num_heads, dtype=pdtype, device=q.device)
+        else:
+            pq = self.leap_q(torch.relu(q))
+
+        def wrap(o, st):
+            if kind != "cosformer":
+                return o, st
+            return o, CosformerState(st[0], st[1], new_pos if new_pos is not None else pos, new_qpos)
+
         kw = dict(eps=self.eps, normalize=self.normalize, backend=self.backend)
         if source is None:  # non-causal cross-attention against a precomputed context state
-            B = q.shape[0]
             k = q.new_zeros(B, 1, self.num_kv_heads, self.head_dim)
             pad = torch.ones(B, 1, dtype=torch.bool, device=q.device)
-            o = leap_attention(q, k, k, pq, k[..., 0], causal=False, key_padding_mask=pad,
+            o = leap_attention(q, k, k, pq, k[..., 0].to(pq.dtype), causal=False, key_padding_mask=pad,
                                initial_state=state, **kw)
-            return o, state
+            return wrap(o, state)
         k = self._heads(source, self.k_proj, self.num_kv_heads)
         v = self._heads(source, self.v_proj, self.num_kv_heads)
-        pk = self.leap_k(torch.relu(k))
+        S = k.shape[1]
+        if kind == "cosformer":
+            if self.cross:
+                k_positions, new_pos = self._positions(S, B, key_padding_mask, pos, None, q.device)
+            else:
+                k_positions, new_pos = q_positions, new_qpos
+            pk = self._ratio(k_positions, self.num_kv_heads, pdtype)
+        elif kind == "linear":
+            pk = torch.zeros(B, S, self.num_kv_heads, dtype=pdtype, device=q.device)
+        else:
+            pk = self.leap_k(torch.relu(k))
         if state is not None and self.causal and key_padding_mask is None and self.block_size is None:
-            return leap_attention_step(q, k, v, pq, pk, state, **kw)
-        return leap_attention(q, k, v, pq, pk, causal=self.causal, block_size=self.block_size,
-                              key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, initial_state=state,
-                              output_final_state=True, **kw)
+            return wrap(*leap_attention_step(q, k, v, pq, pk, state, **kw))
+        return wrap(*leap_attention(q, k, v, pq, pk, causal=self.causal, block_size=self.block_size,
+                                    key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, initial_state=state,
+                                    output_final_state=True, **kw))
 
     # ---------------------------------------------------------------- softmax
     def _softmax(self, q, source, key_padding_mask, state, cu_seqlens):
