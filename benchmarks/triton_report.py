@@ -103,8 +103,7 @@ def summarise(rows):
         spill = {}
         for w in sorted({r["num_warps"] for r in rs}):
             spill[w] = max(r["spill_stores"] or 0 for r in rs if r["num_warps"] == w) / 1024
-        mma = sorted({("wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "-") + f"@w{r['num_warps']}"
-                      for r in rs})
+        mma = sorted({_mma(r) + f"@w{r['num_warps']}" for r in rs})
         progs = sorted({r["programs"] for r in rs})
         out.append(dict(kernel=kern, arch=arch, dtype=dt, D=D, compiles=len(rs),
                         regs=f"{min(r['regs'] for r in rs)}-{max(r['regs'] for r in rs)}",
@@ -114,6 +113,13 @@ def summarise(rows):
                         programs=progs, sms=SMS[ARCHS[arch]]))
     order = {"fwd": 0, "bwd.den_delta": 1, "bwd.dq": 2, "bwd.dkv": 3, "step": 4}
     return sorted(out, key=lambda s: (order.get(s["kernel"], 9), s["kernel"], s["arch"], s["D"], s["dtype"]))
+
+
+def _mma(r):
+    """The MMA instructions of one compile: wgmma, mma.sync, both (with counts), or none."""
+    if r["wgmma"] and r["mma_sync"]:
+        return f"wgmma {r['wgmma']} + mma.sync {r['mma_sync']}"
+    return "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "-"
 
 
 def _compact_mma(tags):
@@ -126,17 +132,19 @@ def _compact_mma(tags):
 
 
 def markdown(meta, summary, failures):
+    cmd = " ".join(["python -m benchmarks.triton_report", *meta["argv"]])
     lines = [f"# Triton kernels compiled ahead of time: triton {meta['triton']}",
              "",
-             f"`python -m benchmarks.triton_report` ({meta['date']}, {meta['compiles_done']} of "
+             f"`{cmd}` ({meta['date']}, {meta['compiles_done']} of "
              f"{meta['compiles_planned']} compiles, {meta['seconds']:.0f} s; torch {meta['torch']}; ptxas "
              + ", ".join(f"{k}: {v}" for k, v in meta["ptxas"].items()) + "). "
              f"Anchor shape B={ANCHOR['B']}, H={ANCHOR['H']}, T={ANCHOR['T']}; window_pool on x [B, T, H*D] with "
-             "dyadic_windows(8). Per kernel, arch, dtype and D = Dk = Dv, over the configs the autotuner may "
-             "pick: registers per thread (cuobjdump), the largest spill stores per thread (ptxas -v) by "
-             "num_warps, the largest stack frame and shared memory, the MMA instructions in the PTX by "
-             "num_warps, and the launch grid (programs) against the SM count "
-             "(A100 108, H100/H200 132). Every compile is in the JSON.",
+             "dyadic_windows(8). Per kernel, arch, dtype and D = Dk = Dv, over the configs compiled (all the "
+             "autotuner may pick, unless --configs chose some): registers per thread (cuobjdump; 32 with KBs of "
+             "spills is what ptxas reports when its allocator gives up), the largest spill stores per thread "
+             "(ptxas -v) by num_warps, the largest stack frame and shared memory, the MMA instructions in the PTX "
+             "by num_warps ('wgmma N + mma.sync M': both kinds), and the launch grid (programs) against the SM "
+             "count (A100 108, H100/H200 132). Every compile is in the JSON.",
              "",
              "| kernel | arch | dtype | D | compiles | regs | spill stores KB by num_warps | stack KB | smem KB "
              "| MMA | programs / SMs |",
