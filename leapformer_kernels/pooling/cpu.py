@@ -19,6 +19,7 @@ by ``leapformer_kernels._build.load("window_pool")``.
 import torch
 
 from .._build import BuildError, load
+from .naive import clamp_windows
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -28,10 +29,9 @@ def _ext():
 
 
 def _clamp(windows, T):
-    """Windows clamped to [-T, T]: the same clipped ranges at every t in [0, T), no overflow."""
-    a = [max(-T, min(T, int(w[0]))) for w in windows]
-    b = [max(-T, min(T, int(w[1]))) for w in windows]
-    return a, b
+    """Offsets a, b (two lists) of the windows clamped to [-T, T] (``naive.clamp_windows``)."""
+    wins = clamp_windows(windows, T)
+    return [w[0] for w in wins], [w[1] for w in wins]
 
 
 def argmax_dtype(windows):

@@ -36,11 +36,13 @@ Launch grids (``pool_grid``): every kernel runs one program per (b, row-block, c
 tile, all on grid axis 0 (2^31 - 1 programs), decoded by ``_tile_ids``: CUDA limits axes 1 and 2
 to 65535, which B, T-blocks or D-blocks (W * D columns in the backward) can exceed.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-import os
+from .naive import clamp_windows
 
 PBT = 128  # rows per prefix block (the precision unit of the two-level prefix)
 SEQ_BD = 64  # columns per program of the prefix kernel (T-blocks in sequence)
@@ -83,11 +85,6 @@ def _tile_ids(ROWS, COLS, BR: tl.constexpr, BC: tl.constexpr):
 def argmax_dtype(windows):
     """int16 offsets within the window where the longest window fits, else int32."""
     return torch.int16 if max(int(b) - int(a) for a, b in windows) <= 32767 else torch.int32
-
-
-def _clamp(windows, T):
-    """Windows clamped to [-T, T]: the same clipped ranges at every t in [0, T), no overflow."""
-    return [(max(-T, min(T, int(a))), max(-T, min(T, int(b)))) for a, b in windows]
 
 
 def _win_tensor(wins, device):
@@ -365,7 +362,7 @@ def _max_bwd_kernel(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, dx_ptr, T, D, W, NBLK,
 def pool_fwd(x, windows, reduce, need_argmax=True):
     x = x.contiguous()
     B, T, D = x.shape
-    wins = _clamp(windows, T)
+    wins = clamp_windows(windows, T)
     W = len(wins)
     wins_t = _win_tensor(wins, x.device)
     valid = _valid(wins, B, T, x.device)
@@ -398,7 +395,7 @@ def pool_fwd(x, windows, reduce, need_argmax=True):
 def pool_bwd(grad, T, windows, reduce, argmax):
     grad = grad.contiguous()
     B, _, W, D = grad.shape
-    wins = _clamp(windows, T)
+    wins = clamp_windows(windows, T)
     wins_t = _win_tensor(wins, grad.device)
     if reduce in ("sum", "mean"):
         g3 = grad.view(B, T, W * D)
