@@ -45,7 +45,7 @@ _DT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 
 def _dot_mode(dtype: torch.dtype) -> int:
     """0: fp32 operands with input_precision="ieee"; 1: bf16 operands; 2: fp16 inputs, fp32
-    operands as tf32 (see triton_fwd._dot). The interpreter's bf16 dot is wrong, so bf16 runs
+    operands as tf32x3 (see triton_fwd._dot). The interpreter's bf16 dot is wrong, so bf16 runs
     its dots in fp32 there."""
     if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
         return 0
