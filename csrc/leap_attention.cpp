@@ -1067,7 +1067,10 @@ struct Leap {
 };
 
 // ---------------------------------------------------------------------------------------
-// Python bindings
+// Python bindings. Every entry point writes into output tensors that the caller allocated
+// (attention/cpu.py, with torch.empty) and checks them (CPU, contiguous, exact shape and dtype,
+// no alias of an input); none allocates an output itself. Every element of an output is
+// written (the tests poison fresh buffers with NaN to prove it).
 // ---------------------------------------------------------------------------------------
 using OptT = c10::optional<at::Tensor>;
 
@@ -1186,34 +1189,69 @@ template <typename T>
 const T* opt_ptr(const OptT& t) {
   return has(t) ? t->data_ptr<T>() : nullptr;
 }
+template <typename T>
+T* opt_out(const OptT& t) {
+  return has(t) ? t->data_ptr<T>() : nullptr;
+}
 
-py::tuple fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
-              const at::Tensor& pk, const OptT& S0, const OptT& z0, const OptT& kpm, const OptT& cu, bool causal,
-              int64_t block_size, double eps, bool normalize, bool output_final_state) {
+// An output buffer allocated by the caller (attention/cpu.py, with torch.empty: under the tests
+// those come NaN-filled, so an element a kernel forgets to write shows up): a contiguous CPU
+// tensor of exactly this shape and dtype, not overlapping an input. Every element is written.
+void check_out(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape,
+               std::initializer_list<const at::Tensor*> ins) {
+  TORCH_CHECK(t.defined(), "leap_attention cpu kernels: the output ", name, " is missing");
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "leap_attention cpu kernels: the output ", name,
+              " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dt, "leap_attention cpu kernels: the output ", name, " must be ", dt, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "leap_attention cpu kernels: the output ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+  for (const at::Tensor* in : ins) {
+    if (in == nullptr || !in->defined() || in->numel() == 0 || t.numel() == 0) continue;
+    TORCH_CHECK(!t.is_alias_of(*in), "leap_attention cpu kernels: the output ", name, " shares memory with an input");
+  }
+}
+
+// fwd(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize, o, S, z): writes o
+// [B, T, H, Dv] (q's dtype) and, when S and z are given (output_final_state), the final states S
+// [N, H, 2*Dk, Dv], z [N, H, 2*Dk] (state dtype; N = B, or the number of cu_seqlens sequences).
+void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq, const at::Tensor& pk,
+         const OptT& S0, const OptT& z0, const OptT& kpm, const OptT& cu, bool causal, int64_t block_size,
+         double eps, bool normalize, const at::Tensor& o, const OptT& S, const OptT& z) {
   check_inputs(q, k, v, pq, pk);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t n = num_seqs(q, k, cu);
   check_states(q, v, n, S0, z0, kpm, k.size(1));
-  auto o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor S, z;
-  if (output_final_state) {
-    S = at::empty({n, q.size(2), 2 * q.size(3), v.size(3)}, q.options().dtype(acc));
-    z = at::empty({n, q.size(2), 2 * q.size(3)}, q.options().dtype(acc));
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3), Dv = v.size(3);
+  const std::initializer_list<const at::Tensor*> ins = {&q, &k, &v, &pq, &pk};
+  check_out(o, "o", q.scalar_type(), {B, T, H, Dv}, ins);
+  TORCH_CHECK(has(S) == has(z), "leap_attention cpu kernels: the final-state outputs S and z come together");
+  const bool final_state = has(S);
+  if (final_state) {
+    check_out(*S, "S", acc, {n, H, 2 * Dk, Dv}, ins);
+    check_out(*z, "z", acc, {n, H, 2 * Dk}, ins);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_fwd", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
     auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
     L.prepare();
-    L.forward(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(),
-              output_final_state ? S.data_ptr<acc_t>() : nullptr, output_final_state ? z.data_ptr<acc_t>() : nullptr);
+    L.forward(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(), opt_out<acc_t>(S), opt_out<acc_t>(z));
   });
-  if (!output_final_state) return py::make_tuple(o, py::none(), py::none());
-  return py::make_tuple(o, S, z);
 }
 
-py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const at::Tensor& pq, const at::Tensor& pk, const OptT& S0, const OptT& z0,
-              const OptT& kpm, const OptT& cu, bool causal, int64_t block_size, double eps, bool normalize) {
+// bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize,
+//     dq, dk, dv, dpq, dpk, dS0, dz0, dkh, dvh, dpkh): writes dq, dk, dv (q's dtype), dpq, dpk
+// (state dtype) and, when the initial state S0, z0 was given, dS0, dz0 (state dtype).
+// dkh [B, S, H, Dk], dvh [B, S, H, Dv], dpkh [B, S, H] (state dtype) are the per-query-head key
+// gradients, reduced over the GQA group (fixed order) into dk, dv, dpk: given by the caller
+// exactly where the kernel cannot write into dk, dv, dpk directly (dkh, dvh: Hkv != H or a
+// half dtype; dpkh: Hkv != H), and overwritten.
+void bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::Tensor& q, const at::Tensor& k,
+         const at::Tensor& v, const at::Tensor& pq, const at::Tensor& pk, const OptT& S0, const OptT& z0,
+         const OptT& kpm, const OptT& cu, bool causal, int64_t block_size, double eps, bool normalize,
+         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dpq,
+         const at::Tensor& dpk, const OptT& dS0, const OptT& dz0, const OptT& dkh_in, const OptT& dvh_in,
+         const OptT& dpkh_in) {
   check_inputs(q, k, v, pq, pk);
   TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "do: contiguous, q's dtype");
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -1225,56 +1263,67 @@ py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::
   check_states(q, v, n, S0, z0, kpm, S);
   check_opt(dS, "dS", acc, n * H * 2 * Dk * Dv, false);  // made contiguous below
   check_opt(dz, "dz", acc, n * H * 2 * Dk, false);
-  auto dq = at::empty_like(q);
-  auto dpq = at::empty({B, T, H}, q.options().dtype(acc));
-  auto dkh = at::empty({B, S, H, Dk}, q.options().dtype(acc));
-  auto dvh = at::empty({B, S, H, Dv}, q.options().dtype(acc));
-  auto dpkh = at::empty({B, S, H}, q.options().dtype(acc));
-  const bool has_state = S0.has_value() && S0->defined();
-  at::Tensor dS0, dz0;
+  const at::Tensor none;
+  const std::initializer_list<const at::Tensor*> ins = {
+      &dout, &q, &k, &v, &pq, &pk, has(dS) ? &*dS : &none, has(dz) ? &*dz : &none, has(S0) ? &*S0 : &none,
+      has(z0) ? &*z0 : &none};
+  const auto dt = q.scalar_type();
+  check_out(dq, "dq", dt, {B, T, H, Dk}, ins);
+  check_out(dk, "dk", dt, {B, S, Hkv, Dk}, ins);
+  check_out(dv, "dv", dt, {B, S, Hkv, Dv}, ins);
+  check_out(dpq, "dpq", acc, {B, T, H}, ins);
+  check_out(dpk, "dpk", acc, {B, S, Hkv}, ins);
+  const bool has_state = has(S0);
+  TORCH_CHECK(has(dS0) == has_state && has(dz0) == has_state,
+              "leap_attention cpu kernels: the outputs dS0, dz0 are given exactly when the initial state is");
   if (has_state) {
-    dS0 = at::empty({n, H, 2 * Dk, Dv}, q.options().dtype(acc));
-    dz0 = at::empty({n, H, 2 * Dk}, q.options().dtype(acc));
+    check_out(*dS0, "dS0", acc, {n, H, 2 * Dk, Dv}, ins);
+    check_out(*dz0, "dz0", acc, {n, H, 2 * Dk}, ins);
   }
+  // the per-query-head key gradients: the outputs themselves where they can be
+  const bool kv_direct = Hkv == H && dt == acc, p_direct = Hkv == H;
+  TORCH_CHECK(has(dkh_in) != kv_direct && has(dvh_in) != kv_direct,
+              "leap_attention cpu kernels: the workspaces dkh, dvh are given exactly when Hkv != H or the "
+              "dtype is a half type");
+  TORCH_CHECK(has(dpkh_in) != p_direct,
+              "leap_attention cpu kernels: the workspace dpkh is given exactly when Hkv != H");
+  const at::Tensor dkh = kv_direct ? dk : *dkh_in, dvh = kv_direct ? dv : *dvh_in, dpkh = p_direct ? dpk : *dpkh_in;
+  if (!kv_direct) {
+    check_out(dkh, "dkh", acc, {B, S, H, Dk}, ins);
+    check_out(dvh, "dvh", acc, {B, S, H, Dv}, ins);
+  }
+  if (!p_direct) check_out(dpkh, "dpkh", acc, {B, S, H}, ins);
   // the state gradient may come without the state (output_final_state without initial_state)
   at::Tensor dSc, dzc;
-  if ((dS.has_value() && dS->defined()) || (dz.has_value() && dz->defined())) {
-    dSc = (dS.has_value() && dS->defined()) ? dS->contiguous() : at::zeros({n, H, 2 * Dk, Dv}, q.options().dtype(acc));
-    dzc = (dz.has_value() && dz->defined()) ? dz->contiguous() : at::zeros({n, H, 2 * Dk}, q.options().dtype(acc));
+  if (has(dS) || has(dz)) {
+    dSc = has(dS) ? dS->contiguous() : at::zeros({n, H, 2 * Dk, Dv}, q.options().dtype(acc));
+    dzc = has(dz) ? dz->contiguous() : at::zeros({n, H, 2 * Dk}, q.options().dtype(acc));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "leap_bwd", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
     auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
     L.prepare();
     L.backward(dout.data_ptr<scalar_t>(), dSc.defined() ? dSc.data_ptr<acc_t>() : nullptr,
                dzc.defined() ? dzc.data_ptr<acc_t>() : nullptr, opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0),
                dq.data_ptr<scalar_t>(), dpq.data_ptr<acc_t>(), dkh.data_ptr<acc_t>(), dvh.data_ptr<acc_t>(),
-               dpkh.data_ptr<acc_t>(), has_state ? dS0.data_ptr<acc_t>() : nullptr,
-               has_state ? dz0.data_ptr<acc_t>() : nullptr);
+               dpkh.data_ptr<acc_t>(), opt_out<acc_t>(dS0), opt_out<acc_t>(dz0));
   });
-  // reduce over the GQA group (fixed order) and cast to the input dtype
-  at::Tensor dk, dv, dpk;
-  if (Hkv == H) {
-    dk = dkh.to(q.scalar_type());
-    dv = dvh.to(q.scalar_type());
-    dpk = dpkh;
-  } else {
-    const int64_t G = H / Hkv;
-    dk = at::empty({B, S, Hkv, Dk}, q.options());
-    dv = at::empty({B, S, Hkv, Dv}, q.options());
-    dpk = at::empty({B, S, Hkv}, q.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_bwd_reduce", [&] {
-      using acc_t = typename Leap<scalar_t>::acc_t;
-      const acc_t* pdk = dkh.data_ptr<acc_t>();
-      const acc_t* pdv = dvh.data_ptr<acc_t>();
-      const acc_t* pdp = dpkh.data_ptr<acc_t>();
-      scalar_t* odk = dk.data_ptr<scalar_t>();
-      scalar_t* odv = dv.data_ptr<scalar_t>();
-      acc_t* odp = dpk.data_ptr<acc_t>();
-      at::parallel_for(0, B * S * Hkv, std::max<int64_t>(256, (int64_t)(kSerialWork / (G * (Dk + Dv + 1)))),
-                       [&](int64_t a, int64_t e) {
-        for (int64_t r = a; r < e; ++r) {  // r = (b*S + s)*Hkv + hk
-          const int64_t bs = r / Hkv, hk = r % Hkv;
+  if (kv_direct && p_direct) return;
+  // reduce over the GQA group (fixed order) and cast to the output dtype
+  const int64_t G = H / Hkv;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "leap_bwd_reduce", [&] {
+    using acc_t = typename Leap<scalar_t>::acc_t;
+    const acc_t* pdk = dkh.data_ptr<acc_t>();
+    const acc_t* pdv = dvh.data_ptr<acc_t>();
+    const acc_t* pdp = dpkh.data_ptr<acc_t>();
+    scalar_t* odk = dk.data_ptr<scalar_t>();
+    scalar_t* odv = dv.data_ptr<scalar_t>();
+    acc_t* odp = dpk.data_ptr<acc_t>();
+    at::parallel_for(0, B * S * Hkv, std::max<int64_t>(256, (int64_t)(kSerialWork / (G * (Dk + Dv + 1)))),
+                     [&](int64_t a, int64_t e) {
+      for (int64_t r = a; r < e; ++r) {  // r = (b*S + s)*Hkv + hk
+        const int64_t bs = r / Hkv, hk = r % Hkv;
+        if (!kv_direct) {
           for (int64_t d = 0; d < Dk; ++d) {
             acc_t x = 0;
             for (int64_t g = 0; g < G; ++g) x += pdk[(bs * H + hk * G + g) * Dk + d];
@@ -1285,42 +1334,58 @@ py::tuple bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::
             for (int64_t g = 0; g < G; ++g) x += pdv[(bs * H + hk * G + g) * Dv + d];
             odv[r * Dv + d] = static_cast<scalar_t>(x);
           }
+        }
+        if (!p_direct) {
           acc_t x = 0;
           for (int64_t g = 0; g < G; ++g) x += pdp[bs * H + hk * G + g];
           odp[r] = x;
         }
-      });
+      }
     });
-  }
-  py::object pdS0 = has_state ? py::cast(dS0) : py::none();
-  py::object pdz0 = has_state ? py::cast(dz0) : py::none();
-  return py::make_tuple(dq, dk, dv, dpq, dpk, pdS0, pdz0);
+  });
 }
 
-py::tuple step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
-               const at::Tensor& pk, const OptT& S0, const OptT& z0, double eps, bool normalize) {
+// step(q, k, v, pq, pk, S0, z0, eps, normalize, o, S, z): t new tokens on top of (S0, z0)
+// (None = zeros); writes o [B, t, H, Dv] and the new state S [B, H, 2*Dk, Dv], z [B, H, 2*Dk].
+void step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq, const at::Tensor& pk,
+          const OptT& S0, const OptT& z0, double eps, bool normalize, const at::Tensor& o, const at::Tensor& S,
+          const at::Tensor& z) {
   check_inputs(q, k, v, pq, pk);
   TORCH_CHECK(k.size(1) == q.size(1), "step: k needs as many new tokens as q");
   check_states(q, v, q.size(0), S0, z0, c10::nullopt, k.size(1));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto o = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  auto S = at::empty({q.size(0), q.size(2), 2 * q.size(3), v.size(3)}, q.options().dtype(acc));
-  auto z = at::empty({q.size(0), q.size(2), 2 * q.size(3)}, q.options().dtype(acc));
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3), Dv = v.size(3);
+  const at::Tensor none;
+  const std::initializer_list<const at::Tensor*> ins = {&q, &k, &v, &pq, &pk, has(S0) ? &*S0 : &none,
+                                                         has(z0) ? &*z0 : &none};
+  check_out(o, "o", q.scalar_type(), {B, T, H, Dv}, ins);
+  check_out(S, "S", acc, {B, H, 2 * Dk, Dv}, ins);
+  check_out(z, "z", acc, {B, H, 2 * Dk}, ins);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_step", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
     auto L = make_ctx<scalar_t>(q, k, v, pq, pk, c10::nullopt, c10::nullopt, true, 0, eps, normalize);
     L.step(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(), S.data_ptr<acc_t>(), z.data_ptr<acc_t>());
   });
-  return py::make_tuple(o, S, z);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "LeaPformer attention: chunkwise C++ CPU kernels (forward, backward, decode step)";
-  m.def("fwd", &fwd, "LeaP attention forward -> (o, S, z)");
-  m.def("bwd", &bwd, "LeaP attention backward -> (dq, dk, dv, dpq, dpk, dS0, dz0)");
-  m.def("step", &step, "LeaP attention decode step -> (o, S, z)");
+  // every entry point writes into output tensors the caller allocated (attention/cpu.py)
+  m.def("fwd", &fwd, "LeaP attention forward: writes o (and S, z when given)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("pq"), py::arg("pk"), py::arg("S0"), py::arg("z0"), py::arg("key_padding_mask"),
+        py::arg("cu_seqlens"), py::arg("causal"), py::arg("block_size"), py::arg("eps"), py::arg("normalize"),
+        py::arg("o"), py::arg("S"), py::arg("z"));
+  m.def("bwd", &bwd, "LeaP attention backward: writes dq, dk, dv, dpq, dpk (and dS0, dz0 when given)",
+        py::arg("do"), py::arg("dS"), py::arg("dz"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pq"),
+        py::arg("pk"), py::arg("S0"), py::arg("z0"), py::arg("key_padding_mask"), py::arg("cu_seqlens"),
+        py::arg("causal"), py::arg("block_size"), py::arg("eps"), py::arg("normalize"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("dpq"), py::arg("dpk"), py::arg("dS0"), py::arg("dz0"),
+        py::arg("dkh"), py::arg("dvh"), py::arg("dpkh"));
+  m.def("step", &step, "LeaP attention decode step: writes o, S, z", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("pq"), py::arg("pk"), py::arg("S0"), py::arg("z0"), py::arg("eps"), py::arg("normalize"),
+        py::arg("o"), py::arg("S"), py::arg("z"));
   m.def("set_mode", [](int mode) { g_mode = mode; },
         "0: automatic, 1: sequential over chunks per (sequence, head), 2: parallel across chunks");
   m.def("get_mode", [] { return g_mode; });

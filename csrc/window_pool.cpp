@@ -25,7 +25,9 @@
 //   wholly-outside window). The backward scatters the gradient to the argmax sequentially
 //   inside a task: deterministic.
 //
-// Windows arrive clamped to [-T, T] (same result, no overflow) as int64 lists.
+// Windows arrive clamped to [-T, T] (same result, no overflow) as int64 lists. Outputs are
+// allocated by the caller (pooling/cpu.py, torch.empty) and checked here (CPU, contiguous, exact
+// shape and dtype, no alias of the input); every element of each is written.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -365,77 +367,103 @@ int64_t longest(const Problem& p) {
   return m;
 }
 
+// An output buffer allocated by the caller (pooling/cpu.py, with torch.empty: under the tests
+// floating ones come NaN-filled, so an element a kernel forgets to write shows up): a contiguous
+// CPU tensor of exactly this shape and dtype, not sharing memory with the input. Every element
+// is written.
+void check_out(const at::Tensor& t, const char* name, at::ScalarType dt, at::IntArrayRef shape,
+               const at::Tensor& input) {
+  TORCH_CHECK(t.defined(), "window_pool: the output ", name, " is missing");
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "window_pool: the output ", name,
+              " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dt, "window_pool: the output ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "window_pool: the output ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.numel() == 0 || input.numel() == 0 || !t.is_alias_of(input), "window_pool: the output ", name,
+              " shares memory with the input");
+}
+
 }  // namespace
 
-// x [B, T, D] -> (pooled [B, T, W, D], valid [B, T, W] bool[, argmax [B, T, W, D] int16/int32])
-// wide: int32 argmax offsets (else int16); the caller decides from the windows' lengths.
-// with_argmax: max also returns the argmax (false when no gradient is needed: max runs on values only).
-std::vector<at::Tensor> pool_fwd(const at::Tensor& x_in, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
-                                 const std::string& reduce, bool wide, bool with_argmax) {
+// pool_fwd(x [B, T, D], a, b, reduce, out, valid, argmax): writes pooled into out [B, T, W, D]
+// (x's dtype), valid [B, T, W] (bool) and, when argmax is given (max only: the gradient needs
+// it), argmax [B, T, W, D]: int16 or int32 offsets within the window (int16 only where the
+// longest window fits; the caller decides from the windows' lengths). Without argmax, max runs
+// on values only.
+void pool_fwd(const at::Tensor& x_in, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
+              const std::string& reduce, const at::Tensor& out, const at::Tensor& valid,
+              const c10::optional<at::Tensor>& argmax) {
   TORCH_CHECK(x_in.dim() == 3, "window_pool: x must be [B, T, D]");
   TORCH_CHECK(x_in.device().is_cpu(), "window_pool: x must be a CPU tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(1);
   const Problem pr = make_problem(x, T, a, b);
   const int code = reduce_code(reduce);
-  at::Tensor out = at::empty({pr.B, T, pr.W, pr.D}, x.options());
-  at::Tensor valid = at::empty({pr.B, T, pr.W}, x.options().dtype(at::kBool));
+  check_out(out, "pooled", x.scalar_type(), {pr.B, T, pr.W, pr.D}, x);
+  check_out(valid, "valid", at::kBool, {pr.B, T, pr.W}, x);
+  const bool with_argmax = argmax.has_value() && argmax->defined();
+  TORCH_CHECK(!with_argmax || code == 2, "window_pool: an argmax output goes with reduce='max' only");
+  if (with_argmax) {
+    const auto adt = argmax->scalar_type();
+    TORCH_CHECK(adt == at::kShort || adt == at::kInt, "window_pool: the argmax output must be int16 or int32");
+    check_out(*argmax, "argmax", adt, {pr.B, T, pr.W, pr.D}, x);
+    TORCH_CHECK(adt == at::kInt || longest(pr) - 1 <= 32767,
+                "window_pool: int16 argmax offsets cannot hold this window");
+  }
   {
     bool* vp = valid.data_ptr<bool>();
     for (int64_t t = 0; t < T; ++t)
       for (int64_t w = 0; w < pr.W; ++w) vp[t * pr.W + w] = (t + pr.a[w] >= 0) && (t + pr.b[w] < T);
     for (int64_t bb = 1; bb < pr.B; ++bb) std::copy(vp, vp + T * pr.W, vp + bb * T * pr.W);
   }
-  at::Tensor arg;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_pool_fwd", [&] {
     if (code < 2) {
       sum_fwd<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pr, code == 1);
     } else if (!with_argmax) {
       max_fwd<scalar_t, int32_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), nullptr, pr);
-    } else if (!wide) {
-      TORCH_CHECK(longest(pr) - 1 <= 32767, "window_pool: int16 argmax offsets cannot hold this window");
-      arg = at::empty({pr.B, T, pr.W, pr.D}, x.options().dtype(at::kShort));
-      max_fwd<scalar_t, int16_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int16_t>(), pr);
+    } else if (argmax->scalar_type() == at::kShort) {
+      max_fwd<scalar_t, int16_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax->data_ptr<int16_t>(),
+                                       pr);
     } else {
-      arg = at::empty({pr.B, T, pr.W, pr.D}, x.options().dtype(at::kInt));
-      max_fwd<scalar_t, int32_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), pr);
+      max_fwd<scalar_t, int32_t, true>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax->data_ptr<int32_t>(),
+                                       pr);
     }
   });
-  if (code < 2 || !with_argmax) return {out, valid};
-  return {out, valid, arg};
 }
 
-// grad [B, T, W, D] -> dx [B, T, D] in grad's dtype
-at::Tensor pool_bwd(const at::Tensor& g_in, int64_t T, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
-                    const std::string& reduce, const c10::optional<at::Tensor>& arg_in) {
+// pool_bwd(grad [B, T, W, D], T, a, b, reduce, argmax, dx): writes dx [B, T, D] (grad's dtype).
+void pool_bwd(const at::Tensor& g_in, int64_t T, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
+              const std::string& reduce, const c10::optional<at::Tensor>& arg_in, const at::Tensor& dx) {
   TORCH_CHECK(g_in.dim() == 4 && g_in.size(1) == T && g_in.size(2) == static_cast<int64_t>(a.size()),
               "window_pool backward: grad must be [B, T, W, D]");
+  TORCH_CHECK(g_in.device().is_cpu(), "window_pool backward: grad must be a CPU tensor");
   const at::Tensor g = g_in.contiguous();
   const Problem pr = make_problem(g, T, a, b);
   const int code = reduce_code(reduce);
-  at::Tensor dx = at::empty({pr.B, T, pr.D}, g.options());
+  check_out(dx, "dx", g.scalar_type(), {pr.B, T, pr.D}, g);
+  at::Tensor arg;
+  if (code == 2) {
+    TORCH_CHECK(arg_in.has_value() && arg_in->defined(), "window_pool backward: max needs the saved argmax");
+    arg = arg_in->contiguous();
+    TORCH_CHECK(arg.sizes() == g.sizes(), "window_pool backward: argmax must match grad's shape");
+    TORCH_CHECK(arg.scalar_type() == at::kShort || arg.scalar_type() == at::kInt,
+                "window_pool backward: argmax must be int16 or int32");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "window_pool_bwd", [&] {
     if (code < 2) {
       sum_bwd<scalar_t>(g.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pr, code == 1);
+    } else if (arg.scalar_type() == at::kShort) {
+      max_bwd<scalar_t, int16_t>(g.data_ptr<scalar_t>(), arg.data_ptr<int16_t>(), dx.data_ptr<scalar_t>(), pr);
     } else {
-      TORCH_CHECK(arg_in.has_value(), "window_pool backward: max needs the saved argmax");
-      const at::Tensor arg = arg_in->contiguous();
-      TORCH_CHECK(arg.sizes() == g.sizes(), "window_pool backward: argmax must match grad's shape");
-      if (arg.scalar_type() == at::kShort) {
-        max_bwd<scalar_t, int16_t>(g.data_ptr<scalar_t>(), arg.data_ptr<int16_t>(), dx.data_ptr<scalar_t>(), pr);
-      } else {
-        TORCH_CHECK(arg.scalar_type() == at::kInt, "window_pool backward: argmax must be int16 or int32");
-        max_bwd<scalar_t, int32_t>(g.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), dx.data_ptr<scalar_t>(), pr);
-      }
+      max_bwd<scalar_t, int32_t>(g.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), dx.data_ptr<scalar_t>(), pr);
     }
   });
-  return dx;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "leapformer_kernels window pooling (CPU)";
-  m.def("pool_fwd", &pool_fwd, "window pooling forward", py::arg("x"), py::arg("a"), py::arg("b"),
-        py::arg("reduce"), py::arg("wide"), py::arg("with_argmax"));
-  m.def("pool_bwd", &pool_bwd, "window pooling backward", py::arg("grad"), py::arg("T"), py::arg("a"),
-        py::arg("b"), py::arg("reduce"), py::arg("argmax"));
+  // both write into output tensors the caller allocated (pooling/cpu.py)
+  m.def("pool_fwd", &pool_fwd, "window pooling forward: writes out, valid (and argmax when given)", py::arg("x"),
+        py::arg("a"), py::arg("b"), py::arg("reduce"), py::arg("out"), py::arg("valid"), py::arg("argmax"));
+  m.def("pool_bwd", &pool_bwd, "window pooling backward: writes dx", py::arg("grad"), py::arg("T"), py::arg("a"),
+        py::arg("b"), py::arg("reduce"), py::arg("argmax"), py::arg("dx"));
 }

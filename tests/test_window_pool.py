@@ -6,11 +6,14 @@ triton on CUDA, or through the interpreter with ``TRITON_INTERPRET=1`` as confte
 without a GPU). The interpreter is slow per kernel op, so the triton cases in CI are a subset;
 the full grid is marked ``slow``.
 """
+import os
+
 import pytest
 import torch
 
 import leapformer_kernels as lk
-from utils import TOL, rel_err, required_backends
+from utils import HALF as HALF_DTYPES
+from utils import assert_close, plain_pool, rel_err, required_backends
 
 POOL_BACKENDS = lk.available_backends("window_pool")
 REDUCES = ("sum", "mean", "max")
@@ -24,11 +27,26 @@ WINDOW_SETS = {
     "oversize": [(-2000, 2000), (-1500, 0), (0, 1500), (-1, 1)],
     "outside": [(5000, 5005), (-7000, -6000), (1, 1), (-40, -30)],
 }
-HALF = {"cpu": [torch.bfloat16], "triton": [torch.float16, torch.bfloat16], "torch": []}
+# the half dtypes each backend's parity cases run (CI: test_parity_half; all in the slow grid)
+HALF = {"cpu": [torch.bfloat16], "triton": [torch.float16, torch.bfloat16], "torch": [torch.float16]}
 
 
 def _on_gpu():
     return torch.cuda.is_available()
+
+
+def baseline_rule(backend, dtype):
+    """Whether flash-attn's rule (DESIGN section 4: at most 2x the error of the plain form run in
+    the half dtype) applies: half dtypes, except triton's bfloat16 under ``TRITON_INTERPRET=1``.
+    The interpreter casts float32 to bfloat16 by truncation (round toward zero; measured with
+    triton 3.9: a ``tl.store`` of float32 values to a bfloat16 pointer equals dropping the low 16
+    bits), which doubles the RMS rounding error of a round-to-nearest cast, so every bfloat16
+    result sits at 2x the plain form's error (a coin flip against the rule). A GPU rounds to
+    nearest: there the rule applies to bfloat16 too. DESIGN's tolerance applies to every case."""
+    if dtype not in HALF_DTYPES:
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return not (backend == "triton" and dtype == torch.bfloat16 and interpreted)
 
 
 def _x(B, T, D, dtype, ties=False):
@@ -69,11 +87,14 @@ def _check(backend, B, T, D, windows, reduce, dtype, ties=False):
     ref, ref_valid, ref_dx = _oracle(x, windows, reduce, grad)
     assert torch.equal(valid, ref_valid)
     assert torch.equal(x, x0), "the input was modified"
-    tol = TOL[dtype]
-    err = rel_err(pooled, ref)
-    assert err <= tol, f"{backend} {reduce} {dtype} T={T}: forward error {err:.3e} > {tol:.1e}"
-    gerr = rel_err(xk.grad, ref_dx)
-    assert gerr <= 2 * tol, f"{backend} {reduce} {dtype} T={T}: gradient error {gerr:.3e} > {2 * tol:.1e}"
+    what = f"{backend} {reduce} {dtype} T={T}"
+    base = base_dx = None
+    if baseline_rule(backend, dtype):  # flash-attn's rule: no worse than 2x the plain form run in dtype
+        xb = x.detach().clone().requires_grad_()
+        base, _ = plain_pool(xb, windows, reduce, dtype=dtype)
+        (base_dx,) = torch.autograd.grad(base, xb, grad)
+    assert_close(pooled, ref, dtype, f"{what}: forward", baseline=base)
+    assert_close(xk.grad, ref_dx, dtype, f"{what}: gradient", factor=2, baseline=base_dx)
     return pooled, xk.grad
 
 
@@ -103,9 +124,11 @@ def test_parity_float64(backend, reduce):
             _check(backend, 2, T, 5, wset, reduce, torch.float64)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", POOL_BACKENDS)
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_parity_half(backend, reduce):
+    """Half dtypes (HALF): DESIGN section 4's tolerances and flash-attn's rule (at most 2x the
+    error of the plain form run in the half dtype, ``utils.plain_pool``), forward and gradient."""
     for dtype in HALF[backend]:
         _check(backend, 2, 100, 37, WINDOW_SETS["mixed"] + [(-1500, 0), (3, 40)], reduce, dtype)
 

@@ -73,6 +73,35 @@ def plain_form(*tensors, dtype, **kw):
         return naive.leap_attention(*[cast(t) for t in tensors], **kw)
 
 
+# beyond this many elements of the [B, T, W, T, D] max membership, plain_pool's max takes the torch
+# backend's sparse-table form in dtype (the same gather of x, so the same values and gradients)
+PLAIN_POOL_MAX_ELEMENTS = 4_000_000
+
+
+def plain_pool(x, windows, reduce="mean", *, dtype):
+    """The oracle's window_pool (``pooling/naive.py``) run entirely in ``dtype``: the membership
+    matrix, the window sums (``naive._WindowSum``: einsum with its exact non-finite rules), the
+    division by the count and the max all in ``dtype`` (the oracle itself sums in float64 and
+    takes the max in float32 for half inputs). The baseline of flash-attn's rule for window_pool;
+    differentiable in x, gradients in ``dtype``. Returns (pooled, valid)."""
+    from leapformer_kernels.pooling import naive, prefix
+
+    x = x.to(dtype)
+    B, T, D = x.shape
+    if reduce == "max":
+        if B * T * T * D * len(windows) > PLAIN_POOL_MAX_ELEMENTS:
+            return prefix.prefix_window_pool(x, windows, "max")
+        with mock.patch.object(naive, "state_dtype", lambda d: d):
+            return naive.window_pool(x, windows, "max")
+    lo, hi, valid = naive.window_bounds(T, windows, x.device)
+    s = torch.arange(T, device=x.device)
+    member = (s[None, None, :] >= lo[:, :, None]) & (s[None, None, :] < hi[:, :, None])  # [T, W, T]
+    out = naive._WindowSum.apply(member.to(dtype), x)
+    if reduce == "mean":
+        out = out / member.sum(-1).clamp(min=1)[None, :, :, None].to(dtype)
+    return out, valid[None].expand(B, T, len(windows)).clone()
+
+
 def required_backends(environ=None):
     """The backends a test session must have: ``LEAPFORMER_REQUIRE_BACKENDS`` (comma list; set
     but empty = none), else ``torch,cpu,triton`` when ``CI=true``, else none."""

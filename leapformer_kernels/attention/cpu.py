@@ -10,6 +10,10 @@ Kernels: chunkwise (64 keys), features built per chunk in thread-local buffers, 
 float32 (float64 for float64 inputs), templated on the input dtype (float32, float64,
 bfloat16, float16), deterministic. ``set_mode(1)`` forces the sequential-over-chunks driver,
 ``set_mode(2)`` the across-chunks (two-pass) one, ``set_mode(0)`` chooses automatically.
+
+Outputs are allocated here, with ``torch.empty``, and handed to the C++ entry points, which check
+them and write every element (so the tests' NaN poisoning of fresh buffers covers them); the
+backward also passes the per-query-head key-gradient buffers it needs for GQA or half dtypes.
 """
 import torch
 
@@ -34,19 +38,74 @@ def unavailable(dtype):
     return None
 
 
+def _acc(q):
+    """The state dtype of q's dtype (``_validate.state_dtype``): float64 for float64, else float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _out(*shape, dtype, like):
+    # torch.empty, looked up at call time: the tests' NaN poisoning of fresh buffers reaches it
+    return torch.empty(*shape, dtype=dtype, device=like.device)
+
+
+def _num_seqs(B, cu_seqlens):
+    # a cu_seqlens too short to hold one sequence is refused by the C++ check, with its message
+    return B if cu_seqlens is None else max(cu_seqlens.numel() - 1, 0)
+
+
 def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
         output_final_state):
-    return tuple(_ext().fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, bool(causal),
-                            int(block_size or 0), float(eps), bool(normalize), bool(output_final_state)))
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = _acc(q)
+    o = _out(B, T, H, Dv, dtype=q.dtype, like=q)
+    S = z = None
+    if output_final_state:
+        n = _num_seqs(B, cu_seqlens)
+        S = _out(n, H, 2 * Dk, Dv, dtype=acc, like=q)
+        z = _out(n, H, 2 * Dk, dtype=acc, like=q)
+    _ext().fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, bool(causal), int(block_size or 0),
+               float(eps), bool(normalize), o, S, z)
+    return o, S, z
 
 
 def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize):
-    return tuple(_ext().bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, bool(causal),
-                            int(block_size or 0), float(eps), bool(normalize)))
+    B, T, H, Dk = q.shape
+    S_len, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    acc = _acc(q)
+    dq = _out(B, T, H, Dk, dtype=q.dtype, like=q)
+    dk = _out(B, S_len, Hkv, Dk, dtype=q.dtype, like=q)
+    dv = _out(B, S_len, Hkv, Dv, dtype=q.dtype, like=q)
+    dpq = _out(B, T, H, dtype=acc, like=q)
+    dpk = _out(B, S_len, Hkv, dtype=acc, like=q)
+    dS0 = dz0 = None
+    if S0 is not None:
+        n = _num_seqs(B, cu_seqlens)
+        dS0 = _out(n, H, 2 * Dk, Dv, dtype=acc, like=q)
+        dz0 = _out(n, H, 2 * Dk, dtype=acc, like=q)
+    # per-query-head key gradients where the kernel cannot write dk, dv, dpk directly (GQA: reduced
+    # over the group; half dtypes: accumulated in float32, then rounded)
+    dkh = dvh = dpkh = None
+    if Hkv != H or q.dtype != acc:
+        dkh = _out(B, S_len, H, Dk, dtype=acc, like=q)
+        dvh = _out(B, S_len, H, Dv, dtype=acc, like=q)
+    if Hkv != H:
+        dpkh = _out(B, S_len, H, dtype=acc, like=q)
+    _ext().bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, bool(causal),
+               int(block_size or 0), float(eps), bool(normalize), dq, dk, dv, dpq, dpk, dS0, dz0, dkh, dvh, dpkh)
+    return dq, dk, dv, dpq, dpk, dS0, dz0
 
 
 def step(q, k, v, pq, pk, S0, z0, eps, normalize):
-    return tuple(_ext().step(q, k, v, pq, pk, S0, z0, float(eps), bool(normalize)))
+    # the decode hot path: torch.empty inline (pq is in the state dtype, as the C++ checks)
+    B, t, H, Dk = q.shape
+    Dv = v.shape[3]
+    dev, acc = q.device, pq.dtype
+    o = torch.empty(B, t, H, Dv, dtype=q.dtype, device=dev)
+    S = torch.empty(B, H, 2 * Dk, Dv, dtype=acc, device=dev)
+    z = torch.empty(B, H, 2 * Dk, dtype=acc, device=dev)
+    _ext().step(q, k, v, pq, pk, S0, z0, float(eps), bool(normalize), o, S, z)
+    return o, S, z
 
 
 def set_mode(mode: int) -> None:

@@ -14,7 +14,9 @@ number: a window holding NaN gives NaN, its argmax is its first NaN); the argmax
 when asked for) is saved as int16 offsets within the window where the longest window fits,
 else int32.
 Backward deterministic (per (b, D-block) task, sequential). The extension is built on first use
-by ``leapformer_kernels._build.load("window_pool")``.
+by ``leapformer_kernels._build.load("window_pool")``. Outputs (pooled, valid, argmax; dx) are
+allocated here with ``torch.empty`` and handed to the C++, which checks them and writes every
+element (so the tests' NaN poisoning of fresh buffers covers them).
 """
 import torch
 
@@ -51,13 +53,23 @@ def unavailable(dtype):
 
 
 def pool_fwd(x, windows, reduce, need_argmax=True):
-    T = x.shape[1]
+    B, T, D = x.shape
+    W = len(windows)
     a, b = _clamp(windows, T)
-    with_arg = reduce == "max" and need_argmax
-    res = _ext().pool_fwd(x.contiguous(), a, b, reduce, argmax_dtype(windows) == torch.int32, with_arg)
-    return res[0], res[1], (res[2] if with_arg else None)
+    # outputs from torch.empty (looked up at call time: the tests' NaN poisoning reaches them);
+    # the C++ checks them and writes every element
+    pooled = torch.empty(B, T, W, D, dtype=x.dtype, device=x.device)
+    valid = torch.empty(B, T, W, dtype=torch.bool, device=x.device)
+    argmax = None
+    if reduce == "max" and need_argmax:
+        argmax = torch.empty(B, T, W, D, dtype=argmax_dtype(windows), device=x.device)
+    _ext().pool_fwd(x.contiguous(), a, b, reduce, pooled, valid, argmax)
+    return pooled, valid, argmax
 
 
 def pool_bwd(grad, T, windows, reduce, argmax):
+    B, _, _, D = grad.shape
     a, b = _clamp(windows, T)
-    return _ext().pool_bwd(grad.contiguous(), int(T), a, b, reduce, argmax)
+    dx = torch.empty(B, int(T), D, dtype=grad.dtype, device=grad.device)
+    _ext().pool_bwd(grad.contiguous(), int(T), a, b, reduce, argmax, dx)
+    return dx
