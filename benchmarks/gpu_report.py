@@ -61,7 +61,13 @@ def parse(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA)")
     p.add_argument("--require-cuda", action="store_true",
                    help="exit at once (code 2) if CUDA is unavailable, instead of rehearsing on the CPU")
-    p.add_argument("--stages", nargs="+", default=list(STAGE_BUDGETS), choices=list(STAGE_BUDGETS))
+    p.add_argument("--stages", nargs="+", default=list(STAGE_BUDGETS), choices=list(STAGE_BUDGETS),
+                   help="stages to run (smoke always runs, unless --skip-smoke)")
+    p.add_argument("--skip-smoke", action="store_true",
+                   help="no smoke stage (a focused rerun on a machine already known to work)")
+    p.add_argument("--anchor-T", type=int, nargs="+", default=None, help=f"anchor lengths (default {ANCHOR_T})")
+    p.add_argument("--anchor-shapes", nargs="+", default=None, choices=ANCHOR_SHAPES,
+                   help="anchor shapes (default: all three)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="compile processes")
     p.add_argument("--tiny-compiles", type=int, default=2,
                    help="with --tiny: kernels compiled for sm_90 on the side (rehearses the precompile)")
@@ -441,11 +447,20 @@ def run_checks(rep, stage, items, dev, deadline):
     return st
 
 
+ANCHOR_T = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+ANCHOR_SHAPES = ["B4.H16.D64", "B1.H8.D64", "B4.H16.D128"]
+ANCHOR_PICK = {"T": None, "shapes": None}  # --anchor-T / --anchor-shapes
+
+
 def anchor_variants(tiny):
     if tiny:
         return [dict(B=1, H=2, D=16, T=[64, 128])]
-    Ts = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
-    return [dict(B=4, H=16, D=64, T=Ts), dict(B=1, H=8, D=64, T=Ts), dict(B=4, H=16, D=128, T=Ts)]
+    Ts = ANCHOR_PICK["T"] or ANCHOR_T
+    out = []
+    for name in ANCHOR_PICK["shapes"] or ANCHOR_SHAPES:
+        B, H, D = (int(x[1:]) for x in name.split("."))
+        out.append(dict(B=B, H=H, D=D, T=Ts))
+    return out
 
 
 def anchor_record_fns(tiny):
@@ -705,6 +720,7 @@ def markdown(data, brief=False):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     a = parse(argv)
+    ANCHOR_PICK.update(T=a.anchor_T, shapes=a.anchor_shapes)
     cuda = torch.cuda.is_available()
     if a.require_cuda and not cuda:
         print("ABORT: --require-cuda, but torch sees no CUDA device (torch "
@@ -760,6 +776,8 @@ def main(argv=None):
     keys = {}
     budget_left = a.tiny_compiles
     for name, (launches, which) in groups.items():
+        if name not in a.stages and not (name == "smoke" and not a.skip_smoke):
+            continue  # a stage that will not run compiles nothing
         if tiny:  # the rehearsal compiles only a couple of kernels (the path, not the volume)
             launches = launches[:budget_left]
             budget_left -= len(launches)
@@ -784,7 +802,7 @@ def main(argv=None):
 
     code = 0
     bw = None
-    order = [s for s in STAGE_BUDGETS if s in a.stages or s == "smoke"]
+    order = [s for s in STAGE_BUDGETS if s in a.stages or (s == "smoke" and not a.skip_smoke)]
     try:
         for i, name in enumerate(order):
             st = rep.stage(name)
@@ -807,7 +825,10 @@ def main(argv=None):
                         run_checks(rep, "smoke", items, dev, deadline)
                         bw = copy_bandwidth(dev, 256 if cuda else 16)
                         meta["copy_bandwidth_GBps"] = bw / 1e9
-                    elif name == "parity":
+                    elif bw is None:  # no smoke stage (--skip-smoke): measure the copy bandwidth here
+                        bw = copy_bandwidth(dev, 256 if cuda else 16)
+                        meta["copy_bandwidth_GBps"] = bw / 1e9
+                    if name == "parity":
                         items = [(c.name, functools.partial(check_case, c)) for c in parity] + extra_checks(tiny)
                         run_checks(rep, "parity", items, dev, deadline)
                     elif name == "anchor":

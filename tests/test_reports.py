@@ -33,12 +33,15 @@ def test_triton_report_one_kernel(tmp_path):
                  "--kernels", "fwd", "--configs", "0", "--jobs", "1", "--out", str(tmp_path), "--name", "one"],
                 tmp_path, interpret=False)
     data = json.loads((tmp_path / "one.json").read_text())
-    (row,) = data["compiles"]
-    assert row["kernel"] == "fwd" and row["arch"] == "sm_90" and row["num_warps"] == 4
+    rows = {r["kernel"]: r for r in data["compiles"]}
+    assert sorted(rows) == ["fwd", "fwd.segment_sums"]  # "fwd" is a prefix: the segment sums too
+    row = rows["fwd"]
+    assert row["arch"] == "sm_90" and row["num_warps"] == 4
     assert 0 < row["regs"] <= 255 and row["ptxas_regs"] == row["regs"]
     assert row["spill_stores"] is not None and row["stack"] is not None and row["shared"] > 0
     assert row["wgmma"] + row["mma_sync"] > 0  # the dots became MMA instructions
-    assert row["programs"] == 4 * 16  # B*H programs at D = 64 (one value tile)
+    # B*H x 9 segments of 960 rows at D = 64 (one value tile), planned for 132 SMs
+    assert row["programs"] == 4 * 16 * 9 and rows["fwd.segment_sums"]["programs"] == 4 * 16 * 9
     assert "| fwd | sm_90 | bf16 | 64 |" in (tmp_path / "one.md").read_text()
     assert "wrote" in proc.stdout
 
@@ -77,5 +80,6 @@ def test_record_launches_on_meta_tensors():
         tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, True, None, 1e-6, True)
     assert [L.label for L in launches] == ["fwd", "bwd.den_delta", "bwd.dq", "bwd.dkv"]
     nv = launches[0].kwargs["V"] // launches[0].kwargs["BV"]
-    assert all(L.grid == (B * H, nv) for L in launches)
+    # 256 programs fill a meta device's 4 "SMs": one program per sequence, no segments
+    assert all(L.grid[:2] == (B * H, nv) and L.grid[2:] in ((), (1,)) for L in launches)
     assert launches[0].kwargs["K"] == D and launches[0].args[0].dtype == torch.bfloat16

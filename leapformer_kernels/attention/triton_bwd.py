@@ -58,20 +58,20 @@ def _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
-                      'USE_DS', 'STORE_DS0', 'NORMALIZE', 'DOT_MODE'])
-@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'NTH', 'NSH', 'NV', 'eps'])
+                      'USE_DS', 'STORE_DS0', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
+@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'NSH', 'NV', 'eps'])
 def leap_bwd_kernel_dkv(
     q, k, v, pq, pk, kpm, cu_seqlens, dS, dz,
     do, den, delta,
     dk, dv, dpk, dS0, dz0,
-    T, S, W, CL, NTH, NSH, NV, eps,
+    T, S, W, CL, L, NTH, NSH, NV, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     USE_DS: tl.constexpr, STORE_DS0: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_MODE: tl.constexpr, DT: tl.constexpr,
+    SEGMENTED: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # B*H on axis 0 (CUDA: axes 1, 2 <= 65535)
+    i_nh, i_v, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # B*H on axis 0 (CUDA: axes 1, 2 <= 65535)
     i_n, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
@@ -97,24 +97,31 @@ def leap_bwd_kernel_dkv(
     b_dhc = tl.zeros([BK, BV], dtype=tl.float32)
     b_dzs = tl.zeros([BK], dtype=tl.float32)
     b_dzc = tl.zeros([BK], dtype=tl.float32)
+    # the state gradient this program starts from: dS row i_nh, or (segmented, INTRA) that of the
+    # queries after segment i_s (the reverse exclusive scan), row i_nh * (segments) + i_s
+    st_row = i_nh.to(tl.int64)
+    if SEGMENTED and INTRA:
+        st_row = st_row * tl.num_programs(2) + i_s
     if USE_DS:
-        p_st = dS + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        p_st = dS + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
         m_st = m_k[:, None] & m_v[None, :]
         b_dhs += tl.load(p_st, mask=m_st, other=0.)
         b_dhc += tl.load(p_st + K * V, mask=m_st, other=0.)
         if i_v == 0:
-            p_z = dz + i_nh.to(tl.int64) * (2 * K) + o_k
+            p_z = dz + st_row * (2 * K) + o_k
             b_dzs += tl.load(p_z, mask=m_k, other=0.)
             b_dzc += tl.load(p_z + K, mask=m_k, other=0.)
 
     o_i = tl.arange(0, BT)
+    r0 = i_s * L  # this program's rows: [r0, r1) (one segment; L >= T unsegmented)
     if INTRA:
+        r1 = tl.minimum(r0 + L, Lq)
         b_M = (o_i[:, None] // W) >= (o_i[None, :] // W)
-        nc = tl.cdiv(Lq, CL)
+        nc = tl.cdiv(r1 - r0, CL)
         for j in range(0, nc):
-            c0 = (nc - 1 - j) * CL
+            c0 = r0 + (nc - 1 - j) * CL
             o_t = c0 + o_i
-            m_t = (o_i < CL) & (o_t < Lq)
+            m_t = (o_i < CL) & (o_t < r1)
             b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
             b_qs = _cvt(b_aq * b_sq[:, None], DOT_MODE, DT)
             b_qc = _cvt(b_aq * b_cq[:, None], DOT_MODE, DT)
@@ -126,6 +133,14 @@ def leap_bwd_kernel_dkv(
             b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
             b_dzs += tl.sum(b_qs * b_r[:, None], 0)
             b_dzc += tl.sum(b_qc * b_r[:, None], 0)
+    elif SEGMENTED:  # one block holds every query: dS is the whole state gradient; keys [r0, r1)
+        b_M = o_i[:, None] >= 0  # unused
+        r1 = tl.minimum(r0 + L, Lk)
+        for s0 in range(r0, r1, BT):
+            o_s = s0 + o_i
+            _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, o_s < r1, o_k, m_k, o_v, m_v,
+                      b_dhs, b_dhc, b_dzs, b_dzc, b_dhs, b_dhs, b_dhs, b_dzs, b_M, i_v, NSH,
+                      H, HKV, K, V, False, HAS_KPM, DOT_MODE, DT)
     else:
         b_M = o_i[:, None] >= 0  # unused
         nb = tl.cdiv(tl.maximum(Lq, Lk), W)

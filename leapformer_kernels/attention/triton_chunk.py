@@ -8,8 +8,20 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
 - ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``.
 - ``triton_step.leap_step_kernel``: the decode step (one launch per step).
 
-Grid: (sequences x query heads, value tiles) (``sweep_grid``, ``step_grid``): B*H on axis 0,
-whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
+Segment-parallel sweeps (v2): when the (sequence x head x value tile) programs do not fill 4x
+the GPU's SMs, each sequence is cut into segments of ``L`` rows (``segment_length``: a multiple of
+the chunk, >= 256 rows on CUDA) and every segment runs at once: ``triton_segments`` sums each key
+segment's ``k~^T v`` and ``k~``, a scan here gives every segment its exclusive prefix state (the
+sum of all keys, for non-causal / cross-attention / one block wider than the sequence), and the
+sweep kernels start from it (``SEGMENTED``). The backward does the same for ``dq`` (the forward's
+prefix states, recomputed) and mirrors it for ``dk``/``dv`` (query segment sums of ``q~^T g`` and
+``q~ r``, a reverse scan that also gives ``dS0``/``dz0``). Block-causal attention with several
+blocks wider than a chunk still walks each sequence in one program (``_plan`` returns None).
+The per-segment states are the only per-segment memory: ``[B*H*segments, 2Dk, Dv]`` fp32 (18 MiB
+at B=4, H=16, D=64, T=8192 and 132 SMs).
+
+Grid: (sequences x query heads, value tiles, segments) (``sweep_grid``, ``step_grid``): B*H on
+axis 0, whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
 must launch). The backward recomputes the chunk states on
 the fly (nothing per chunk is stored); the only extra memory is ``den`` and ``delta``
 (fp32, per query row and head) and, for Dv > BV or GQA, per-tile / per-head partial
@@ -31,12 +43,14 @@ is written. For example, with T = 9, [0, 4, 100000] reads as [0, 4, 9], [0, 4, 7
 [2, 5, 9] as [0, 5, 9] and [0, 6, 3, 9] as [0, 6, 6, 9]. A valid ``cu_seqlens`` is unchanged.
 """
 import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .triton_bwd import leap_bwd_kernel_dkv
+from .triton_segments import leap_segment_grad_sums_kernel, leap_segment_sums_kernel
 from .triton_fwd import interpreting, leap_fwd_kernel_sweep
 from .triton_step import leap_step_kernel
 
@@ -69,6 +83,112 @@ def _sweep(T: int, S: int, causal: bool, block_size: int, BT: int):
     if block_size <= BT:
         return True, block_size, (BT // block_size) * block_size
     return False, min(block_size, longest), BT
+
+
+MIN_SEGMENT = 256  # rows: a segment costs a [2Dk, Dv] fp32 state read and write; keep it >= 4 chunks
+
+
+def segment_policy(device: torch.device):
+    """(streaming multiprocessors, shortest segment or None for one chunk) of ``device``: the SM
+    count and ``MIN_SEGMENT`` on CUDA; (4, None) elsewhere, i.e. under the interpreter, so that
+    the CPU tests run several segments per sequence at small T. ``triton_report`` replaces it
+    with an H100's (132, MIN_SEGMENT) to plan for the GPU it compiles for."""
+    if device.type != "cuda":
+        return 4, None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()), MIN_SEGMENT
+
+
+@functools.lru_cache(None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def segment_length(T: int, programs: int, CL: int, sms: int, min_len: int = MIN_SEGMENT) -> int:
+    """Rows per segment of the segment-parallel sweep: 0 (no segments: one program per sequence
+    walks it all, as in v1) when ``programs`` (sequences x heads x value tiles) already fill 4x
+    the ``sms``, else the smallest multiple of the chunk ``CL`` that is at least ``min_len``
+    (rounded up to CL) and cuts T into about ``ceil(4 sms / programs)`` segments. Never depends on
+    anything but shapes (no host sync). Examples (CL=64, 132 SMs): B*H=64, T=8192 -> 960 (9
+    segments); B*H=8, T=8192 -> 256 (32 segments)."""
+    if programs >= 4 * sms or T <= CL:
+        return 0
+    nseg = -(-4 * sms // programs)
+    L = -(-T // nseg)
+    L = max(L, min_len, CL)
+    L = -(-L // CL) * CL
+    return 0 if L >= T else L
+
+
+def key_states(k, pk, v, kpm, cu, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L, whole, dot_mode, dt):
+    """The states the segmented sweep starts from, and the final state, from segment sums.
+
+    ``whole=False`` (causal / block-causal within chunks): the exclusive prefix state of each
+    segment, ``[N*H*NSEG, 2K, V]`` and ``[N*H*NSEG, 2K]``, NSEG = ceil(T / L). ``whole=True``
+    (one block holds every key: non-causal, cross-attention): the sum over all keys,
+    ``[N*H, 2K, V]`` and ``[N*H, 2K]``. The initial state (if any) is added in both. Returns
+    ``(S_start, z_start, S_final [N, H, 2K, V], z_final [N, H, 2K])``; deterministic (a scan in
+    a fixed order)."""
+    f32 = dict(dtype=torch.float32, device=k.device)
+    nseg = triton.cdiv(S, L)
+    Sseg = torch.empty(N * H * nseg, 2 * K, V, **f32)
+    zseg = torch.empty(N * H * nseg, 2 * K, **f32)
+    leap_segment_sums_kernel[(N * H, NV, nseg)](
+        k, pk, v, kpm if kpm is not None else pk, cu if cu is not None else pk, Sseg, zseg, T, S, L,
+        H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, HAS_KPM=kpm is not None,
+        DOT_MODE=dot_mode, DT=dt)
+    Ss, zs = Sseg.view(N * H, nseg, 2 * K, V), zseg.view(N * H, nseg, 2 * K)
+    S0 = S0.view(N * H, 2 * K, V) if S0 is not None else None
+    z0 = z0.view(N * H, 2 * K) if z0 is not None else None
+    if whole:
+        S_all, z_all = Ss.sum(1), zs.sum(1)
+        if S0 is not None:
+            S_all, z_all = S_all + S0, z_all + z0
+        return S_all, z_all, S_all.view(N, H, 2 * K, V), z_all.view(N, H, 2 * K)
+    S_in, z_in = Ss.cumsum(1), zs.cumsum(1)
+    S_pre, z_pre = torch.zeros_like(Ss), torch.zeros_like(zs)
+    S_pre[:, 1:], z_pre[:, 1:] = S_in[:, :-1], z_in[:, :-1]
+    S_fin, z_fin = S_in[:, -1], z_in[:, -1]
+    if S0 is not None:
+        S_pre += S0[:, None]
+        z_pre += z0[:, None]
+        S_fin, z_fin = S_fin + S0, z_fin + z0
+    return (S_pre.view(-1, 2 * K, V), z_pre.view(-1, 2 * K),
+            S_fin.reshape(N, H, 2 * K, V), z_fin.reshape(N, H, 2 * K))
+
+
+def query_grad_states(q, pq, do, den, delta, cu, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
+                      normalize, dot_mode, dt):
+    """The state gradients the segmented reverse sweep starts from, and ``dS0``, ``dz0``.
+
+    ``whole=False``: for each segment, ``dS`` plus the sums of the segments after it (a reverse
+    exclusive scan), ``[N*H*NSEG, 2K, V]`` and ``[N*H*NSEG, 2K]``; ``whole=True``: ``dS`` plus
+    the sum over every query, ``[N*H, 2K, V]`` and ``[N*H, 2K]``. Returns ``(dS_start, dz_start,
+    dS0 [N, H, 2K, V], dz0 [N, H, 2K])``; deterministic."""
+    f32 = dict(dtype=torch.float32, device=q.device)
+    nseg = triton.cdiv(T, L)
+    dHseg = torch.empty(N * H * nseg, 2 * K, V, **f32)
+    dzseg = torch.zeros(N * H * nseg, 2 * K, **f32)  # value tile 0 writes it; zeros without normalisation
+    leap_segment_grad_sums_kernel[(N * H, NV, nseg)](
+        q, pq, do, den, delta, cu if cu is not None else pq, dHseg, dzseg, T, S, L, NTH, NV, eps,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, NORMALIZE=normalize, DOT_MODE=dot_mode, DT=dt)
+    Hs, zs = dHseg.view(N * H, nseg, 2 * K, V), dzseg.view(N * H, nseg, 2 * K)
+    dS = dS.view(N * H, 2 * K, V) if dS is not None else None
+    dz = dz.view(N * H, 2 * K) if dz is not None else None
+    if whole:
+        H_all, z_all = Hs.sum(1), zs.sum(1)
+        if dS is not None:
+            H_all, z_all = H_all + dS, z_all + dz
+        return H_all, z_all, H_all.view(N, H, 2 * K, V), z_all.view(N, H, 2 * K)
+    H_in, z_in = Hs.flip(1).cumsum(1).flip(1), zs.flip(1).cumsum(1).flip(1)  # sums from segment j on
+    H_suf, z_suf = torch.zeros_like(Hs), torch.zeros_like(zs)
+    H_suf[:, :-1], z_suf[:, :-1] = H_in[:, 1:], z_in[:, 1:]
+    H_0, z_0 = H_in[:, 0], z_in[:, 0]
+    if dS is not None:
+        H_suf += dS[:, None]
+        z_suf += dz[:, None]
+        H_0, z_0 = H_0 + dS, z_0 + dz
+    return (H_suf.view(-1, 2 * K, V), z_suf.view(-1, 2 * K),
+            H_0.reshape(N, H, 2 * K, V), z_0.reshape(N, H, 2 * K))
 
 
 def sweep_grid(N: int, H: int, NV: int):
@@ -134,16 +254,39 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_siz
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     dummy = pq
     with _guard(q):
-        leap_fwd_kernel_sweep[sweep_grid(N, H, NV)](
+        plan = _plan(q.device, T, S, N, H, NV, INTRA, W, CL)
+        if plan:  # segment-parallel: segment sums, a scan, then every segment at once
+            L, nseg, whole = plan
+            S0, z0, S_fin, z_fin = key_states(k, pk, v, kpm, cu_seqlens, S0, z0, T, S, N, H, H // Hkv, K, V,
+                                              BT, BK, BV, NV, L, whole, _dot_mode(q.dtype), _DT[q.dtype])
+            if output_final_state:
+                Sf.copy_(S_fin)
+                zf.copy_(z_fin)
+        else:
+            L, nseg = max(T, S, 1), 1
+        leap_fwd_kernel_sweep[(N * H, NV, nseg)](
             q, k, v, pq, pk, kpm if kpm is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
             S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
             o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
             dummy, dummy, dummy, dummy, dummy,
-            T, S, W, CL, B * T * H, NV, eps,
+            T, S, W, CL, L, B * T * H, NV, eps,
             H=H, G=H // Hkv, K=K, V=V, BT=BT, BK=BK, BV=BV, STAGE=0, INTRA=INTRA,
             IS_VARLEN=cu_seqlens is not None, HAS_KPM=kpm is not None, USE_S0=S0 is not None,
-            STORE_STATE=output_final_state, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype])
+            STORE_STATE=output_final_state and not plan, NORMALIZE=normalize, SEGMENTED=bool(plan),
+            DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype])
     return o, Sf, zf
+
+
+def _plan(device, T, S, N, H, NV, INTRA, W, CL):
+    """(L, query segments, whole) of the segment-parallel sweep, or None to walk each sequence in
+    one program (the programs already fill the GPU, or block-causal with blocks wider than a
+    chunk, which has no segmented form yet)."""
+    whole = not INTRA and W >= max(T, S)
+    if not (INTRA or whole):
+        return None
+    sms, min_len = segment_policy(device)
+    L = segment_length(max(T, S), N * H * NV, CL, sms, min_len or CL)
+    return (L, triton.cdiv(T, L), whole) if L else None
 
 
 def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize):
@@ -191,23 +334,40 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
     dz0 = torch.empty(N, H, 2 * K, **f32) if S0 is not None else None
     grid = sweep_grid(N, H, NV)
     with _guard(q):
+        plan = _plan(dev, T, S, N, H, NV, INTRA, W, CL)
+        if plan:  # the query-side stages run segment-parallel from the forward's prefix states
+            L, nseg, whole = plan
+            s0, z0_ = key_states(k, pk, v, kpm, cu_seqlens, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L, whole,
+                                 common["DOT_MODE"], common["DT"])[:2]
+        else:
+            L, nseg = max(T, S, 1), 1
+        qgrid = (N * H, NV, nseg)
         if normalize:
-            leap_fwd_kernel_sweep[grid](
+            leap_fwd_kernel_sweep[qgrid](
                 q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
                 do, den, delta, dummy, dummy,
-                T, S, W, CL, NTH, NV, eps,
-                STAGE=1, USE_S0=S0 is not None, STORE_STATE=False, **common)
-        leap_fwd_kernel_sweep[grid](
+                T, S, W, CL, L, NTH, NV, eps,
+                STAGE=1, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=bool(plan), **common)
+        leap_fwd_kernel_sweep[qgrid](
             q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
             do, den, delta, dq, dpq,
-            T, S, W, CL, NTH, NV, eps,
-            STAGE=2, USE_S0=S0 is not None, STORE_STATE=False, **common)
-        leap_bwd_kernel_dkv[grid](
+            T, S, W, CL, L, NTH, NV, eps,
+            STAGE=2, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=bool(plan), **common)
+        if plan:  # the key side too: query segment sums, a reverse scan, every key segment at once
+            dS, dz, dS0_all, dz0_all = query_grad_states(
+                q, pq, do, den, delta, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
+                normalize, common["DOT_MODE"], common["DT"])
+            if S0 is not None:
+                dS0, dz0 = dS0_all, dz0_all
+            kgrid = (N * H, NV, triton.cdiv(S, L))
+        else:
+            kgrid = grid
+        leap_bwd_kernel_dkv[kgrid](
             q, k, v, pq, pk, kp, cu, dS if dS is not None else dummy, dz if dz is not None else dummy,
             do, den, delta,
-            dk, dv, dpk, dS0 if dS0 is not None else dummy, dz0 if dz0 is not None else dummy,
-            T, S, W, CL, NTH, NSH, NV, eps,
-            USE_DS=dS is not None, STORE_DS0=S0 is not None, **common)
+            dk, dv, dpk, dS0 if dS0 is not None and not plan else dummy, dz0 if dz0 is not None and not plan else dummy,
+            T, S, W, CL, L, NTH, NSH, NV, eps,
+            USE_DS=dS is not None, STORE_DS0=S0 is not None and not plan, SEGMENTED=bool(plan), **common)
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dpq = dpq[0] if NV == 1 else dpq.sum(0)
     if part_k:

@@ -43,8 +43,9 @@ def interpreting() -> bool:
 
 def autotune_configs():
     """num_warps / num_stages candidates; a single config under the interpreter (the
-    autotuner cannot benchmark without a GPU driver)."""
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 2, 8) for s in (2, 1, 3)]
+    autotuner cannot benchmark without a GPU driver). No num_warps=2: it spilled 5-34 KB per
+    thread at sm_90 (``benchmarks/results/triton_report_3.9.0.md``) and ran no wgmma."""
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 1, 3)]
     return configs[:1] if interpreting() else configs
 
 
@@ -204,20 +205,20 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'STAGE', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
-                      'USE_S0', 'STORE_STATE', 'NORMALIZE', 'DOT_MODE'])
-@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'NTH', 'NV', 'eps'])
+                      'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
+@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'NV', 'eps'])
 def leap_fwd_kernel_sweep(
     q, k, v, pq, pk, kpm, cu_seqlens, S0, z0,
     o, Sf, zf,
     do, den, delta, dq, dpq,
-    T, S, W, CL, NTH, NV, eps,
+    T, S, W, CL, L, NTH, NV, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STAGE: tl.constexpr, INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     USE_S0: tl.constexpr, STORE_STATE: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_MODE: tl.constexpr, DT: tl.constexpr,
+    SEGMENTED: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
@@ -244,21 +245,28 @@ def leap_fwd_kernel_sweep(
     b_hc = tl.zeros([BK, BV], dtype=tl.float32)
     b_zs = tl.zeros([BK], dtype=tl.float32)
     b_zc = tl.zeros([BK], dtype=tl.float32)
+    # the state this program starts from: S0 row i_nh, or (segmented, INTRA) the exclusive prefix
+    # state of segment i_s, row i_nh * (number of segments) + i_s
+    st_row = i_nh.to(tl.int64)
+    if SEGMENTED and INTRA:
+        st_row = st_row * tl.num_programs(2) + i_s
     if USE_S0:
-        p_st = S0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        p_st = S0 + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
         m_st = m_k[:, None] & m_v[None, :]
         b_hs += tl.load(p_st, mask=m_st, other=0.)
         b_hc += tl.load(p_st + K * V, mask=m_st, other=0.)
-        p_z = z0 + i_nh.to(tl.int64) * (2 * K) + o_k
+        p_z = z0 + st_row * (2 * K) + o_k
         b_zs += tl.load(p_z, mask=m_k, other=0.)
         b_zc += tl.load(p_z + K, mask=m_k, other=0.)
 
     o_i = tl.arange(0, BT)
+    q0 = i_s * L  # this program's query rows: [q0, q1) (one segment; L >= T unsegmented)
+    q1 = tl.minimum(q0 + L, Lq)
     if INTRA:
         b_M = (o_i[:, None] // W) >= (o_i[None, :] // W)
-        for c0 in range(0, Lq, CL):
+        for c0 in range(q0, q1, CL):
             o_t = c0 + o_i
-            m_t = (o_i < CL) & (o_t < Lq)
+            m_t = (o_i < CL) & (o_t < q1)
             b_kv = _key_valid(kpm, o_t, m_t, HAS_KPM)  # padded keys are not loaded: 0
             b_ak, b_sk, b_ck = _load_feat(k, pk, o_t, b_kv, HKV * K, HKV, o_k, m_k)
             b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
@@ -273,6 +281,14 @@ def leap_fwd_kernel_sweep(
             b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
             b_zs += tl.sum(b_ks.to(tl.float32), 0)
             b_zc += tl.sum(b_kc.to(tl.float32), 0)
+    elif SEGMENTED:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
+        b_M = o_i[:, None] >= 0  # unused
+        for t0 in range(q0, q1, BT):
+            o_t = t0 + o_i
+            m_t = o_t < q1
+            _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
+                        b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
+                        H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
     else:
         b_M = o_i[:, None] >= 0  # unused
         nb = tl.cdiv(tl.maximum(Lq, Lk), W)
