@@ -29,7 +29,7 @@ STAGES = {0: "fwd", 1: "bwd.den_delta", 2: "bwd.dq"}
 
 
 def label(name: str, kwargs: Dict) -> str:
-    """Readable kernel name: fwd, fwd.segment_sums, bwd.den_delta, bwd.dq, bwd.segment_sums, bwd.dkv, step,
+    """Readable kernel name: fwd, fwd.segment_sums, segment_scan, bwd.den_delta, bwd.dq, bwd.segment_sums, bwd.dkv, step,
     pool.<name>."""
     if name == "leap_fwd_kernel_sweep":
         return STAGES.get(kwargs.get("STAGE"), f"sweep{kwargs.get('STAGE')}")
@@ -41,6 +41,8 @@ def label(name: str, kwargs: Dict) -> str:
         return "fwd.segment_sums"
     if name == "leap_segment_grad_sums_kernel":
         return "bwd.segment_sums"
+    if name == "leap_segment_scan_kernel":
+        return "segment_scan"
     return "pool." + name.strip("_").removesuffix("_kernel")
 
 

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .triton_bwd import leap_bwd_kernel_dkv
-from .triton_segments import leap_segment_grad_sums_kernel, leap_segment_sums_kernel
+from .triton_segments import leap_segment_grad_sums_kernel, leap_segment_scan_kernel, leap_segment_sums_kernel
 from .triton_fwd import interpreting, leap_fwd_kernel_sweep
 from .triton_step import leap_step_kernel
 
@@ -119,7 +119,8 @@ def segment_length(T: int, programs: int, CL: int, sms: int, min_len: int = MIN_
     return 0 if L >= T else L
 
 
-def key_states(k, pk, v, kpm, cu, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L, whole, dot_mode, dt):
+def key_states(k, pk, v, kpm, cu, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L, whole, dot_mode, dt,
+               S_fin=None, z_fin=None):
     """The states the segmented sweep starts from, and the final state, from segment sums.
 
     ``whole=False`` (causal / block-causal within chunks): the exclusive prefix state of each
@@ -136,28 +137,32 @@ def key_states(k, pk, v, kpm, cu, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L
         k, pk, v, kpm if kpm is not None else pk, cu if cu is not None else pk, Sseg, zseg, T, S, L,
         H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, HAS_KPM=kpm is not None,
         DOT_MODE=dot_mode, DT=dt)
-    Ss, zs = Sseg.view(N * H, nseg, 2 * K, V), zseg.view(N * H, nseg, 2 * K)
-    S0 = S0.view(N * H, 2 * K, V) if S0 is not None else None
-    z0 = z0.view(N * H, 2 * K) if z0 is not None else None
-    if whole:
-        S_all, z_all = Ss.sum(1), zs.sum(1)
-        if S0 is not None:
-            S_all, z_all = S_all + S0, z_all + z0
-        return S_all, z_all, S_all.view(N, H, 2 * K, V), z_all.view(N, H, 2 * K)
-    S_in, z_in = Ss.cumsum(1), zs.cumsum(1)
-    S_pre, z_pre = torch.zeros_like(Ss), torch.zeros_like(zs)
-    S_pre[:, 1:], z_pre[:, 1:] = S_in[:, :-1], z_in[:, :-1]
-    S_fin, z_fin = S_in[:, -1], z_in[:, -1]
-    if S0 is not None:
-        S_pre += S0[:, None]
-        z_pre += z0[:, None]
-        S_fin, z_fin = S_fin + S0, z_fin + z0
-    return (S_pre.view(-1, 2 * K, V), z_pre.view(-1, 2 * K),
-            S_fin.reshape(N, H, 2 * K, V), z_fin.reshape(N, H, 2 * K))
+    return _scan(Sseg, zseg, S0, z0, N, H, K, V, nseg, whole, reverse=False, S_fin=S_fin, z_fin=z_fin)
+
+
+def _scan(Sseg, zseg, S_init, z_init, N, H, K, V, nseg, whole, reverse, S_fin=None, z_fin=None):
+    """One launch of ``leap_segment_scan_kernel``; returns (start states, start normalisers,
+    final state [N, H, 2K, V], final normaliser [N, H, 2K]), the finals written into ``S_fin`` /
+    ``z_fin`` when given (the op's own output buffers: no copy)."""
+    f32 = dict(dtype=torch.float32, device=Sseg.device)
+    rows = N * H if whole else N * H * nseg
+    S_start = torch.empty(rows, 2 * K, V, **f32)
+    z_start = torch.empty(rows, 2 * K, **f32)
+    if S_fin is None:
+        S_fin = S_start.view(N, H, 2 * K, V) if whole else torch.empty(N, H, 2 * K, V, **f32)
+        z_fin = z_start.view(N, H, 2 * K) if whole else torch.empty(N, H, 2 * K, **f32)
+    SK = 2 * K * V
+    BLOCK = min(1024, triton.next_power_of_2(SK))
+    has_init = S_init is not None
+    leap_segment_scan_kernel[(N * H, triton.cdiv(SK, BLOCK))](
+        Sseg, zseg, S_init if has_init else Sseg, z_init if has_init else zseg, S_start, z_start, S_fin, z_fin,
+        nseg, SK=SK, ZK=2 * K, BLOCK=BLOCK, BLOCK_Z=triton.next_power_of_2(2 * K),
+        HAS_INIT=has_init, REVERSE=reverse, WHOLE=whole)
+    return S_start, z_start, S_fin, z_fin
 
 
 def query_grad_states(q, pq, do, den, delta, cu, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
-                      normalize, dot_mode, dt):
+                      normalize, dot_mode, dt, dS0=None, dz0=None):
     """The state gradients the segmented reverse sweep starts from, and ``dS0``, ``dz0``.
 
     ``whole=False``: for each segment, ``dS`` plus the sums of the segments after it (a reverse
@@ -167,28 +172,11 @@ def query_grad_states(q, pq, do, den, delta, cu, dS, dz, T, S, N, H, K, V, BT, B
     f32 = dict(dtype=torch.float32, device=q.device)
     nseg = triton.cdiv(T, L)
     dHseg = torch.empty(N * H * nseg, 2 * K, V, **f32)
-    dzseg = torch.zeros(N * H * nseg, 2 * K, **f32)  # value tile 0 writes it; zeros without normalisation
+    dzseg = torch.empty(N * H * nseg, 2 * K, **f32)  # value tile 0 writes it (zeros without normalisation)
     leap_segment_grad_sums_kernel[(N * H, NV, nseg)](
         q, pq, do, den, delta, cu if cu is not None else pq, dHseg, dzseg, T, S, L, NTH, NV, eps,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, NORMALIZE=normalize, DOT_MODE=dot_mode, DT=dt)
-    Hs, zs = dHseg.view(N * H, nseg, 2 * K, V), dzseg.view(N * H, nseg, 2 * K)
-    dS = dS.view(N * H, 2 * K, V) if dS is not None else None
-    dz = dz.view(N * H, 2 * K) if dz is not None else None
-    if whole:
-        H_all, z_all = Hs.sum(1), zs.sum(1)
-        if dS is not None:
-            H_all, z_all = H_all + dS, z_all + dz
-        return H_all, z_all, H_all.view(N, H, 2 * K, V), z_all.view(N, H, 2 * K)
-    H_in, z_in = Hs.flip(1).cumsum(1).flip(1), zs.flip(1).cumsum(1).flip(1)  # sums from segment j on
-    H_suf, z_suf = torch.zeros_like(Hs), torch.zeros_like(zs)
-    H_suf[:, :-1], z_suf[:, :-1] = H_in[:, 1:], z_in[:, 1:]
-    H_0, z_0 = H_in[:, 0], z_in[:, 0]
-    if dS is not None:
-        H_suf += dS[:, None]
-        z_suf += dz[:, None]
-        H_0, z_0 = H_0 + dS, z_0 + dz
-    return (H_suf.view(-1, 2 * K, V), z_suf.view(-1, 2 * K),
-            H_0.reshape(N, H, 2 * K, V), z_0.reshape(N, H, 2 * K))
+    return _scan(dHseg, dzseg, dS, dz, N, H, K, V, nseg, whole, reverse=True, S_fin=dS0, z_fin=dz0)
 
 
 def sweep_grid(N: int, H: int, NV: int):
@@ -257,11 +245,8 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_siz
         plan = _plan(q.device, T, S, N, H, NV, INTRA, W, CL)
         if plan:  # segment-parallel: segment sums, a scan, then every segment at once
             L, nseg, whole = plan
-            S0, z0, S_fin, z_fin = key_states(k, pk, v, kpm, cu_seqlens, S0, z0, T, S, N, H, H // Hkv, K, V,
-                                              BT, BK, BV, NV, L, whole, _dot_mode(q.dtype), _DT[q.dtype])
-            if output_final_state:
-                Sf.copy_(S_fin)
-                zf.copy_(z_fin)
+            S0, z0 = key_states(k, pk, v, kpm, cu_seqlens, S0, z0, T, S, N, H, H // Hkv, K, V, BT, BK, BV, NV, L,
+                                whole, _dot_mode(q.dtype), _DT[q.dtype], S_fin=Sf, z_fin=zf)[:2]
         else:
             L, nseg = max(T, S, 1), 1
         leap_fwd_kernel_sweep[(N * H, NV, nseg)](
@@ -354,11 +339,9 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
             T, S, W, CL, L, NTH, NV, eps,
             STAGE=2, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=bool(plan), **common)
         if plan:  # the key side too: query segment sums, a reverse scan, every key segment at once
-            dS, dz, dS0_all, dz0_all = query_grad_states(
+            dS, dz = query_grad_states(
                 q, pq, do, den, delta, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
-                normalize, common["DOT_MODE"], common["DT"])
-            if S0 is not None:
-                dS0, dz0 = dS0_all, dz0_all
+                normalize, common["DOT_MODE"], common["DT"], dS0=dS0, dz0=dz0)[:2]
             kgrid = (N * H, NV, triton.cdiv(S, L))
         else:
             kgrid = grid

@@ -120,3 +120,48 @@ def leap_segment_grad_sums_kernel(
         p_z = dzseg + row * (2 * K) + o_k
         tl.store(p_z, b_dzs, mask=m_k)
         tl.store(p_z + K, b_dzc, mask=m_k)
+
+
+@triton.jit
+def _scan_rows(seg, init, start, fin, i_nh, NSEG, offs, m, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+               WHOLE: tl.constexpr, N_EL: tl.constexpr):
+    """One column block of the scan over the NSEG segment rows of sequence x head i_nh."""
+    if HAS_INIT:
+        acc = tl.load(init + i_nh.to(tl.int64) * N_EL + offs, mask=m, other=0.)
+    else:
+        acc = tl.zeros(offs.shape, dtype=tl.float32)
+    base = i_nh.to(tl.int64) * NSEG
+    for j in range(0, NSEG):
+        if REVERSE:
+            jj = NSEG - 1 - j
+        else:
+            jj = j
+        if not WHOLE:  # the state before segment jj (after it, in reverse)
+            tl.store(start + (base + jj) * N_EL + offs, acc, mask=m)
+        acc += tl.load(seg + (base + jj) * N_EL + offs, mask=m, other=0.)
+    if WHOLE:
+        tl.store(start + i_nh.to(tl.int64) * N_EL + offs, acc, mask=m)
+    tl.store(fin + i_nh.to(tl.int64) * N_EL + offs, acc, mask=m)
+
+
+@triton.jit(do_not_specialize=['NSEG'])
+def leap_segment_scan_kernel(
+    Sseg, zseg, S_init, z_init, S_start, z_start, S_fin, z_fin, NSEG,
+    SK: tl.constexpr, ZK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Z: tl.constexpr,
+    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, WHOLE: tl.constexpr,
+):
+    """The scan over segments, one launch: for each sequence x head (axis 0) and block of the
+    ``SK = 2Dk*Dv`` state elements (axis 1; block 0 also does the ``ZK = 2Dk`` normaliser), in a
+    fixed order (deterministic), starting from ``S_init``/``z_init`` (the initial state, or the
+    final-state gradient when ``REVERSE``) or zero:
+
+    - ``WHOLE=False``: ``S_start[nh * NSEG + j]`` = init + the segments before j (after j when
+      ``REVERSE``); ``S_fin[nh]`` = init + every segment (the final state, or dS0);
+    - ``WHOLE=True``: ``S_start[nh]`` = ``S_fin[nh]`` = init + every segment.
+    """
+    i_nh, i_b = tl.program_id(0), tl.program_id(1)
+    offs = i_b * BLOCK + tl.arange(0, BLOCK)
+    _scan_rows(Sseg, S_init, S_start, S_fin, i_nh, NSEG, offs, offs < SK, HAS_INIT, REVERSE, WHOLE, SK)
+    if i_b == 0:
+        offz = tl.arange(0, BLOCK_Z)
+        _scan_rows(zseg, z_init, z_start, z_fin, i_nh, NSEG, offz, offz < ZK, HAS_INIT, REVERSE, WHOLE, ZK)
