@@ -29,14 +29,14 @@ STAGES = {0: "fwd", 1: "bwd.den_delta", 2: "bwd.dq"}
 
 
 def label(name: str, kwargs: Dict) -> str:
-    """Readable kernel name: fwd, fwd.segment_sums, segment_scan, bwd.den_delta, bwd.dq, bwd.segment_sums, bwd.dkv, step,
-    pool.<name>."""
+    """Readable kernel name: fwd, fwd.segment_sums, segment_scan, bwd.den_delta, bwd.dq,
+    bwd.segment_sums, bwd.dkv, step, step_inplace, pool.<name>."""
     if name == "leap_fwd_kernel_sweep":
         return STAGES.get(kwargs.get("STAGE"), f"sweep{kwargs.get('STAGE')}")
     if name == "leap_bwd_kernel_dkv":
         return "bwd.dkv"
     if name == "leap_step_kernel":
-        return "step"
+        return "step_inplace" if kwargs.get("HAS_IDX") else "step"
     if name == "leap_segment_sums_kernel":
         return "fwd.segment_sums"
     if name == "leap_segment_grad_sums_kernel":

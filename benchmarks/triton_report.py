@@ -50,6 +50,8 @@ def launches(dtype, D, B=ANCHOR["B"], H=ANCHOR["H"], T=ANCHOR["T"]):
         tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, True, None, 1e-6, True)
         one = (q[:, :1], q[:, :1], q[:, :1], p[:, :1], p[:, :1])
         tc.step(*one, None, None, 1e-6, True)
+        pool = (torch.empty(2 * B, H, 2 * D, D, device="meta"), torch.empty(2 * B, H, 2 * D, device="meta"))
+        tc.step_(*one, *pool, torch.empty(B, dtype=torch.int64, device="meta"), 1e-6, True)
         for reduce in ("mean", "max"):
             pooled, _, arg = tp.pool_fwd(x, wins, reduce, True)
             tp.pool_bwd(pooled, T, wins, reduce, arg)

@@ -222,6 +222,55 @@ def check_step(q, k, v, pq, pk, state, *, eps, normalize, backend) -> AttnDims:
     return dims
 
 
+def check_step_inplace(q, k, v, pq, pk, state, state_indices, *, eps, normalize, backend) -> AttnDims:
+    """Validate the arguments of ``leap_attention_step_`` (the in-place step on a state pool)."""
+    dims = check_step(q, k, v, pq, pk, None, eps=eps, normalize=normalize, backend=backend)
+    if state is None:
+        raise ValueError("leap_attention_step_ needs state=(S, z): the preallocated pool it updates "
+                         "(S [N, H, 2*Dk, Dv], z [N, H, 2*Dk], float32); use leap_attention_step for a fresh state")
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"state must be a pair (S, z) of tensors, got {type(state).__name__}")
+    S = _tensor(state[0], "state[0] (S)", 4, "[N, H, 2*Dk, Dv]")
+    n = S.shape[0]
+    check_state(state, "state", n, dims, q.device)
+    for t, nm in ((state[0], "state[0] (S)"), (state[1], "state[1] (z)")):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{nm} must be float32 (the pool is updated in place), got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{nm} must be contiguous (the pool is updated in place); allocate it with torch.zeros")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{nm} requires grad: leap_attention_step_ is inference-only "
+                             "(use leap_attention_step, or torch.no_grad())")
+    if state[0].data_ptr() == state[1].data_ptr() and state[0].numel() and state[1].numel():
+        raise ValueError("state[0] (S) and state[1] (z) must not share memory")
+    for t, nm in ((q, "q"), (k, "k"), (v, "v"), (pq, "pq"), (pk, "pk")):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{nm} requires grad: leap_attention_step_ is inference-only "
+                             "(use leap_attention_step, or torch.no_grad())")
+    if state_indices is None:
+        if n != dims.B:
+            raise ValueError(f"state holds {n} rows but q has batch {dims.B}: pass state_indices "
+                             f"(int [{dims.B}], the pool row of each batch row)")
+        return dims
+    if not isinstance(state_indices, torch.Tensor):
+        raise TypeError(f"state_indices must be an int tensor [B], got {type(state_indices).__name__}")
+    if state_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"state_indices must be int32 or int64, got {state_indices.dtype}")
+    if tuple(state_indices.shape) != (dims.B,):
+        raise ValueError(f"state_indices must have shape [{dims.B}] (one pool row per batch row), "
+                         f"got {tuple(state_indices.shape)}")
+    if state_indices.device != q.device:
+        raise ValueError(f"state_indices is on {state_indices.device} but q is on {q.device}")
+    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if dims.B and not capturing:  # values: a host sync on CUDA, skipped inside a CUDA-graph capture
+        lo, hi = int(state_indices.min()), int(state_indices.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"state_indices must lie in [0, {n}) (the pool's rows), got values in [{lo}, {hi}]")
+        if torch.unique(state_indices).numel() != dims.B:
+            raise ValueError("state_indices must not repeat a row (two batch rows would update the same state)")
+    return dims
+
+
 def check_window_pool(x, windows, reduce, backend) -> Tuple[Tuple[int, int], ...]:
     """Validate ``window_pool`` arguments; returns the windows as a tuple of int pairs."""
     x = _tensor(x, "x", 3, "[B, T, D]")

@@ -79,6 +79,44 @@ def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: t
                                             normalize=normalize)
 
 
+def leap_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
+                         state: State, *, state_indices: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                         normalize: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """In-place decode step on a preallocated state pool, for serving and CUDA-graph decoding.
+
+    q [B, t, H, Dk], k [B, t, Hkv, Dk], v [B, t, Hkv, Dv], pq [B, t, H], pk [B, t, Hkv];
+    state (S [N, H, 2Dk, Dv], z [N, H, 2Dk]): float32, contiguous, updated in place;
+    state_indices: int32/int64 [B], the pool row of each batch row (as flash-attn's
+    ``cache_batch_idx``; distinct rows), or None for rows 0..B-1 (then N == B).
+    Returns o [B, t, H, Dv]; afterwards ``state`` rows hold what ``leap_attention_step`` returns.
+    Inference only (no autograd). The index values are checked (a host sync on CUDA) except
+    inside a CUDA-graph capture, where the triton kernel clamps them into [0, N). On the triton
+    backend one kernel reads and rewrites the rows (no copies); the torch and cpu backends
+    gather the rows, run the step and scatter them back.
+    """
+    from ._validate import check_step_inplace
+
+    check_step_inplace(q, k, v, pq, pk, state, state_indices, eps=eps, normalize=normalize, backend=backend)
+    q, k, v = _autocast(q, k, v)
+    S, z = state
+    eps = effective_eps(eps, q.dtype)
+    name = backends.choose("leap_attention_step", backend, q.device, q.dtype)
+    if name == "triton":
+        from .attention import triton_chunk
+
+        return triton_chunk.step_(q, k, v, pq, pk, S, z, state_indices, eps, normalize)
+    rows = state_indices if state_indices is not None else None
+    old = (S[rows], z[rows]) if rows is not None else (S, z)
+    o, (S_new, z_new) = attention_op.leap_attention_step(name, q, k, v, pq, pk, old, eps=eps, normalize=normalize)
+    if rows is None:
+        S.copy_(S_new)
+        z.copy_(z_new)
+    else:
+        S.index_copy_(0, rows.long(), S_new)
+        z.index_copy_(0, rows.long(), z_new)
+    return o
+
+
 def window_pool(x: torch.Tensor, windows: Sequence[Tuple[int, int]], reduce: str = "mean",
                 backend: Optional[str] = None):
     """Pool x [B, T, D] over windows (a, b) of offsets relative to each position t.

@@ -6,7 +6,9 @@ query side's sums and a reverse scan. These tests pin the plan (``segment_length
 check that the kernels really launch several segments per sequence, and compare forward, final
 state and every gradient against the float64 reference with segments forced on (many) and off
 (one program per sequence), on shapes that are not chunk multiples, with a last segment shorter
-than the rest, varlen sequences shorter than a segment, GQA, padding and an initial state.
+than the rest, varlen sequences shorter than a segment, GQA, padding and an initial state, and
+block-causal blocks wider than a chunk (segments of whole blocks, W not a multiple of 64;
+segments are cut per sequence from its first row, so varlen blocks never straddle them).
 """
 import pytest
 import torch
@@ -40,7 +42,8 @@ def test_segment_length(T, programs, CL, sms, min_len, expected):
     (True, 5, 200, 200, (60, 4, False)),        # block-causal inside chunks of 60: L multiple of 60
     (False, None, 150, 90, (64, 3, True)),      # cross-attention: one block holds every key
     (True, 1000, 257, 257, (64, 5, True)),      # one block wider than the sequence: as non-causal
-    (True, 100, 300, 300, None),                # blocks wider than a chunk, several of them: v1 walk
+    (True, 100, 300, 300, (100, 3, False)),     # blocks wider than a chunk: segments of whole blocks
+    (True, 70, 300, 300, (70, 5, False)),       # L is a multiple of W, not of the chunk
 ])
 def test_plan(causal, block_size, T, S, expected):
     INTRA, W, CL = tc._sweep(T, S, causal, block_size, 64)
@@ -79,6 +82,9 @@ CASES = {
     "causal_state_gqa": dict(mode=dict(causal=True), state=True, Hkv=1),
     "block5": dict(mode=dict(causal=True, block_size=5)),
     "block64_unnormalized": dict(mode=dict(causal=True, block_size=64), normalize=False, state=True),
+    "block70_state_gqa": dict(mode=dict(causal=True, block_size=70), state=True, Hkv=1),
+    "block100_padding": dict(mode=dict(causal=True, block_size=100), padding=True),
+    "varlen_block90": dict(mode=dict(causal=True, block_size=90), cu=[0, 5, 200, 333], state=True),
     "noncausal_padding": dict(mode=dict(causal=False), padding=True, state=True),
     "cross": dict(mode=dict(causal=False), S=171),
     "one_block": dict(mode=dict(causal=True, block_size=4096)),

@@ -97,10 +97,11 @@ def leap_bwd_kernel_dkv(
     b_dhc = tl.zeros([BK, BV], dtype=tl.float32)
     b_dzs = tl.zeros([BK], dtype=tl.float32)
     b_dzc = tl.zeros([BK], dtype=tl.float32)
-    # the state gradient this program starts from: dS row i_nh, or (segmented, INTRA) that of the
-    # queries after segment i_s (the reverse exclusive scan), row i_nh * (segments) + i_s
+    # the state gradient this program starts from: dS row i_nh, or (SEGMENTED 1) that of the
+    # queries after segment i_s (the reverse exclusive scan), row i_nh * (segments) + i_s, or
+    # (SEGMENTED 2) the whole state gradient
     st_row = i_nh.to(tl.int64)
-    if SEGMENTED and INTRA:
+    if SEGMENTED == 1:
         st_row = st_row * tl.num_programs(2) + i_s
     if USE_DS:
         p_st = dS + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
@@ -133,7 +134,7 @@ def leap_bwd_kernel_dkv(
             b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
             b_dzs += tl.sum(b_qs * b_r[:, None], 0)
             b_dzc += tl.sum(b_qc * b_r[:, None], 0)
-    elif SEGMENTED:  # one block holds every query: dS is the whole state gradient; keys [r0, r1)
+    elif SEGMENTED == 2:  # one block holds every query: dS is the whole state gradient; keys [r0, r1)
         b_M = o_i[:, None] >= 0  # unused
         r1 = tl.minimum(r0 + L, Lk)
         for s0 in range(r0, r1, BT):
@@ -143,9 +144,10 @@ def leap_bwd_kernel_dkv(
                       H, HKV, K, V, False, HAS_KPM, DOT_MODE, DT)
     else:
         b_M = o_i[:, None] >= 0  # unused
-        nb = tl.cdiv(tl.maximum(Lq, Lk), W)
+        # whole blocks from the segment's end back to r0 (a multiple of W when segmented)
+        nb = tl.cdiv(tl.minimum(r0 + L, tl.maximum(Lq, Lk)) - r0, W)
         for j in range(0, nb):
-            b0 = (nb - 1 - j) * W
+            b0 = r0 + (nb - 1 - j) * W
             qe = tl.minimum(b0 + W, Lq)
             for t0 in range(b0, qe, BT):
                 o_t = t0 + o_i

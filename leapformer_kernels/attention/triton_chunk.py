@@ -15,8 +15,10 @@ segment's ``k~^T v`` and ``k~``, a scan here gives every segment its exclusive p
 sum of all keys, for non-causal / cross-attention / one block wider than the sequence), and the
 sweep kernels start from it (``SEGMENTED``). The backward does the same for ``dq`` (the forward's
 prefix states, recomputed) and mirrors it for ``dk``/``dv`` (query segment sums of ``q~^T g`` and
-``q~ r``, a reverse scan that also gives ``dS0``/``dz0``). Block-causal attention with several
-blocks wider than a chunk still walks each sequence in one program (``_plan`` returns None).
+``q~ r``, a reverse scan that also gives ``dS0``/``dz0``). Segments are whole chunks, or whole
+blocks for block-causal attention with blocks wider than a chunk, cut per sequence from its first
+row, so no block straddles a segment boundary (a block longer than the target segment is one
+segment: W=4096 at T=8192 runs 2 segments per sequence).
 The per-segment states are the only per-segment memory: ``[B*H*segments, 2Dk, Dv]`` fp32 (18 MiB
 at B=4, H=16, D=64, T=8192 and 132 SMs).
 
@@ -101,6 +103,12 @@ def segment_policy(device: torch.device):
 @functools.lru_cache(None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _seg_mode(plan) -> int:
+    """The kernels' SEGMENTED constexpr: 0 one program per sequence, 1 per-segment prefix
+    states, 2 the whole state for every segment."""
+    return 0 if not plan else (2 if plan[2] else 1)
 
 
 def segment_length(T: int, programs: int, CL: int, sms: int, min_len: int = MIN_SEGMENT) -> int:
@@ -257,20 +265,22 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_siz
             T, S, W, CL, L, B * T * H, NV, eps,
             H=H, G=H // Hkv, K=K, V=V, BT=BT, BK=BK, BV=BV, STAGE=0, INTRA=INTRA,
             IS_VARLEN=cu_seqlens is not None, HAS_KPM=kpm is not None, USE_S0=S0 is not None,
-            STORE_STATE=output_final_state and not plan, NORMALIZE=normalize, SEGMENTED=bool(plan),
+            STORE_STATE=output_final_state and not plan, NORMALIZE=normalize, SEGMENTED=_seg_mode(plan),
             DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype])
     return o, Sf, zf
 
 
 def _plan(device, T, S, N, H, NV, INTRA, W, CL):
     """(L, query segments, whole) of the segment-parallel sweep, or None to walk each sequence in
-    one program (the programs already fill the GPU, or block-causal with blocks wider than a
-    chunk, which has no segmented form yet)."""
+    one program (the programs already fill the GPU). ``whole``: one block holds every key
+    (non-causal, cross-attention, a block at least as long as the sequences), so every query
+    reads the sum of all keys. Otherwise segments are whole chunks (causal, blocks within a
+    chunk) or whole blocks (block-causal with blocks wider than a chunk: L a multiple of W, at
+    least one block), so no block straddles a segment boundary."""
     whole = not INTRA and W >= max(T, S)
-    if not (INTRA or whole):
-        return None
     sms, min_len = segment_policy(device)
-    L = segment_length(max(T, S), N * H * NV, CL, sms, min_len or CL)
+    unit = CL if INTRA or whole else W
+    L = segment_length(max(T, S), N * H * NV, unit, sms, min_len or unit)
     return (L, triton.cdiv(T, L), whole) if L else None
 
 
@@ -332,12 +342,12 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
                 q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
                 do, den, delta, dummy, dummy,
                 T, S, W, CL, L, NTH, NV, eps,
-                STAGE=1, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=bool(plan), **common)
+                STAGE=1, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
         leap_fwd_kernel_sweep[qgrid](
             q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
             do, den, delta, dq, dpq,
             T, S, W, CL, L, NTH, NV, eps,
-            STAGE=2, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=bool(plan), **common)
+            STAGE=2, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
         if plan:  # the key side too: query segment sums, a reverse scan, every key segment at once
             dS, dz = query_grad_states(
                 q, pq, do, den, delta, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
@@ -350,7 +360,7 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
             do, den, delta,
             dk, dv, dpk, dS0 if dS0 is not None and not plan else dummy, dz0 if dz0 is not None and not plan else dummy,
             T, S, W, CL, L, NTH, NSH, NV, eps,
-            USE_DS=dS is not None, STORE_DS0=S0 is not None and not plan, SEGMENTED=bool(plan), **common)
+            USE_DS=dS is not None, STORE_DS0=S0 is not None and not plan, SEGMENTED=_seg_mode(plan), **common)
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dpq = dpq[0] if NV == 1 else dpq.sum(0)
     if part_k:
@@ -361,6 +371,11 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causa
     if G > 1:
         dv = dv.view(B, S, Hkv, G, V).sum(3).to(q.dtype)
     return dq, dk, dv, dpq.to(pq_dtype), dpk.to(pk_dtype), dS0, dz0
+
+
+def _step_warps(BK: int, BV: int) -> int:
+    """The step kernel's one config: 4 warps, 8 once a program holds 2 x [128, 128] fp32."""
+    return 8 if BK * BV > 64 * 64 else 4
 
 
 def step(q, k, v, pq, pk, S0, z0, eps, normalize):
@@ -379,6 +394,29 @@ def step(q, k, v, pq, pk, S0, z0, eps, normalize):
     dummy = pq
     with _guard(q):
         leap_step_kernel[step_grid(B, H, NV)](
-            q, k, v, pq, pk, S0 if S0 is not None else dummy, z0 if z0 is not None else dummy, o, Sn, zn,
-            T, eps, H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, USE_S0=S0 is not None, NORMALIZE=normalize)
+            q, k, v, pq, pk, S0 if S0 is not None else dummy, z0 if z0 is not None else dummy, o, Sn, zn, dummy,
+            T, B, eps, H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, USE_S0=S0 is not None, NORMALIZE=normalize,
+            HAS_IDX=False, num_warps=_step_warps(BK, BV))
     return o, Sn, zn
+
+
+def step_(q, k, v, pq, pk, S, z, state_indices, eps, normalize):
+    """In-place decode step: reads and rewrites rows ``state_indices`` (or 0..B-1) of the pool
+    ``S [N, H, 2K, V]``, ``z [N, H, 2K]`` (fp32, contiguous: checked by the caller). One
+    program per (batch row, head) holding all V columns, so no program reads a ``z`` another
+    one rewrites. Returns o."""
+    _check_dtype(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    pq, pk = _c(pq, torch.float32), _c(pk, torch.float32)
+    B, T, H, K = q.shape
+    Hkv, V = k.shape[2], v.shape[3]
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, triton.next_power_of_2(V))
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    idx = state_indices.contiguous() if state_indices is not None else pq
+    with _guard(q):
+        leap_step_kernel[step_grid(B, H, 1)](
+            q, k, v, pq, pk, S, z, o, S, z, idx,
+            T, S.shape[0], eps, H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, USE_S0=True, NORMALIZE=normalize,
+            HAS_IDX=state_indices is not None, num_warps=_step_warps(BK, BV))
+    return o

@@ -245,10 +245,10 @@ def leap_fwd_kernel_sweep(
     b_hc = tl.zeros([BK, BV], dtype=tl.float32)
     b_zs = tl.zeros([BK], dtype=tl.float32)
     b_zc = tl.zeros([BK], dtype=tl.float32)
-    # the state this program starts from: S0 row i_nh, or (segmented, INTRA) the exclusive prefix
-    # state of segment i_s, row i_nh * (number of segments) + i_s
+    # the state this program starts from: S0 row i_nh, or (SEGMENTED 1) the exclusive prefix state
+    # of segment i_s, row i_nh * (number of segments) + i_s, or (SEGMENTED 2) the whole state
     st_row = i_nh.to(tl.int64)
-    if SEGMENTED and INTRA:
+    if SEGMENTED == 1:
         st_row = st_row * tl.num_programs(2) + i_s
     if USE_S0:
         p_st = S0 + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
@@ -281,7 +281,7 @@ def leap_fwd_kernel_sweep(
             b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
             b_zs += tl.sum(b_ks.to(tl.float32), 0)
             b_zc += tl.sum(b_kc.to(tl.float32), 0)
-    elif SEGMENTED:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
+    elif SEGMENTED == 2:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
         b_M = o_i[:, None] >= 0  # unused
         for t0 in range(q0, q1, BT):
             o_t = t0 + o_i
@@ -291,9 +291,9 @@ def leap_fwd_kernel_sweep(
                         H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
     else:
         b_M = o_i[:, None] >= 0  # unused
-        nb = tl.cdiv(tl.maximum(Lq, Lk), W)
-        for ib in range(0, nb):
-            b0 = ib * W
+        # whole blocks [b0, b0 + W) from q0 (a multiple of W when segmented) to the segment's end
+        b_end = tl.minimum(q0 + L, tl.maximum(Lq, Lk))
+        for b0 in range(q0, b_end, W):
             ke = tl.minimum(b0 + W, Lk)
             for s0 in range(b0, ke, BT):
                 o_s = s0 + o_i

@@ -7,23 +7,36 @@ No dots: the rows are vectors, the update is an outer product in registers.
 Grid ``(batch x heads, value tiles)`` (``triton_chunk.step_grid``): B*H on axis 0, so decoding
 with B*H >= 65536 launches (CUDA limits axes 1 and 2 to 65535). relu and the ``den`` clamp
 keep NaN (``where``, not ``tl.maximum``), as on the other backends.
+
+In place (``leap_attention_step_``: ``Sn``, ``zn`` are ``S0``, ``z0``): the state is read from and written back to
+rows ``state_indices[b]`` of a preallocated pool ``(S [N, H, 2Dk, Dv], z [N, H, 2Dk])`` (row b
+without indices). Each program then holds all ``Dv`` columns (one value tile), so the program
+that rewrites ``z`` is the only one that reads it: no race. Indices are clamped into [0, N)
+(unchecked under CUDA-graph capture: a bad index never reaches outside the pool).
+
+No autotuning: one fixed config (``num_warps`` from the head size, chosen by the launcher), so
+that the first call inside a CUDA-graph capture does not benchmark configs.
 """
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, _clamp_den, _relu, autotune_configs
+from .triton_fwd import HALF_PI, _clamp_den, _relu
 
 
-@triton.autotune(configs=autotune_configs(), key=['H', 'G', 'K', 'V', 'BK', 'BV', 'USE_S0', 'NORMALIZE'])
-@triton.jit(do_not_specialize=['T', 'eps'])
+@triton.jit(do_not_specialize=['T', 'N', 'eps'])
 def leap_step_kernel(
-    q, k, v, pq, pk, S0, z0, o, Sn, zn,
-    T, eps,
+    q, k, v, pq, pk, S0, z0, o, Sn, zn, idx,
+    T, N, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, USE_S0: tl.constexpr, NORMALIZE: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, USE_S0: tl.constexpr, NORMALIZE: tl.constexpr, HAS_IDX: tl.constexpr,
 ):
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_nh // H, i_nh % H
+    if HAS_IDX:  # the pool row of batch row i_b, clamped into [0, N)
+        i_row = tl.minimum(tl.maximum(tl.load(idx + i_b).to(tl.int64), 0), N - 1)
+    else:
+        i_row = i_b.to(tl.int64)
+    i_st = i_row * H + i_h  # the state's (row, head)
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
     bos = i_b.to(tl.int64) * T
@@ -32,8 +45,8 @@ def leap_step_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_s = m_k[:, None] & m_v[None, :]
-    p_s = i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-    p_z = i_nh.to(tl.int64) * (2 * K) + o_k
+    p_s = i_st * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+    p_z = i_st * (2 * K) + o_k
     if USE_S0:
         b_hs = tl.load(S0 + p_s, mask=m_s, other=0.).to(tl.float32)
         b_hc = tl.load(S0 + p_s + K * V, mask=m_s, other=0.).to(tl.float32)
