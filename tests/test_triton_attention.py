@@ -4,7 +4,7 @@ on CPU tensors when there is no GPU.
 Forward, final state and every gradient against the float64 reference (DESIGN section 4:
 fp32 1e-5, fp16 2e-3, bf16 1e-2 relative norm error, gradients twice that, or within 2x of
 the plain PyTorch form run in the same dtype). Shapes are chosen around the kernels' tiles
-(BT = 64 rows, BK = next_pow2(Dk), BV <= 64 value columns; BT = 32 for Dk = 128): T = 1, 7,
+(BT = 64 rows, BK = next_pow2(Dk), BV <= 64 value columns, <= 32 for Dk = 128): T = 1, 7,
 65, 130 cross chunk edges; block sizes below, equal to and above the chunk exercise the two
 sweep shapes (intra-chunk masks vs whole-block chunks) and blocks spanning chunks.
 Also: determinism (bitwise), the decode kernel against the full causal op, float64 refused.
@@ -140,7 +140,7 @@ def test_varlen(dtype, mode):
 
 
 def test_wide_tiles_gqa():
-    """Dk = 128 (BT = 32, BK = 128) and Dv = 80 (three value tiles of 32) with GQA."""
+    """Dk = 128 (BT = 64, BK = 128) and Dv = 80 (three value tiles of 32) with GQA."""
     _check(torch.float32, B=1, T=40, H=4, Hkv=2, Dk=128, Dv=80, state=True, padding=True)
 
 
