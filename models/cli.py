@@ -1,4 +1,4 @@
-"""The ``leapformer`` console command: train, generate, eval, list, build.
+"""The ``leapformer`` console command: train, generate, eval, compare, list, build.
 
     leapformer list
     leapformer train --model leapformer-lm [--attention leap|softmax] [--data FILE] [--steps N]
@@ -6,6 +6,7 @@
     leapformer generate --ckpt runs/leapformer-lm-leap/ckpt.pt --prompt "The " [--prompt ...]
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     leapformer eval --ckpt runs/leapformer-lm-leap/ckpt.pt
+    leapformer compare RUN_DIR [RUN_DIR ...] [--out DIR] [--data FILE] [--topk 1 5] [--log]
     leapformer build                      # build the C++ CPU kernels ahead of time
     leapformer --version
 
@@ -29,7 +30,7 @@ from dataclasses import MISSING, fields
 
 from .errors import UsageError, UserError
 
-COMMANDS = ("train", "generate", "eval", "list", "build")
+COMMANDS = ("train", "generate", "eval", "compare", "list", "build")
 
 
 class Parser(argparse.ArgumentParser):
@@ -259,6 +260,40 @@ def cmd_eval(argv):
     return 0
 
 
+def cmd_compare(argv):
+    from .errors import require
+    p = Parser(prog="leapformer compare", description="several runs side by side: loss curves (compare.png) and a "
+               "table (compare.md / compare.json) of size, speed, validation loss and top-k accuracy")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by leapformer train (--out)")
+    p.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for compare.png/.md/.json "
+                   "(default: runs/compare)")
+    p.add_argument("--data", default=None, help="score every run's top-k accuracy on all of this text file "
+                   "(default: each run's own validation split)")
+    p.add_argument("--topk", type=int, nargs="+", default=[1, 5], metavar="K", help="top-k accuracies (default: 1 5)")
+    p.add_argument("--batches", type=int, default=20, help="batches of held-out text per run (>= 1)")
+    p.add_argument("--log", action="store_true", help="log-scale loss and step / token axes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    _add_debug(p)
+    a = p.parse_args(argv)
+    if any(k < 1 for k in a.topk):
+        raise UsageError(f"--topk values must be >= 1, got {' '.join(map(str, a.topk))}")
+    if a.batches < 1:
+        raise UsageError(f"--batches must be >= 1, got {a.batches}")
+    require("leapformer compare", "matplotlib", *(["tqdm"] if a.progress else []))
+    from .compare import compare
+    from .data import load_text
+    from .train import resolve_device
+    if a.data is not None:
+        load_text(a.data)  # a missing or binary --data: one line before any work
+    dev = resolve_device(a.device)
+    res = compare(a.runs, a.out, data=a.data, ks=sorted(set(a.topk)), batches=a.batches, device=dev, log=a.log,
+                  progress=a.progress, warn=lambda m: print(f"leapformer compare: {m}", file=sys.stderr))
+    print(open(res["md"]).read().rstrip())
+    print(f"\nwrote {res['png']}, {res['md']}, {res['json']}")
+    return 0
+
+
 def cmd_list(argv):
     from . import list_models
     p = Parser(prog="leapformer list", description="the models of the zoo")
@@ -289,7 +324,8 @@ def cmd_build(argv):
     return 0
 
 
-HANDLERS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "list": cmd_list, "build": cmd_build}
+HANDLERS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare,
+            "list": cmd_list, "build": cmd_build}
 
 
 def _version() -> str:
