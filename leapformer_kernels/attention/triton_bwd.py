@@ -17,7 +17,8 @@ are summed on the host in a fixed order (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, autotune_configs
+from .triton_fwd import (HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, _store_state,
+                         autotune_configs)
 
 
 @triton.jit
@@ -169,11 +170,4 @@ def leap_bwd_kernel_dkv(
                           b_dhs, b_dhc, b_dzs, b_dzc, b_dhs, b_dhs, b_dhs, b_dzs, b_M, i_v, NSH,
                           H, HKV, K, V, False, HAS_KPM, DOT_MODE, DT)
     if STORE_DS0:
-        p_st = dS0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_st = m_k[:, None] & m_v[None, :]
-        tl.store(p_st, b_dhs, mask=m_st)
-        tl.store(p_st + K * V, b_dhc, mask=m_st)
-        if i_v == 0:
-            p_z = dz0 + i_nh.to(tl.int64) * (2 * K) + o_k
-            tl.store(p_z, b_dzs, mask=m_k)
-            tl.store(p_z + K, b_dzc, mask=m_k)
+        _store_state(dS0, dz0, i_nh.to(tl.int64), b_dhs, b_dhc, b_dzs, b_dzc, o_k, m_k, o_v, m_v, i_v, K, V)

@@ -131,6 +131,41 @@ def _key_valid(kpm, o_r, m_r, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _store_state(S, z, row, b_s, b_c, b_zs, b_zc, o_k, m_k, o_v, m_v, i_v, K: tl.constexpr, V: tl.constexpr):
+    """Row ``row`` (int64) of a state ``S [rows, 2K, V]`` (this program's value tile of its sin and
+    cos halves) and, on value tile 0, of ``z [rows, 2K]``."""
+    p_st = S + row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+    m_st = m_k[:, None] & m_v[None, :]
+    tl.store(p_st, b_s, mask=m_st)
+    tl.store(p_st + K * V, b_c, mask=m_st)
+    if i_v == 0:
+        p_z = z + row * (2 * K) + o_k
+        tl.store(p_z, b_zs, mask=m_k)
+        tl.store(p_z + K, b_zc, mask=m_k)
+
+
+@triton.jit
+def _fold_keys(k, pk, v, kpm, s0, s1, o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc,
+               HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, HAS_KPM: tl.constexpr,
+               DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """Add the keys [s0, s1) to the state: ``S += k~^T v``, ``z += k~`` (tiles of BT rows; padded
+    keys are not loaded: 0)."""
+    for r0 in range(s0, s1, BT):
+        o_s = r0 + o_i
+        b_kv = _key_valid(kpm, o_s, o_s < s1, HAS_KPM)
+        b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, b_kv, HKV * K, HKV, o_k, m_k)
+        b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
+        b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
+        b_v = tl.load(v + o_s.to(tl.int64)[:, None] * (HKV * V) + o_v[None, :],
+                      mask=b_kv[:, None] & m_v[None, :], other=0.)
+        b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
+        b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
+        b_zs += tl.sum(b_ks.to(tl.float32), 0)
+        b_zc += tl.sum(b_kc.to(tl.float32), 0)
+    return b_hs, b_hc, b_zs, b_zc
+
+
+@triton.jit
 def _grad_rows(do, den, delta, o_r, m_r, o_v, m_v, stride_do, stride_h, NTH, NV, i_v, eps,
                NORMALIZE: tl.constexpr):
     """g = dL/dnum (rows x value tile) and r = dL/dden (rows), r counted on value tile 0 only."""
@@ -294,20 +329,8 @@ def leap_fwd_kernel_sweep(
         # whole blocks [b0, b0 + W) from q0 (a multiple of W when segmented) to the segment's end
         b_end = tl.minimum(q0 + L, tl.maximum(Lq, Lk))
         for b0 in range(q0, b_end, W):
-            ke = tl.minimum(b0 + W, Lk)
-            for s0 in range(b0, ke, BT):
-                o_s = s0 + o_i
-                m_s = o_s < ke
-                b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM)  # padded keys are not loaded: 0
-                b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, b_kv, HKV * K, HKV, o_k, m_k)
-                b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
-                b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
-                b_v = tl.load(v + o_s.to(tl.int64)[:, None] * (HKV * V) + o_v[None, :],
-                              mask=b_kv[:, None] & m_v[None, :], other=0.)
-                b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
-                b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
-                b_zs += tl.sum(b_ks.to(tl.float32), 0)
-                b_zc += tl.sum(b_kc.to(tl.float32), 0)
+            b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, b0, tl.minimum(b0 + W, Lk), o_i, o_k, m_k, o_v, m_v,
+                                                b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM, DOT_MODE, DT)
             qe = tl.minimum(b0 + W, Lq)
             for t0 in range(b0, qe, BT):
                 o_t = t0 + o_i
@@ -316,11 +339,4 @@ def leap_fwd_kernel_sweep(
                             b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
                             H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:
-        p_st = Sf + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_st = m_k[:, None] & m_v[None, :]
-        tl.store(p_st, b_hs, mask=m_st)
-        tl.store(p_st + K * V, b_hc, mask=m_st)
-        if i_v == 0:
-            p_z = zf + i_nh.to(tl.int64) * (2 * K) + o_k
-            tl.store(p_z, b_zs, mask=m_k)
-            tl.store(p_z + K, b_zc, mask=m_k)
+        _store_state(Sf, zf, i_nh.to(tl.int64), b_hs, b_hc, b_zs, b_zc, o_k, m_k, o_v, m_v, i_v, K, V)

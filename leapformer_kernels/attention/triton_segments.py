@@ -12,7 +12,7 @@ segment in parallel from its prefix state. The re-weighted features live in regi
 import triton
 import triton.language as tl
 
-from .triton_fwd import _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, autotune_configs
+from .triton_fwd import _cvt, _dot, _fold_keys, _grad_rows, _load_feat, _seq_bounds, _store_state, autotune_configs
 
 
 @triton.autotune(configs=autotune_configs(),
@@ -39,33 +39,15 @@ def leap_segment_sums_kernel(
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    o_i = tl.arange(0, BT)
     b_hs = tl.zeros([BK, BV], dtype=tl.float32)
     b_hc = tl.zeros([BK, BV], dtype=tl.float32)
     b_zs = tl.zeros([BK], dtype=tl.float32)
     b_zc = tl.zeros([BK], dtype=tl.float32)
-    s1 = tl.minimum(i_s * L + L, Lk)
-    for s0 in range(i_s * L, s1, BT):
-        o_s = s0 + o_i
-        b_kv = _key_valid(kpm, o_s, o_s < s1, HAS_KPM)  # padded keys are not loaded: 0
-        b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, b_kv, HKV * K, HKV, o_k, m_k)
-        b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
-        b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
-        b_v = tl.load(v + o_s.to(tl.int64)[:, None] * (HKV * V) + o_v[None, :],
-                      mask=b_kv[:, None] & m_v[None, :], other=0.)
-        b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
-        b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
-        b_zs += tl.sum(b_ks.to(tl.float32), 0)
-        b_zc += tl.sum(b_kc.to(tl.float32), 0)
-    row = i_nh.to(tl.int64) * tl.num_programs(2) + i_s
-    p_st = Sseg + row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-    m_st = m_k[:, None] & m_v[None, :]
-    tl.store(p_st, b_hs, mask=m_st)
-    tl.store(p_st + K * V, b_hc, mask=m_st)
-    if i_v == 0:
-        p_z = zseg + row * (2 * K) + o_k
-        tl.store(p_z, b_zs, mask=m_k)
-        tl.store(p_z + K, b_zc, mask=m_k)
+    b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, i_s * L, tl.minimum(i_s * L + L, Lk), tl.arange(0, BT),
+                                        o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM,
+                                        DOT_MODE, DT)
+    _store_state(Sseg, zseg, i_nh.to(tl.int64) * tl.num_programs(2) + i_s, b_hs, b_hc, b_zs, b_zc,
+                 o_k, m_k, o_v, m_v, i_v, K, V)
 
 
 @triton.autotune(configs=autotune_configs(),
@@ -111,15 +93,8 @@ def leap_segment_grad_sums_kernel(
         b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
         b_dzs += tl.sum(b_qs * b_r[:, None], 0)
         b_dzc += tl.sum(b_qc * b_r[:, None], 0)
-    row = i_nh.to(tl.int64) * tl.num_programs(2) + i_s
-    p_st = dHseg + row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-    m_st = m_k[:, None] & m_v[None, :]
-    tl.store(p_st, b_dhs, mask=m_st)
-    tl.store(p_st + K * V, b_dhc, mask=m_st)
-    if i_v == 0:
-        p_z = dzseg + row * (2 * K) + o_k
-        tl.store(p_z, b_dzs, mask=m_k)
-        tl.store(p_z + K, b_dzc, mask=m_k)
+    _store_state(dHseg, dzseg, i_nh.to(tl.int64) * tl.num_programs(2) + i_s, b_dhs, b_dhc, b_dzs, b_dzc,
+                 o_k, m_k, o_v, m_v, i_v, K, V)
 
 
 @triton.jit
