@@ -105,15 +105,17 @@ def leap_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: 
         from .attention import triton_chunk
 
         return triton_chunk.step_(q, k, v, pq, pk, S, z, state_indices, eps, normalize)
-    rows = state_indices if state_indices is not None else None
-    old = (S[rows], z[rows]) if rows is not None else (S, z)
-    o, (S_new, z_new) = attention_op.leap_attention_step(name, q, k, v, pq, pk, old, eps=eps, normalize=normalize)
-    if rows is None:
+    if state_indices is None:
+        o, (S_new, z_new) = attention_op.leap_attention_step(name, q, k, v, pq, pk, (S, z), eps=eps,
+                                                             normalize=normalize)
         S.copy_(S_new)
         z.copy_(z_new)
-    else:
-        S.index_copy_(0, rows.long(), S_new)
-        z.index_copy_(0, rows.long(), z_new)
+        return o
+    rows = state_indices.long()
+    o, (S_new, z_new) = attention_op.leap_attention_step(name, q, k, v, pq, pk, (S[rows], z[rows]), eps=eps,
+                                                         normalize=normalize)
+    S.index_copy_(0, rows, S_new)
+    z.index_copy_(0, rows, z_new)
     return o
 
 

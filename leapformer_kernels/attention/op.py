@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._functorch import functorch_active
+from .._functorch import backward_function, functorch_active
 from .._validate import state_dtype
 
 _EMPTY = 0  # size of the placeholder returned for an absent optional tensor
@@ -243,20 +243,6 @@ class _AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None
 
 
-class _AttentionBackward(torch.autograd.Function):
-    """The backward op, called below the transform's autograd level; not differentiable."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*args):
-        return leap_attention_bwd(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("leap_attention: double backward (second derivatives, e.g. nested torch.func.grad "
-                           "or hessian) is not supported")
+_AttentionBackward = backward_function(
+    leap_attention_bwd, "_AttentionBackward",
+    "leap_attention: double backward (second derivatives, e.g. nested torch.func.grad or hessian) is not supported")

@@ -238,6 +238,21 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
         tl.store(dpq + i_v * NTH + o_t64 * H, b_dp, mask=m_t)
 
 
+@triton.jit
+def _query_rows(q, pq, o, do, den, delta, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_v,
+                b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, STAGE: tl.constexpr,
+                NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """Query rows [t0, t1) in tiles of BT, all reading the same (inclusive) state: no intra-chunk
+    scores."""
+    b_M = o_i[:, None] >= 0  # unused without intra-chunk scores
+    for r0 in range(t0, t1, BT):
+        o_t = r0 + o_i
+        _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, o_t < t1, o_k, m_k, o_v, m_v,
+                    b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
+                    H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
+
+
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'STAGE', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
                       'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
@@ -317,26 +332,15 @@ def leap_fwd_kernel_sweep(
             b_zs += tl.sum(b_ks.to(tl.float32), 0)
             b_zc += tl.sum(b_kc.to(tl.float32), 0)
     elif SEGMENTED == 2:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
-        b_M = o_i[:, None] >= 0  # unused
-        for t0 in range(q0, q1, BT):
-            o_t = t0 + o_i
-            m_t = o_t < q1
-            _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
-                        H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
+        _query_rows(q, pq, o, do, den, delta, dq, dpq, q0, q1, o_i, o_k, m_k, o_v, m_v,
+                    b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
     else:
-        b_M = o_i[:, None] >= 0  # unused
         # whole blocks [b0, b0 + W) from q0 (a multiple of W when segmented) to the segment's end
         b_end = tl.minimum(q0 + L, tl.maximum(Lq, Lk))
         for b0 in range(q0, b_end, W):
             b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, b0, tl.minimum(b0 + W, Lk), o_i, o_k, m_k, o_v, m_v,
                                                 b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM, DOT_MODE, DT)
-            qe = tl.minimum(b0 + W, Lq)
-            for t0 in range(b0, qe, BT):
-                o_t = t0 + o_i
-                m_t = o_t < qe
-                _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                            b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
-                            H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
+            _query_rows(q, pq, o, do, den, delta, dq, dpq, b0, tl.minimum(b0 + W, Lq), o_i, o_k, m_k, o_v, m_v,
+                        b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:
         _store_state(Sf, zf, i_nh.to(tl.int64), b_hs, b_hc, b_zs, b_zc, o_k, m_k, o_v, m_v, i_v, K, V)

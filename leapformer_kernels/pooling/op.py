@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._functorch import functorch_active
+from .._functorch import backward_function, functorch_active
 
 
 def _kernels(backend: str):
@@ -116,19 +116,5 @@ class _PoolFunction(torch.autograd.Function):
         return _PoolBackward.apply(grad.contiguous(), argmax, *ctx.args), None, None, None, None, None
 
 
-class _PoolBackward(torch.autograd.Function):
-    """The window_pool backward op, called below the transform's autograd level; not differentiable."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*args):
-        return window_pool_bwd(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("window_pool: double backward (second derivatives) is not supported")
+_PoolBackward = backward_function(window_pool_bwd, "_PoolBackward",
+                                  "window_pool: double backward (second derivatives) is not supported")
