@@ -46,8 +46,8 @@ def launches(dtype, D, B=ANCHOR["B"], H=ANCHOR["H"], T=ANCHOR["T"]):
     x = torch.empty(B, T, H * D, **g)
     wins = lk.dyadic_windows(8)
     with aot.record() as out, mock.patch.object(tc, "segment_policy", lambda dev: (H100_SMS, tc.MIN_SEGMENT)):
-        tc.fwd(q, q, q, p, p, None, None, None, None, True, None, 1e-6, True, False)
-        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, True, None, 1e-6, True)
+        tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
+        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True)
         one = (q[:, :1], q[:, :1], q[:, :1], p[:, :1], p[:, :1])
         tc.step(*one, None, None, 1e-6, True)
         pool = (torch.empty(2 * B, H, 2 * D, D, device="meta"), torch.empty(2 * B, H, 2 * D, device="meta"))

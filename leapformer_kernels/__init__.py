@@ -9,10 +9,10 @@ from . import reference
 from ._build import build
 from .backends import available_backends
 from .layers import LeaP, LeapAttention, WindowPool
-from .ops import leap_attention, leap_attention_step, leap_attention_step_, window_pool
+from .ops import leap_attention, leap_attention_step, leap_attention_step_, wait_k, window_pool
 from .pooling.naive import dyadic_windows
 
 __version__ = "0.2.0"
 
-__all__ = ["leap_attention", "leap_attention_step", "leap_attention_step_", "window_pool", "dyadic_windows", "reference",
+__all__ = ["leap_attention", "leap_attention_step", "leap_attention_step_", "wait_k", "window_pool", "dyadic_windows", "reference",
            "available_backends", "build", "LeaP", "LeapAttention", "WindowPool"]

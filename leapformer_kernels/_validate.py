@@ -170,8 +170,39 @@ def check_state(state, name: str, n: int, dims: AttnDims, device) -> None:
             raise ValueError(f"{nm} is on {t.device} but q is on {device}")
 
 
+def check_num_visible_keys(n, dims: AttnDims, causal: bool, cu_seqlens, device) -> None:
+    """``num_visible_keys``: int [B, T] or [T], non-decreasing along t, values in [0, S]; not with
+    ``causal=True`` nor ``cu_seqlens``. Value checks run eagerly only (the op clamps under fake tensors)."""
+    if causal:
+        raise ValueError("num_visible_keys cannot be combined with causal=True: it replaces the causal rule "
+                         "(query t sees keys 0 .. n[t]-1); pass causal=False")
+    if cu_seqlens is not None:
+        raise ValueError("num_visible_keys cannot be combined with cu_seqlens (packed sequences); "
+                         "pad the batch instead")
+    if not isinstance(n, torch.Tensor):
+        raise TypeError(f"num_visible_keys must be an int tensor [B, T] or [T], got {type(n).__name__}")
+    if n.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"num_visible_keys must have dtype int32 or int64, got {n.dtype}")
+    if tuple(n.shape) not in ((dims.B, dims.T), (dims.T,)):
+        raise ValueError(f"num_visible_keys has shape {tuple(n.shape)}; expected [B, T] = {[dims.B, dims.T]} "
+                         f"or [T] = [{dims.T}] from q")
+    if n.device != device:
+        raise ValueError(f"num_visible_keys is on {n.device} but q is on {device}")
+    if _is_fake(n) or n.numel() == 0:
+        return
+    c = n.detach()
+    lo, hi = int(c.min()), int(c.max())
+    if lo < 0 or hi > dims.S:
+        raise ValueError(f"num_visible_keys must lie in [0, S] = [0, {dims.S}] (S = the number of keys), "
+                         f"got values in [{lo}, {hi}]")
+    if c.shape[-1] > 1 and bool((c[..., 1:] < c[..., :-1]).any()):
+        raise ValueError("num_visible_keys must be non-decreasing along t (query t + 1 sees at least the keys "
+                         "query t sees)")
+
+
 def check_attention(q, k, v, pq, pk, *, causal, block_size, key_padding_mask, cu_seqlens,
-                    initial_state, output_final_state, eps, normalize, backend) -> AttnDims:
+                    initial_state, output_final_state, eps, normalize, backend,
+                    num_visible_keys=None) -> AttnDims:
     """Validate every argument of ``leap_attention``; returns the sizes."""
     dims = check_qkvp(q, k, v, pq, pk)
     for name, flag in (("causal", causal), ("output_final_state", output_final_state), ("normalize", normalize)):
@@ -202,6 +233,8 @@ def check_attention(q, k, v, pq, pk, *, causal, block_size, key_padding_mask, cu
         n = check_cu_seqlens(cu_seqlens, dims, causal)
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if num_visible_keys is not None:
+        check_num_visible_keys(num_visible_keys, dims, causal, cu_seqlens, q.device)
     if initial_state is not None:
         check_state(initial_state, "initial_state", n, dims, q.device)
     return AttnDims(dims.B, dims.T, dims.S, dims.H, dims.Hkv, dims.Dk, dims.Dv, n)
@@ -269,6 +302,18 @@ def check_step_inplace(q, k, v, pq, pk, state, state_indices, *, eps, normalize,
         if torch.unique(state_indices).numel() != dims.B:
             raise ValueError("state_indices must not repeat a row (two batch rows would update the same state)")
     return dims
+
+
+def check_wait_k(num_queries, num_keys, lag, rate) -> None:
+    for name, val in (("num_queries", num_queries), ("num_keys", num_keys), ("lag", lag)):
+        if isinstance(val, bool) or not isinstance(val, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
+        if val < 0:
+            raise ValueError(f"{name} must be >= 0, got {val}")
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise TypeError(f"rate must be a float (source tokens per target token), got {type(rate).__name__}")
+    if not (0 <= rate < math.inf):
+        raise ValueError(f"rate must be a finite number >= 0 (source tokens per target token), got {rate}")
 
 
 def check_window_pool(x, windows, reduce, backend) -> Tuple[Tuple[int, int], ...]:

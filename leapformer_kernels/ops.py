@@ -15,7 +15,8 @@ def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.
                    causal: bool = True, block_size: Optional[int] = None,
                    key_padding_mask: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
                    initial_state: Optional[State] = None, output_final_state: bool = False,
-                   eps: float = 1e-6, normalize: bool = True, backend: Optional[str] = None):
+                   eps: float = 1e-6, normalize: bool = True, backend: Optional[str] = None,
+                   num_visible_keys: Optional[torch.Tensor] = None):
     """LeaPformer attention with learned proportions.
 
     Args:
@@ -26,6 +27,13 @@ def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.
         block_size: with causal=True, block-causal: s visible iff s // W <= t // W.
         key_padding_mask: [B, S] bool, True = padded key (ignored), any mode.
         cu_seqlens: [N + 1] int32/int64 offsets of N packed sequences (B == 1, S == T).
+        num_visible_keys: monotone cross-attention (wait-k decoders; with ``causal=False``, not with
+            ``cu_seqlens``): int32/int64 [B, T] or [T], non-decreasing along t, values in [0, S];
+            query t sees keys ``0 .. n[t]-1`` (and everything ``initial_state`` holds);
+            ``key_padding_mask`` still applies; the final state is that of all S keys. It
+            generalises causal (``n[t] = t + 1``) and block-causal attention. O(C (T + S)) work,
+            no T x S buffer. The values are checked eagerly (skipped under torch.compile, where
+            the op clamps them into [0, S] and makes them non-decreasing). See ``wait_k``.
         initial_state: (S0 [B or N, H, 2Dk, Dv], z0 [B or N, H, 2Dk]).
         output_final_state: also return the final state (S, z), float32 (float64 for float64 inputs).
         eps: clamp of the denominator, ``o = num / max(den, eps)`` (eps >= 0; at least the smallest
@@ -44,13 +52,32 @@ def leap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.
     """
     check_attention(q, k, v, pq, pk, causal=causal, block_size=block_size, key_padding_mask=key_padding_mask,
                     cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
-                    eps=eps, normalize=normalize, backend=backend)
+                    eps=eps, normalize=normalize, backend=backend, num_visible_keys=num_visible_keys)
     q, k, v = _autocast(q, k, v)
     name = backends.choose("leap_attention", backend, q.device, q.dtype)
     return attention_op.leap_attention(name, q, k, v, pq, pk, causal=causal, block_size=block_size,
                                        key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
                                        initial_state=initial_state, output_final_state=output_final_state,
-                                       eps=effective_eps(eps, q.dtype), normalize=normalize)
+                                       eps=effective_eps(eps, q.dtype), normalize=normalize,
+                                       num_visible_keys=num_visible_keys)
+
+
+def wait_k(num_queries: int, num_keys: int, lag: int, rate: float = 1.0, *,
+           device: Optional[torch.device] = None) -> torch.Tensor:
+    """The wait-k policy as ``num_visible_keys``: int64 [num_queries] with
+    ``n[t] = min(lag + floor(rate * t), num_keys)``, t = 0 .. num_queries - 1.
+
+    ``lag`` (k) source tokens are read before the first target token, then ``rate`` more per target
+    token (rate = source tokens per target token, e.g. speech frames per word). Pass it to
+    ``leap_attention(..., causal=False, num_visible_keys=wait_k(T, S, k, rate))``. ``floor`` is taken
+    in float64 (exact for the rates and lengths that occur).
+    """
+    from ._validate import check_wait_k
+
+    check_wait_k(num_queries, num_keys, lag, rate)
+    t = torch.arange(num_queries, dtype=torch.float64, device=device)
+    n = torch.floor(t * float(rate)) + float(min(int(lag), int(num_keys)))  # exact below 2**53
+    return n.clamp_max(float(num_keys)).to(torch.int64)
 
 
 def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,

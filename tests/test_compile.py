@@ -24,8 +24,8 @@ def _attn_args(backend, dtype=torch.float32, state=True, mode="causal", cu=False
     kpm = torch.rand(k.shape[0], k.shape[1]) < 0.2
     cuseq = torch.tensor([0, 7, 19], dtype=torch.int64) if cu else None
     causal = mode != "cross"
-    return (q, k, v, pq.to(sdt), pk.to(sdt), S0, z0, kpm, cuseq, causal, 4 if mode == "block" else 0, 1e-6, True,
-            True, backend)
+    return (q, k, v, pq.to(sdt), pk.to(sdt), S0, z0, kpm, cuseq, None, causal, 4 if mode == "block" else 0, 1e-6,
+            True, True, backend)
 
 
 @pytest.mark.parametrize("mode", ["causal", "block", "cross", "varlen"])
@@ -36,7 +36,7 @@ def test_opcheck_attention(backend, mode):
 
 def test_opcheck_attention_no_state(backend):
     args = list(_attn_args(backend, state=False))
-    args[13] = False  # output_final_state
+    args[14] = False  # output_final_state
     torch.library.opcheck(aop.leap_attention_fwd, tuple(args))
 
 

@@ -76,8 +76,8 @@ def test_record_launches_on_meta_tensors():
     q = torch.empty(B, T, H, D, dtype=torch.bfloat16, device="meta")
     p = torch.empty(B, T, H, device="meta")
     with aot.record() as launches:
-        tc.fwd(q, q, q, p, p, None, None, None, None, True, None, 1e-6, True, False)
-        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, True, None, 1e-6, True)
+        tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
+        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True)
     assert [L.label for L in launches] == ["fwd", "bwd.den_delta", "bwd.dq", "bwd.dkv"]
     nv = launches[0].kwargs["V"] // launches[0].kwargs["BV"]
     # 256 programs fill a meta device's 4 "SMs": one program per sequence, no segments

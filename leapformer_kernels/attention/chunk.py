@@ -9,6 +9,9 @@ inclusive chunk state serves without intra-chunk scores). Any ``W >= T`` is one 
 chunk is then T rows (never ``W`` rows). Memory is O(T * (Dk + Dv) + T/C * Dk * Dv); no
 T x T buffer. Autograd provides the backward.
 
+Monotone cross-attention (``num_visible_keys``) pairs each query chunk with the key chunks its
+limits cut (``monotone_core``): O(C (T + S)), no T x S buffer.
+
 Padded keys are selected to 0 (``torch.where``, not a 0/1 multiply) in k, pk and v, so NaN / Inf
 there reach nothing and their gradients are exactly 0. ``cu_seqlens`` is checked here too
 (its values are not checked under torch.compile): a bad one raises ``ValueError``.
@@ -84,6 +87,66 @@ def chunked_core(qf, kf, v, S0, z0, causal: bool, block_size: Optional[int]):
     return num, den, S_fin, z_fin
 
 
+def monotone_core(qf, kf, v, S0, z0, n):
+    """Monotone cross-attention (``num_visible_keys``): query t sees keys ``0 .. n[b, t]-1``.
+
+    qf [B, H, T, F], kf [B, H, S, F] (padded keys zeroed), v [B, H, S, Dv], S0 [B, H, F, Dv],
+    z0 [B, H, F], n int64 [B, T] in [0, S], non-decreasing along t
+    -> num [B, H, T, Dv], den [B, H, T], S [B, H, F, Dv], z [B, H, F] (the state of all S keys).
+
+    Keys in chunks of C: the exclusive prefix states over key chunks (``S0`` first) give each query
+    chunk the state of the whole key chunks below its first limit, ``j0 = n[t0] // C``; the key
+    chunks ``j0 .. ceil(n[t_last] / C) - 1`` add masked scores, one (query chunk, key chunk) pair
+    each. With n monotone the pairs form a staircase: at most ``ceil(T/C) + ceil(S/C)`` per row, so
+    the work is O(C (T + S)) whatever the rate (lower and upper limits are the min and max over the
+    chunk, so any n gives the right answer; only the pair count relies on monotonicity).
+    """
+    B, H, T, F = qf.shape
+    S, Dv = kf.shape[2], v.shape[-1]
+    C = CHUNK
+    NQ, NK = (T + C - 1) // C, (S + C - 1) // C
+    pad_t, pad_s = NQ * C - T, NK * C - S
+    if pad_t:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, pad_t))
+        n = torch.cat([n, n[:, -1:].expand(B, pad_t)], dim=1)  # padded queries repeat the last limit
+    if pad_s:
+        kf = torch.nn.functional.pad(kf, (0, 0, 0, pad_s))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad_s))
+    qc = qf.view(B, H, NQ, C, F).transpose(1, 2)  # [B, NQ, H, C, F]
+    kc = kf.view(B, H, NK, C, F).transpose(1, 2)  # [B, NK, H, C, F]
+    vc = v.view(B, H, NK, C, Dv).transpose(1, 2)
+    kv = kc.transpose(-1, -2) @ vc  # [B, NK, H, F, Dv]
+    zk = kc.sum(-2)  # [B, NK, H, F]
+    excl = torch.cat([S0[:, None], S0[:, None] + torch.cumsum(kv, dim=1)], dim=1)  # [B, NK + 1, H, F, Dv]
+    zexcl = torch.cat([z0[:, None], z0[:, None] + torch.cumsum(zk, dim=1)], dim=1)
+    nc = n.view(B, NQ, C)
+    lo, hi = nc.amin(-1), nc.amax(-1)  # [B, NQ]
+    j0 = lo // C  # whole key chunks below every limit of the query chunk (<= NK)
+    count = ((hi + C - 1) // C - j0).clamp_min(0)  # key chunks with masked scores
+    rows = torch.arange(B, device=qf.device)[:, None]
+    base, zbase = excl[rows, j0], zexcl[rows, j0]  # [B, NQ, H, F, Dv], [B, NQ, H, F]
+    num = qc @ base  # [B, NQ, H, C, Dv]
+    den = (qc * zbase[:, :, :, None, :]).sum(-1)  # [B, NQ, H, C]
+    count = count.flatten()
+    pair = torch.repeat_interleave(torch.arange(B * NQ, device=qf.device), count)  # (b, query chunk) per pair
+    if pair.numel():
+        first = torch.cumsum(count, 0) - count
+        kchunk = j0.flatten()[pair] + torch.arange(pair.numel(), device=qf.device) - first[pair]
+        kidx = (pair // NQ) * NK + kchunk  # (b, key chunk) per pair
+        qp = qc.reshape(B * NQ, H, C, F)[pair]
+        kp = kc.reshape(B * NK, H, C, F)[kidx]
+        vp = vc.reshape(B * NK, H, C, Dv)[kidx]
+        keys = kchunk[:, None] * C + torch.arange(C, device=qf.device)  # [P, C] absolute key index
+        seen = keys[:, None, :] < nc.reshape(B * NQ, C)[pair][:, :, None]  # [P, C (query), C (key)]
+        # selected, not multiplied: a key a query does not see reaches nothing (NaN included)
+        A = torch.where(seen[:, None], qp @ kp.transpose(-1, -2), 0.)  # [P, H, C, C]
+        num = num.reshape(B * NQ, H, C, Dv).index_add(0, pair, A @ vp).view(B, NQ, H, C, Dv)
+        den = den.reshape(B * NQ, H, C).index_add(0, pair, A.sum(-1)).view(B, NQ, H, C)
+    num = num.permute(0, 2, 1, 3, 4).reshape(B, H, NQ * C, Dv)[:, :, :T]
+    den = den.permute(0, 2, 1, 3).reshape(B, H, NQ * C)[:, :, :T]
+    return num, den, excl[:, -1], zexcl[:, -1]
+
+
 def _check_cu_seqlens(cu_seqlens, B: int, T: int, S: int):
     """The offsets as a list, after the checks that keep every slice inside the tensors (the
     eager validation is skipped under torch.compile): starts at 0, non-decreasing, ends at T."""
@@ -97,7 +160,7 @@ def _check_cu_seqlens(cu_seqlens, B: int, T: int, S: int):
 
 def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_padding_mask=None,
                          cu_seqlens=None, initial_state=None, output_final_state=False,
-                         eps=1e-6, normalize=True):
+                         eps=1e-6, normalize=True, num_visible_keys=None):
     """The torch backend of ``lk.leap_attention`` (arguments already validated).
     Computes in float32 (float64 for float64 inputs); returns o in q's dtype."""
     acc = state_dtype(q.dtype)
@@ -119,7 +182,10 @@ def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_p
         z0 = q.new_zeros(n, H, 2 * Dk, dtype=acc)
     else:
         S0, z0 = initial_state[0].to(acc), initial_state[1].to(acc)
-    if cu_seqlens is None:
+    if num_visible_keys is not None:
+        n = num_visible_keys.to(device=q.device, dtype=torch.int64).expand(B, T)
+        num, den, S_fin, z_fin = monotone_core(qf, kf, vh, S0, z0, n)
+    elif cu_seqlens is None:
         num, den, S_fin, z_fin = chunked_core(qf, kf, vh, S0, z0, causal, block_size)
     else:
         bounds = _check_cu_seqlens(cu_seqlens, B, T, kf.shape[2])
@@ -142,26 +208,26 @@ def chunk_leap_attention(q, k, v, pq, pk, *, causal=True, block_size=None, key_p
 # The kernel interface (see attention/op.py) for the torch backend: the forward runs the
 # chunked form without autograd; the backward recomputes it and differentiates (nothing but
 # the inputs is kept between the two).
-def _call(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize):
+def _call(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, nvk, causal, block_size, eps, normalize):
     return chunk_leap_attention(q, k, v, pq, pk, causal=causal, block_size=block_size or None,
-                                key_padding_mask=kpm, cu_seqlens=cu_seqlens,
+                                key_padding_mask=kpm, cu_seqlens=cu_seqlens, num_visible_keys=nvk,
                                 initial_state=None if S0 is None else (S0, z0), output_final_state=True,
                                 eps=eps, normalize=normalize)
 
 
-def fwd(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize, output_final_state):
+def fwd(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, nvk, causal, block_size, eps, normalize, output_final_state):
     with torch.no_grad():
-        o, (S, z) = _call(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize)
+        o, (S, z) = _call(q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, nvk, causal, block_size, eps, normalize)
     return (o, S, z) if output_final_state else (o, None, None)
 
 
-def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size, eps, normalize):
+def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, nvk, causal, block_size, eps, normalize):
     # torch.func.vjp, not torch.autograd: this runs inside a custom op, below the autograd key
     has_state = S0 is not None
 
     def f(q, k, v, pq, pk, *st):
         S0_, z0_ = st if has_state else (None, None)
-        o, (S, z) = _call(q, k, v, pq, pk, S0_, z0_, kpm, cu_seqlens, causal, block_size, eps, normalize)
+        o, (S, z) = _call(q, k, v, pq, pk, S0_, z0_, kpm, cu_seqlens, nvk, causal, block_size, eps, normalize)
         return o, S, z
 
     primals = (q, k, v, pq, pk) + ((S0, z0) if has_state else ())
@@ -176,5 +242,5 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu_seqlens, causal, block_size
 
 def step(q, k, v, pq, pk, S0, z0, eps, normalize):
     with torch.no_grad():
-        o, (S, z) = _call(q, k, v, pq, pk, S0, z0, None, None, True, 0, eps, normalize)
+        o, (S, z) = _call(q, k, v, pq, pk, S0, z0, None, None, None, True, 0, eps, normalize)
     return o, S, z

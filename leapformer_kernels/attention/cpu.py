@@ -53,8 +53,12 @@ def _num_seqs(B, cu_seqlens):
     return B if cu_seqlens is None else max(cu_seqlens.numel() - 1, 0)
 
 
-def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
+def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size, eps, normalize,
         output_final_state):
+    if num_visible_keys is not None:  # INTERIM: the C++ monotone mode is being written
+        from . import chunk
+        return chunk.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
+                         block_size, eps, normalize, output_final_state)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     acc = _acc(q)
@@ -69,7 +73,12 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_siz
     return o, S, z
 
 
-def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize):
+def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
+        eps, normalize):
+    if num_visible_keys is not None:  # INTERIM: the C++ monotone mode is being written
+        from . import chunk
+        return chunk.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
+                         causal, block_size, eps, normalize)
     B, T, H, Dk = q.shape
     S_len, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc(q)

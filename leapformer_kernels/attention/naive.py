@@ -17,8 +17,9 @@ from .features import expand_kv_heads, reweight, visible_mask
 State = Tuple[torch.Tensor, torch.Tensor]
 
 
-def _one_sequence(q, k, v, pq, pk, kpm, causal, block_size, S0, z0, eps, normalize):
+def _one_sequence(q, k, v, pq, pk, kpm, causal, block_size, S0, z0, eps, normalize, limit=None):
     """q [T, H, Dk], k [S, H, Dk], v [S, H, Dv], pq [T, H], pk [S, H], kpm [S] or None,
+    limit [T] or None (query t sees keys s < limit[t]: ``num_visible_keys``),
     S0 [H, 2Dk, Dv], z0 [H, 2Dk] -> o [T, H, Dv], S [H, 2Dk, Dv], z [H, 2Dk] (all in acc dtype)."""
     if kpm is not None:  # selected where loaded, not multiplied: NaN / Inf in a padded key reach nothing
         k = torch.where(kpm[:, None, None], 0., k)
@@ -30,6 +31,8 @@ def _one_sequence(q, k, v, pq, pk, kpm, causal, block_size, S0, z0, eps, normali
     if block_size is not None:
         block_size = min(block_size, max(T, S, 1))  # any block_size >= T is one block
     mask = visible_mask(T, S, causal, block_size, q.device)
+    if limit is not None:
+        mask = torch.arange(S, device=q.device)[None, :] < limit[:, None]
     A = torch.where(mask, torch.einsum("thd,shd->hts", qf, kf), 0.)  # [H, T, S]; a key never seen reaches nothing
     num = torch.einsum("hts,she->the", A, v) + torch.einsum("thd,hde->the", qf, S0)
     den = A.sum(-1).transpose(0, 1) + torch.einsum("thd,hd->th", qf, z0)  # [T, H]
@@ -43,15 +46,17 @@ def leap_attention(q, k, v, pq, pk, *, causal: bool = True, block_size: Optional
                    key_padding_mask: Optional[torch.Tensor] = None,
                    cu_seqlens: Optional[torch.Tensor] = None,
                    initial_state: Optional[State] = None, output_final_state: bool = False,
-                   eps: float = 1e-6, normalize: bool = True, backend=None):
+                   eps: float = 1e-6, normalize: bool = True, backend=None,
+                   num_visible_keys: Optional[torch.Tensor] = None):
     """Quadratic-form LeaP attention. Shapes as ``lk.leap_attention``:
     q [B, T, H, Dk], k [B, S, Hkv, Dk], v [B, S, Hkv, Dv], pq [B, T, H], pk [B, S, Hkv]
     -> o [B, T, H, Dv] (and (S [B|N, H, 2Dk, Dv], z [B|N, H, 2Dk]) with output_final_state)."""
     dims = check_attention(q, k, v, pq, pk, causal=causal, block_size=block_size,
                            key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
                            initial_state=initial_state, output_final_state=output_final_state,
-                           eps=eps, normalize=normalize, backend=backend)
+                           eps=eps, normalize=normalize, backend=backend, num_visible_keys=num_visible_keys)
     acc = state_dtype(q.dtype)
+    limits = None if num_visible_keys is None else num_visible_keys.to(q.device).expand(dims.B, dims.T)
     eps = effective_eps(eps, q.dtype)
     H = dims.H
     qa, ka, va = q.to(acc), expand_kv_heads(k.to(acc), H), expand_kv_heads(v.to(acc), H)
@@ -72,7 +77,8 @@ def leap_attention(q, k, v, pq, pk, *, causal: bool = True, block_size: Optional
         sk = slice(lo, hi) if cu_seqlens is not None else slice(0, dims.S)
         kpm = None if key_padding_mask is None else key_padding_mask[b, sk]
         o, S_, z_ = _one_sequence(qa[b, lo:hi], ka[b, sk], va[b, sk], pqa[b, lo:hi], pka[b, sk], kpm,
-                                  causal, block_size, S0[si], z0[si], eps, normalize)
+                                  causal, block_size, S0[si], z0[si], eps, normalize,
+                                  None if limits is None else limits[b])
         outs.append(o)
         Ss.append(S_)
         zs.append(z_)

@@ -10,15 +10,17 @@ so ``torch.compile(fullgraph=True)`` traces models through them and ``opcheck`` 
 A backend provides a kernel module (``backends.<name>.attention_kernels()``) with, for
 contiguous inputs:
 
-    fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps,
-        normalize, output_final_state) -> (o, S, z)        # S, z None unless requested
-    bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal,
-        block_size, eps, normalize) -> (dq, dk, dv, dpq, dpk, dS0, dz0)
+    fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
+        block_size, eps, normalize, output_final_state) -> (o, S, z)   # S, z None unless requested
+    bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
+        causal, block_size, eps, normalize) -> (dq, dk, dv, dpq, dpk, dS0, dz0)
     step(q, k, v, pq, pk, S0, z0, eps, normalize) -> (o, S, z)
 
 with q, k, v in one dtype; pq, pk, S0, z0, dS, dz in the state dtype (float32, or float64 for
 float64 inputs); S0, z0, dS, dz may be None; block_size 0 = not block-causal; cu_seqlens int64
-or None; dk, dv, dpk with Hkv heads. ``leap_attention`` below adapts dtypes and contiguity
+or None; num_visible_keys None or int64 [B, T], contiguous, already clamped into [0, S] and
+non-decreasing along t (``leap_attention`` below makes it so, also where the eager value checks
+are skipped), only with causal=False and no cu_seqlens; dk, dv, dpk with Hkv heads. ``leap_attention`` below adapts dtypes and contiguity
 (differentiably), so kernels see one layout only.
 
 Numerics every kernel follows: the cosine half of the features is ``sin(pi/2 * (1 - p))``
@@ -82,18 +84,18 @@ def _fresh(outs, ins):
 @torch.library.custom_op("leapformer::leap_attention_fwd", mutates_args=())
 def leap_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, S0: Optional[Tensor],
                        z0: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                       causal: bool, block_size: int, eps: float, normalize: bool, output_final_state: bool,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                       num_visible_keys: Optional[Tensor], causal: bool, block_size: int, eps: float,
+                       normalize: bool, output_final_state: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     with _device_guard(q):
-        o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal,
-                                        block_size, eps, normalize, output_final_state)
+        o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
+                                        causal, block_size, eps, normalize, output_final_state)
     acc = state_dtype(q.dtype)
     return _fresh((o, _opt(S, q, acc), _opt(z, q, acc)), (q, k, v, pq, pk, S0, z0))
 
 
 @leap_attention_fwd.register_fake
-def _(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
-      output_final_state, backend):
+def _(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size, eps,
+      normalize, output_final_state, backend):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     acc = state_dtype(q.dtype)
@@ -107,20 +109,21 @@ def _(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size,
 @torch.library.custom_op("leapformer::leap_attention_bwd", mutates_args=())
 def leap_attention_bwd(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                        pq: Tensor, pk: Tensor, S0: Optional[Tensor], z0: Optional[Tensor],
-                       key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor], causal: bool,
-                       block_size: int, eps: float, normalize: bool,
+                       key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                       num_visible_keys: Optional[Tensor], causal: bool, block_size: int, eps: float,
+                       normalize: bool,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _device_guard(q):
         dq, dk, dv, dpq, dpk, dS0, dz0 = _kernels(backend).bwd(do, dS, dz, q, k, v, pq, pk, S0, z0,
-                                                               key_padding_mask, cu_seqlens, causal, block_size,
-                                                               eps, normalize)
+                                                               key_padding_mask, cu_seqlens, num_visible_keys,
+                                                               causal, block_size, eps, normalize)
     out = (dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype))
     return _fresh(out, (do, dS, dz, q, k, v, pq, pk, S0, z0))
 
 
 @leap_attention_bwd.register_fake
-def _(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
-      backend):
+def _(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
+      eps, normalize, backend):
     dS0 = pq.new_empty(_EMPTY) if S0 is None else torch.empty_like(S0)
     dz0 = pq.new_empty(_EMPTY) if z0 is None else torch.empty_like(z0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(pq),
@@ -128,14 +131,14 @@ def _(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize, ofs, backend = inputs
-    ctx.save_for_backward(q, k, v, pq, pk, S0, z0, kpm, cu)
+    q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps, normalize, ofs, backend = inputs
+    ctx.save_for_backward(q, k, v, pq, pk, S0, z0, kpm, cu, nvk)
     ctx.flags = (causal, block_size, eps, normalize, backend)
     ctx.output_final_state = ofs
 
 
 def _backward(ctx, do, dS, dz):
-    q, k, v, pq, pk, S0, z0, kpm, cu = ctx.saved_tensors
+    q, k, v, pq, pk, S0, z0, kpm, cu, nvk = ctx.saved_tensors
     if not ctx.output_final_state:
         dS = dz = None
     else:  # e.g. S.sum() gives a stride-0 expanded gradient
@@ -143,10 +146,10 @@ def _backward(ctx, do, dS, dz):
         dz = None if dz is None else dz.contiguous()
     causal, block_size, eps, normalize, backend = ctx.flags
     dq, dk, dv, dpq, dpk, dS0, dz0 = leap_attention_bwd(do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm,
-                                                        cu, causal, block_size, eps, normalize, backend)
+                                                        cu, nvk, causal, block_size, eps, normalize, backend)
     if S0 is None:
         dS0 = dz0 = None
-    return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None, None
 
 
 leap_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -182,8 +185,20 @@ def _prepare(q, k, v, pq, pk, S0, z0):
     return c, _as(S0, acc), _as(z0, acc)
 
 
+def _visible_keys(n: Optional[Tensor], B: int, T: int, S: int) -> Optional[Tensor]:
+    """``num_visible_keys`` as the kernels take it: int64 [B, T], contiguous, clamped into [0, S] and
+    non-decreasing along t. A no-op on validated values; under torch.compile (where the value checks
+    are skipped) it keeps every kernel inside the key range."""
+    if n is None:
+        return None
+    n = n.to(torch.int64)
+    if n.dim() == 1:
+        n = n[None].expand(B, T)
+    return torch.cummax(n.clamp(0, S), dim=1).values.contiguous()
+
+
 def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_padding_mask, cu_seqlens,
-                   initial_state, output_final_state, eps, normalize):
+                   initial_state, output_final_state, eps, normalize, num_visible_keys=None):
     """Validated arguments -> the custom op of ``backend``; returns o or (o, (S, z))."""
     S0, z0 = (None, None) if initial_state is None else initial_state
     c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0)
@@ -192,8 +207,9 @@ def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_pad
     # any block_size >= T is one block: a Python int beyond int64 means the same as 2**63 - 1
     # (no comparison with T here: T may be symbolic under torch.compile)
     bs = min(int(block_size), _I64_MAX) if block_size else 0
+    nvk = _visible_keys(num_visible_keys, q.shape[0], q.shape[1], k.shape[1])
     fwd = _AttentionFunction.apply if functorch_active() else leap_attention_fwd
-    o, S, z = fwd(*c, S0, z0, kpm, cu, causal, bs, float(eps), normalize, output_final_state, backend)
+    o, S, z = fwd(*c, S0, z0, kpm, cu, nvk, causal, bs, float(eps), normalize, output_final_state, backend)
     return (o, (S, z)) if output_final_state else o
 
 
@@ -217,18 +233,18 @@ class _AttentionFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize, ofs, backend):
-        return leap_attention_fwd(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps,
-                                               normalize, ofs, backend)
+    def forward(q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps, normalize, ofs, backend):
+        return leap_attention_fwd(q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps,
+                                  normalize, ofs, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:9])
-        ctx.flags = inputs[9:]
+        ctx.save_for_backward(*inputs[:10])
+        ctx.flags = inputs[10:]
 
     @staticmethod
     def backward(ctx, do, dS, dz):
-        q, k, v, pq, pk, S0, z0, kpm, cu = ctx.saved_tensors
+        q, k, v, pq, pk, S0, z0, kpm, cu, nvk = ctx.saved_tensors
         causal, block_size, eps, normalize, ofs, backend = ctx.flags
         if ofs:  # e.g. S.sum() gives a stride-0 expanded gradient
             dS = None if dS is None else dS.contiguous()
@@ -236,11 +252,11 @@ class _AttentionFunction(torch.autograd.Function):
         else:
             dS = dz = None
         dq, dk, dv, dpq, dpk, dS0, dz0 = _AttentionBackward.apply(
-            do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize,
+            do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps, normalize,
             backend)
         if S0 is None:
             dS0 = dz0 = None
-        return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None, None
 
 
 _AttentionBackward = backward_function(

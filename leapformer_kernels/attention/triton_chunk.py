@@ -236,8 +236,12 @@ def _c(t, dtype=None):
     return t.contiguous()
 
 
-def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize,
-        output_final_state):
+def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size, eps,
+        normalize, output_final_state):
+    if num_visible_keys is not None:  # INTERIM: the Triton monotone mode is being written
+        from . import chunk
+        return chunk.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
+                         block_size, eps, normalize, output_final_state)
     _check_dtype(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
@@ -293,7 +297,12 @@ def _plan(device, T, S, N, H, NV, INTRA, W, CL):
     return (L, triton.cdiv(T, L), whole) if L else None
 
 
-def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, causal, block_size, eps, normalize):
+def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
+        eps, normalize):
+    if num_visible_keys is not None:  # INTERIM: the Triton monotone mode is being written
+        from . import chunk
+        return chunk.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
+                         causal, block_size, eps, normalize)
     _check_dtype(q)
     pq_dtype, pk_dtype = pq.dtype, pk.dtype
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
