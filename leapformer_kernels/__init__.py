@@ -5,7 +5,7 @@
 
 See DESIGN section 6 / the README for the API.
 """
-from . import reference
+from . import distributed, reference
 from ._build import build
 from .backends import available_backends
 from .layers import LeaP, LeapAttention, WindowPool
@@ -15,4 +15,4 @@ from .pooling.naive import dyadic_windows
 __version__ = "0.2.0"
 
 __all__ = ["leap_attention", "leap_attention_step", "leap_attention_step_", "wait_k", "window_pool", "dyadic_windows", "reference",
-           "available_backends", "build", "LeaP", "LeapAttention", "WindowPool"]
+           "available_backends", "build", "distributed", "LeaP", "LeapAttention", "WindowPool"]
