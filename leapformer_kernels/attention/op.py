@@ -73,6 +73,8 @@ def _fresh(outs, ins):
     res = []
     for t in outs:
         t = t.contiguous()
+        if t.storage_offset():  # a view into a larger buffer: fake tensors would disagree on the offset
+            t = t.clone()
         if t.numel():
             if t.untyped_storage().data_ptr() in taken:
                 t = t.clone()
