@@ -98,7 +98,9 @@ def test_parity_and_gradients(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_gradcheck_float64(backend):
+def test_gradcheck_float64(backend, one_thread):
+    """One thread: gradcheck makes ~1300 small calls, where idle OpenMP threads on a shared runner cost
+    more than the work (the torch backend took 100 s at 2 threads under load, 6 s at one)."""
     B, T, S, H, D = 2, 9, 14, 2, 3
     ins = [t.double().requires_grad_() for t in make_inputs(B, T, S, H, 1, D, D, p_extremes=False)]
     S0, z0 = make_state(B, H, D, D, dtype=torch.float64, requires_grad=True)
