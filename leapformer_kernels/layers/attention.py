@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import AttnDims, check_num_visible_keys
 from ..ops import leap_attention, leap_attention_step
 from .leap import LeaP
 
@@ -69,6 +70,15 @@ class LeapAttention(nn.Module):
     different lengths: left-pad them and pass ``key_padding_mask``; padded keys never enter the
     state (their values are zeroed before softmax too, so NaN in a padded key reaches nothing).
 
+    Monotone cross-attention (wait-k / simultaneous decoders; non-causal cross layers only):
+    ``num_visible_keys`` int [B, T] or [T] (see ``lk.wait_k``): query t sees the keys of the state
+    and the first ``n[t]`` keys of ``context`` (for softmax a mask over the KV cache and the new
+    keys). Training passes the whole source with its limits; decoding passes, at each step, the
+    source tokens that arrived since the last call as ``context`` with the state, and every key
+    the state then holds is visible: a decoder step that advances the limit by one source block
+    is ``layer(x_t, context=new_block, state=state, use_cache=True)``, and equals the training
+    forward with ``num_visible_keys`` (a test proves it for every attention).
+
     Packed sequences (training): ``cu_seqlens`` [N+1] int with B = 1, as in ``leap_attention``;
     each sequence attends only within itself (softmax: through a block-diagonal mask). With
     ``use_cache`` the LeaP state has one row per sequence; softmax takes no state with packing.
@@ -124,7 +134,7 @@ class LeapAttention(nn.Module):
         B, T, _ = x.shape
         return proj(x).view(B, T, heads, self.head_dim)
 
-    def _check_inputs(self, x, context, key_padding_mask, state, cu_seqlens):
+    def _check_inputs(self, x, context, key_padding_mask, state, cu_seqlens, num_visible_keys=None):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a [B, T, {self.embed_dim}] tensor (batch first), got {got}")
@@ -146,6 +156,18 @@ class LeapAttention(nn.Module):
                        if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__)
                 raise ValueError(f"key_padding_mask must be a bool [B, S] = [{x.shape[0]}, {S}] tensor "
                                  f"(True = padded key), got {got}")
+        if num_visible_keys is not None:
+            if not self.cross or self.causal:
+                raise ValueError("num_visible_keys needs a non-causal cross-attention layer "
+                                 "(LeapAttention(..., cross=True, causal=False))")
+            if context is None:
+                raise ValueError("num_visible_keys counts keys of context: pass context with it")
+            if cu_seqlens is not None:
+                raise ValueError("num_visible_keys cannot be combined with cu_seqlens")
+            B, T, S = x.shape[0], x.shape[1], context.shape[1]
+            check_num_visible_keys(num_visible_keys, AttnDims(B, T, S, self.num_heads, self.num_kv_heads,
+                                                              self.head_dim, self.head_dim, B),
+                                   False, None, x.device)
         if cu_seqlens is not None:
             if x.shape[0] != 1:
                 raise ValueError(f"cu_seqlens packs sequences along T with batch size 1, got x of batch {x.shape[0]}")
@@ -154,8 +176,8 @@ class LeapAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None, state=None, use_cache: bool = False,
-                cu_seqlens: Optional[torch.Tensor] = None):
-        self._check_inputs(x, context, key_padding_mask, state, cu_seqlens)
+                cu_seqlens: Optional[torch.Tensor] = None, num_visible_keys: Optional[torch.Tensor] = None):
+        self._check_inputs(x, context, key_padding_mask, state, cu_seqlens, num_visible_keys)
         source = context if self.cross else x
         B, T, _ = x.shape
         q = self._heads(x, self.q_proj, self.num_heads)
@@ -163,9 +185,9 @@ class LeapAttention(nn.Module):
             if cu_seqlens is not None and use_cache:
                 raise ValueError("use_cache with cu_seqlens needs attention='leap' (a softmax KV cache "
                                  "is per batch row, not per packed sequence)")
-            y, new_state = self._softmax(q, source, key_padding_mask, state, cu_seqlens)
+            y, new_state = self._softmax(q, source, key_padding_mask, state, cu_seqlens, num_visible_keys)
         else:
-            y, new_state = self._leap(q, source, key_padding_mask, state, cu_seqlens)
+            y, new_state = self._leap(q, source, key_padding_mask, state, cu_seqlens, num_visible_keys)
         y = self.out_proj(y.reshape(B, T, self.embed_dim))
         return (y, new_state) if use_cache else y
 
@@ -192,7 +214,7 @@ class LeapAttention(nn.Module):
                              f"at most {M} tokens per sequence; build the layer with a larger cosformer_max_len)")
         return (pos.to(dtype) / M)[..., None].expand(*pos.shape, heads).contiguous()
 
-    def _leap(self, q, source, key_padding_mask, state, cu_seqlens):
+    def _leap(self, q, source, key_padding_mask, state, cu_seqlens, num_visible_keys=None):
         q = q * self.head_dim ** -0.5
         B, T = q.shape[:2]
         kind = self.attention
@@ -238,10 +260,10 @@ class LeapAttention(nn.Module):
             return wrap(*leap_attention_step(q, k, v, pq, pk, state, **kw))
         return wrap(*leap_attention(q, k, v, pq, pk, causal=self.causal, block_size=self.block_size,
                                     key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, initial_state=state,
-                                    output_final_state=True, **kw))
+                                    output_final_state=True, num_visible_keys=num_visible_keys, **kw))
 
     # ---------------------------------------------------------------- softmax
-    def _softmax(self, q, source, key_padding_mask, state, cu_seqlens):
+    def _softmax(self, q, source, key_padding_mask, state, cu_seqlens, num_visible_keys=None):
         B, T = q.shape[:2]
         if source is None:
             k, v, pad = state
@@ -258,7 +280,8 @@ class LeapAttention(nn.Module):
         g = self.num_heads // self.num_kv_heads
         kh, vh = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
         qt, kt = q.transpose(1, 2), kh.transpose(1, 2)
-        plain = state is None and key_padding_mask is None and cu_seqlens is None and self.block_size is None
+        plain = (state is None and key_padding_mask is None and cu_seqlens is None and self.block_size is None
+                 and num_visible_keys is None)
         if plain and (not self.causal or k.shape[1] == T):  # no T x T mask: the flash / efficient kernels run
             o = F.scaled_dot_product_attention(qt, kt, vh.transpose(1, 2), is_causal=self.causal)
             return o.transpose(1, 2), new_state
@@ -278,6 +301,10 @@ class LeapAttention(nn.Module):
         if self.causal:
             vis = s <= t if self.block_size is None else (s // self.block_size) <= (t // self.block_size)
             allowed = allowed & vis
+        if num_visible_keys is not None:  # the cached keys, then the first n[t] keys of the context
+            cached = S - source.shape[1]
+            n = num_visible_keys.to(device=q.device, dtype=torch.long).expand(B, T)
+            allowed = allowed & (s[None, None] < (cached + n)[:, None, :, None])
         allowed = allowed.expand(B, 1, T, S)
         any_key = allowed.any(-1, keepdim=True)  # rows with no visible key give 0, not NaN
         o = F.scaled_dot_product_attention(qt, kt, vh.transpose(1, 2), attn_mask=allowed | ~any_key)
