@@ -7,10 +7,18 @@
 // = (a_t . b_s) cos(theta_t - theta_s) (the intra-chunk scores use this Dk-sized form).
 //
 // Visibility is always a prefix of the keys: query t sees keys s < lim(t) (causal: t+1,
-// block-causal: the end of t's block, non-causal: S), minus padded keys. Keys are cut into
-// chunks of CH; query t belongs to "group" j(t) = lim(t)/CH (or NK when lim(t) = S): it reads
-// the state of all chunks < j plus a partial (masked) part of chunk j. Groups partition the
-// queries into contiguous ranges, so a query sees later chunks when its block ends there.
+// block-causal: the end of t's block, non-causal: S, monotone cross-attention: the caller's
+// num_visible_keys n[b, t]), minus padded keys. Keys are cut into chunks of CH; query t belongs
+// to "group" j(t) = lim(t)/CH (or NK when lim(t) = S): it reads the state of all chunks < j plus
+// a partial (masked) part of chunk j. lim is non-decreasing in t, so groups partition the queries
+// into contiguous ranges (a group may be empty, or hold many queries).
+//
+// Monotone cross-attention (T != S allowed) is this scheme with lim(t) = n[b, t]: the forward
+// sweeps the keys in order carrying the state, each group reading it at its chunk boundary and
+// adding masked scores over the one chunk its limits cut; the backward's reverse sweep hands each
+// key chunk the state gradient accumulated from the groups above it (q~^T dnum, q~^T dden) plus
+// the masked-pair terms of its own group. Every query touches one partial chunk whatever the
+// rate: O(CH (T + S)) work per (sequence, head), no T x S buffer.
 //
 // Two drivers with bitwise identical results (the same per-chunk functions, the same
 // summation order): per (sequence, head) sequentially over chunks (the state stays in
@@ -307,6 +315,10 @@ struct Leap {
   bool causal = true, normalize = true;
   acc_t eps = 0;
   const int64_t* cu = nullptr;
+  // monotone cross-attention (num_visible_keys, [B, T]): query t of batch b sees keys
+  // s < nvk[b*T + t] (checked: in [0, S], non-decreasing along t; only with causal=false, no
+  // cu_seqlens, no block size). Null otherwise.
+  const int64_t* nvk = nullptr;
   const bool* kpm = nullptr;
   const scalar_t *q = nullptr, *k = nullptr, *v = nullptr;
   const acc_t *pq = nullptr, *pk = nullptr;
@@ -363,6 +375,7 @@ struct Leap {
   }
 
   int lim(const Item& it, int t) const {
+    if (nvk) return (int)nvk[(int64_t)it.b * T + t];  // in [0, S] (check_visible_keys)
     if (!causal) return it.Sn;
     if (W <= 0) return t + 1;
     const int64_t e = ((int64_t)t / W + 1) * W;  // W <= max(T, S): no overflow
@@ -1120,6 +1133,30 @@ void check_cu_seqlens(const at::Tensor& cu, int64_t B, int64_t T, int64_t S) {
   TORCH_CHECK_VALUE(c[n] == T, "cu_seqlens must end at the total length T=", T, ", got ", c[n]);
 }
 
+// num_visible_keys is read on the host too (the eager value checks are skipped under
+// torch.compile, and lim() indexes the keys with it): [B, T] int64, values in [0, S],
+// non-decreasing along t; only with causal=false, without cu_seqlens and block_size.
+void check_visible_keys(const at::Tensor& n, int64_t B, int64_t T, int64_t S, bool causal, bool varlen,
+                        int64_t block_size) {
+  TORCH_CHECK_VALUE(!causal, "num_visible_keys needs causal=False (it sets the visibility itself)");
+  TORCH_CHECK_VALUE(!varlen, "num_visible_keys cannot be combined with cu_seqlens");
+  TORCH_CHECK_VALUE(block_size <= 0, "num_visible_keys cannot be combined with block_size");
+  TORCH_CHECK_VALUE(n.device().is_cpu() && n.scalar_type() == at::kLong && n.is_contiguous(),
+                    "num_visible_keys: a contiguous int64 CPU tensor");
+  TORCH_CHECK_VALUE(n.dim() == 2 && n.size(0) == B && n.size(1) == T, "num_visible_keys must be [B, T] = [", B,
+                    ", ", T, "], got ", n.sizes());
+  const int64_t* c = n.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* r = c + b * T;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK_VALUE(r[t] >= 0 && r[t] <= S, "num_visible_keys must lie in [0, S=", S, "], got ", r[t],
+                        " at [", b, ", ", t, "]");
+      TORCH_CHECK_VALUE(t == 0 || r[t] >= r[t - 1], "num_visible_keys must be non-decreasing along t, got ", r[t],
+                        " after ", r[t - 1], " at [", b, ", ", t, "]");
+    }
+  }
+}
+
 // an optional state-like tensor: contiguous, CPU, dtype, numel
 void check_opt(const OptT& t, const char* name, at::ScalarType dt, int64_t numel, bool contiguous = true) {
   if (!has(t)) return;
@@ -1150,8 +1187,8 @@ void check_states(const at::Tensor& q, const at::Tensor& v, int64_t n, const Opt
 
 template <typename scalar_t>
 Leap<scalar_t> make_ctx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq,
-                        const at::Tensor& pk, const OptT& kpm, const OptT& cu, bool causal, int64_t block_size,
-                        double eps, bool normalize) {
+                        const at::Tensor& pk, const OptT& kpm, const OptT& cu, const OptT& nvk, bool causal,
+                        int64_t block_size, double eps, bool normalize) {
   Leap<scalar_t> L;
   L.B = (int)q.size(0);
   L.T = (int)q.size(1);
@@ -1176,6 +1213,7 @@ Leap<scalar_t> make_ctx(const at::Tensor& q, const at::Tensor& k, const at::Tens
   L.pq = pq.data_ptr<acc_t>();
   L.pk = pk.data_ptr<acc_t>();
   if (has(kpm)) L.kpm = kpm->data_ptr<bool>();  // checked by check_states
+  if (has(nvk)) L.nvk = nvk->data_ptr<int64_t>();  // checked by check_visible_keys
   if (has(cu)) {  // checked by num_seqs
     L.cu = cu->data_ptr<int64_t>();
     L.N = (int)(cu->numel() - 1);
@@ -1212,15 +1250,18 @@ void check_out(const at::Tensor& t, const char* name, at::ScalarType dt, at::Int
   }
 }
 
-// fwd(q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize, o, S, z): writes o
+// fwd(q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps, normalize, o, S, z): writes o
 // [B, T, H, Dv] (q's dtype) and, when S and z are given (output_final_state), the final states S
 // [N, H, 2*Dk, Dv], z [N, H, 2*Dk] (state dtype; N = B, or the number of cu_seqlens sequences).
+// nvk: num_visible_keys (None, or int64 [B, T]: monotone cross-attention; the final state is that
+// of all S keys).
 void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pq, const at::Tensor& pk,
-         const OptT& S0, const OptT& z0, const OptT& kpm, const OptT& cu, bool causal, int64_t block_size,
-         double eps, bool normalize, const at::Tensor& o, const OptT& S, const OptT& z) {
+         const OptT& S0, const OptT& z0, const OptT& kpm, const OptT& cu, const OptT& nvk, bool causal,
+         int64_t block_size, double eps, bool normalize, const at::Tensor& o, const OptT& S, const OptT& z) {
   check_inputs(q, k, v, pq, pk);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t n = num_seqs(q, k, cu);
+  if (has(nvk)) check_visible_keys(*nvk, q.size(0), q.size(1), k.size(1), causal, has(cu), block_size);
   check_states(q, v, n, S0, z0, kpm, k.size(1));
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3), Dv = v.size(3);
   const std::initializer_list<const at::Tensor*> ins = {&q, &k, &v, &pq, &pk};
@@ -1233,13 +1274,13 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_fwd", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
-    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
+    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, nvk, causal, block_size, eps, normalize);
     L.prepare();
     L.forward(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(), opt_out<acc_t>(S), opt_out<acc_t>(z));
   });
 }
 
-// bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, causal, block_size, eps, normalize,
+// bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps, normalize,
 //     dq, dk, dv, dpq, dpk, dS0, dz0, dkh, dvh, dpkh): writes dq, dk, dv (q's dtype), dpq, dpk
 // (state dtype) and, when the initial state S0, z0 was given, dS0, dz0 (state dtype).
 // dkh [B, S, H, Dk], dvh [B, S, H, Dv], dpkh [B, S, H] (state dtype) are the per-query-head key
@@ -1248,8 +1289,8 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 // half dtype; dpkh: Hkv != H), and overwritten.
 void bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::Tensor& q, const at::Tensor& k,
          const at::Tensor& v, const at::Tensor& pq, const at::Tensor& pk, const OptT& S0, const OptT& z0,
-         const OptT& kpm, const OptT& cu, bool causal, int64_t block_size, double eps, bool normalize,
-         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dpq,
+         const OptT& kpm, const OptT& cu, const OptT& nvk, bool causal, int64_t block_size, double eps,
+         bool normalize, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dpq,
          const at::Tensor& dpk, const OptT& dS0, const OptT& dz0, const OptT& dkh_in, const OptT& dvh_in,
          const OptT& dpkh_in) {
   check_inputs(q, k, v, pq, pk);
@@ -1260,6 +1301,7 @@ void bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::Tenso
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == T && dout.size(2) == H && dout.size(3) == Dv,
               "do must have o's shape [B, T, H, Dv]");
   const int64_t n = num_seqs(q, k, cu);
+  if (has(nvk)) check_visible_keys(*nvk, B, T, S, causal, has(cu), block_size);
   check_states(q, v, n, S0, z0, kpm, S);
   check_opt(dS, "dS", acc, n * H * 2 * Dk * Dv, false);  // made contiguous below
   check_opt(dz, "dz", acc, n * H * 2 * Dk, false);
@@ -1301,7 +1343,7 @@ void bwd(const at::Tensor& dout, const OptT& dS, const OptT& dz, const at::Tenso
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "leap_bwd", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
-    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, causal, block_size, eps, normalize);
+    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, kpm, cu, nvk, causal, block_size, eps, normalize);
     L.prepare();
     L.backward(dout.data_ptr<scalar_t>(), dSc.defined() ? dSc.data_ptr<acc_t>() : nullptr,
                dzc.defined() ? dzc.data_ptr<acc_t>() : nullptr, opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0),
@@ -1363,7 +1405,8 @@ void step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const a
   check_out(z, "z", acc, {B, H, 2 * Dk}, ins);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "leap_step", [&] {
     using acc_t = typename Leap<scalar_t>::acc_t;
-    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, c10::nullopt, c10::nullopt, true, 0, eps, normalize);
+    auto L = make_ctx<scalar_t>(q, k, v, pq, pk, c10::nullopt, c10::nullopt, c10::nullopt, true, 0, eps,
+                                normalize);
     L.step(opt_ptr<acc_t>(S0), opt_ptr<acc_t>(z0), o.data_ptr<scalar_t>(), S.data_ptr<acc_t>(), z.data_ptr<acc_t>());
   });
 }
@@ -1375,13 +1418,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // every entry point writes into output tensors the caller allocated (attention/cpu.py)
   m.def("fwd", &fwd, "LeaP attention forward: writes o (and S, z when given)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("pq"), py::arg("pk"), py::arg("S0"), py::arg("z0"), py::arg("key_padding_mask"),
-        py::arg("cu_seqlens"), py::arg("causal"), py::arg("block_size"), py::arg("eps"), py::arg("normalize"),
-        py::arg("o"), py::arg("S"), py::arg("z"));
+        py::arg("cu_seqlens"), py::arg("num_visible_keys"), py::arg("causal"), py::arg("block_size"), py::arg("eps"),
+        py::arg("normalize"), py::arg("o"), py::arg("S"), py::arg("z"));
   m.def("bwd", &bwd, "LeaP attention backward: writes dq, dk, dv, dpq, dpk (and dS0, dz0 when given)",
         py::arg("do"), py::arg("dS"), py::arg("dz"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pq"),
         py::arg("pk"), py::arg("S0"), py::arg("z0"), py::arg("key_padding_mask"), py::arg("cu_seqlens"),
-        py::arg("causal"), py::arg("block_size"), py::arg("eps"), py::arg("normalize"), py::arg("dq"),
-        py::arg("dk"), py::arg("dv"), py::arg("dpq"), py::arg("dpk"), py::arg("dS0"), py::arg("dz0"),
+        py::arg("num_visible_keys"), py::arg("causal"), py::arg("block_size"), py::arg("eps"), py::arg("normalize"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dpq"), py::arg("dpk"), py::arg("dS0"), py::arg("dz0"),
         py::arg("dkh"), py::arg("dvh"), py::arg("dpkh"));
   m.def("step", &step, "LeaP attention decode step: writes o, S, z", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("pq"), py::arg("pk"), py::arg("S0"), py::arg("z0"), py::arg("eps"), py::arg("normalize"),

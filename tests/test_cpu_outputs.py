@@ -6,9 +6,10 @@ so the NaN poisoning of fresh buffers in conftest.py reaches them. Here a spy st
 extension module: it checks that every floating buffer handed to the C++ is NaN-filled before the
 call (the poisoning reaches it) and finite after (the C++ wrote every element), on odd shapes
 (T not a multiple of the 64-key chunk, D not a multiple of the 64-column block), padding,
-varlen with an empty sequence, GQA, and both attention drivers. The non-floating outputs of
-window_pool (valid, argmax), which the poisoning does not cover, are filled with two different
-sentinels and must come back equal. Bad output buffers are refused by the C++ checks.
+varlen with an empty sequence, GQA, monotone cross-attention, and both attention drivers. The
+non-floating outputs of window_pool (valid, argmax), which the poisoning does not cover, are
+filled with two different sentinels and must come back equal. Bad output buffers are refused by
+the C++ checks.
 """
 import pytest
 import torch
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.skipif(not HAVE_CPU, reason="the C++ cpu backend is not
 # positions and names of the output arguments of each C++ entry point (as attention/cpu.py and
 # pooling/cpu.py pass them)
 ATTN_OUTS = {
-    "fwd": (13, ("o", "S", "z")),
-    "bwd": (16, ("dq", "dk", "dv", "dpq", "dpk", "dS0", "dz0", "dkh", "dvh", "dpkh")),
+    "fwd": (14, ("o", "S", "z")),
+    "bwd": (17, ("dq", "dk", "dv", "dpq", "dpk", "dS0", "dz0", "dkh", "dvh", "dpkh")),
     "step": (9, ("o", "S", "z")),
 }
 POOL_OUTS = {"pool_fwd": (4, ("pooled", "valid", "argmax")), "pool_bwd": (6, ("dx",))}
@@ -99,6 +100,9 @@ ATTN_CASES = {
                          block_size=5),
     # cross-attention (S != T), padded keys, no state (no dS0), un-normalised
     "cross_padding": dict(B=2, T=7, S=70, H=2, Hkv=2, Dk=4, Dv=9, kpm=True, causal=False, normalize=False),
+    # monotone cross-attention (num_visible_keys): per-batch wait-k limits, GQA, padding, state
+    "monotone": dict(B=2, T=70, S=150, H=3, Hkv=1, Dk=5, Dv=7, kpm=True, state=True, causal=False,
+                     num_visible_keys=torch.stack([lk.wait_k(70, 150, 0, 2.5), lk.wait_k(70, 150, 9, 1.5)])),
 }
 
 
@@ -217,7 +221,7 @@ def test_attention_output_checks():
 
     ext = cpu._ext()
     q, k, v, pq, pk = make_inputs(1, 9, None, 2, None, 4, 3)
-    args = (q, k, v, pq, pk, None, None, None, None, True, 0, 1e-6, True)
+    args = (q, k, v, pq, pk, None, None, None, None, None, True, 0, 1e-6, True)
     good = torch.empty(1, 9, 2, 3)
     bad = {
         "shape": torch.empty(1, 9, 2, 4),

@@ -8,7 +8,9 @@ warning or, for an explicit ``backend="cpu"``, a ``ValueError``.
 
 Kernels: chunkwise (64 keys), features built per chunk in thread-local buffers, states in
 float32 (float64 for float64 inputs), templated on the input dtype (float32, float64,
-bfloat16, float16), deterministic. ``set_mode(1)`` forces the sequential-over-chunks driver,
+bfloat16, float16), deterministic. Monotone cross-attention (``num_visible_keys``) runs the same
+kernels with each query's key limit read from the tensor (checked in C++: [B, T] int64, values in
+[0, S], non-decreasing). ``set_mode(1)`` forces the sequential-over-chunks driver,
 ``set_mode(2)`` the across-chunks (two-pass) one, ``set_mode(0)`` chooses automatically.
 
 Outputs are allocated here, with ``torch.empty``, and handed to the C++ entry points, which check
@@ -55,10 +57,6 @@ def _num_seqs(B, cu_seqlens):
 
 def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size, eps, normalize,
         output_final_state):
-    if num_visible_keys is not None:  # INTERIM: the C++ monotone mode is being written
-        from . import chunk
-        return chunk.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
-                         block_size, eps, normalize, output_final_state)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     acc = _acc(q)
@@ -68,17 +66,13 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
         n = _num_seqs(B, cu_seqlens)
         S = _out(n, H, 2 * Dk, Dv, dtype=acc, like=q)
         z = _out(n, H, 2 * Dk, dtype=acc, like=q)
-    _ext().fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, bool(causal), int(block_size or 0),
-               float(eps), bool(normalize), o, S, z)
+    _ext().fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, bool(causal),
+               int(block_size or 0), float(eps), bool(normalize), o, S, z)
     return o, S, z
 
 
 def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
         eps, normalize):
-    if num_visible_keys is not None:  # INTERIM: the C++ monotone mode is being written
-        from . import chunk
-        return chunk.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
-                         causal, block_size, eps, normalize)
     B, T, H, Dk = q.shape
     S_len, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc(q)
@@ -100,7 +94,7 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
         dvh = _out(B, S_len, H, Dv, dtype=acc, like=q)
     if Hkv != H:
         dpkh = _out(B, S_len, H, dtype=acc, like=q)
-    _ext().bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, bool(causal),
+    _ext().bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, bool(causal),
                int(block_size or 0), float(eps), bool(normalize), dq, dk, dv, dpq, dpk, dS0, dz0, dkh, dvh, dpkh)
     return dq, dk, dv, dpq, dpk, dS0, dz0
 
