@@ -56,6 +56,7 @@ import triton.language as tl
 from .triton_bwd import leap_bwd_kernel_dkv
 from .triton_segments import leap_segment_grad_sums_kernel, leap_segment_scan_kernel, leap_segment_sums_kernel
 from .triton_fwd import interpreting, leap_fwd_kernel_sweep
+from .triton_monotone import leap_monotone_kernel_dkv, leap_monotone_kernel_q, monotone_tables
 from .triton_step import leap_step_kernel
 
 _DT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -238,11 +239,10 @@ def _c(t, dtype=None):
 
 def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size, eps,
         normalize, output_final_state):
-    if num_visible_keys is not None:  # INTERIM: the Triton monotone mode is being written
-        from . import chunk
-        return chunk.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
-                         block_size, eps, normalize, output_final_state)
     _check_dtype(q)
+    if num_visible_keys is not None:
+        return _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, num_visible_keys, eps, normalize,
+                             output_final_state)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
     key_padding_mask, cu_seqlens = _c(key_padding_mask), _c(cu_seqlens, torch.int64)
@@ -299,11 +299,10 @@ def _plan(device, T, S, N, H, NV, INTRA, W, CL):
 
 def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
         eps, normalize):
-    if num_visible_keys is not None:  # INTERIM: the Triton monotone mode is being written
-        from . import chunk
-        return chunk.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
-                         causal, block_size, eps, normalize)
     _check_dtype(q)
+    if num_visible_keys is not None:
+        return _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, num_visible_keys, eps,
+                             normalize)
     pq_dtype, pk_dtype = pq.dtype, pk.dtype
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
@@ -380,6 +379,106 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
             dk, dv, dpk, dS0 if dS0 is not None and not plan else dummy, dz0 if dz0 is not None and not plan else dummy,
             T, S, W, CL, L, NTH, NSH, NV, eps,
             USE_DS=dS is not None, STORE_DS0=S0 is not None and not plan, SEGMENTED=_seg_mode(plan), **common)
+    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
+    dpq = dpq[0] if NV == 1 else dpq.sum(0)
+    if part_k:
+        dk = dk.view(NV, B, S, Hkv, G, K).sum((0, 4)).to(q.dtype)
+        dpk = dpk.view(NV, B, S, Hkv, G).sum((0, 4))
+    else:
+        dk, dpk = dk[0], dpk[0]
+    if G > 1:
+        dv = dv.view(B, S, Hkv, G, V).sum(3).to(q.dtype)
+    return dq, dk, dv, dpq.to(pq_dtype), dpk.to(pk_dtype), dS0, dz0
+
+
+def _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize, output_final_state):
+    """Monotone cross-attention (``num_visible_keys``; ``triton_monotone``): one program per
+    (batch x query head, value tile) sweeps the query chunks, carrying the key state."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
+    key_padding_mask, nvk = _c(key_padding_mask), nvk.to(torch.int64).contiguous()
+    B, T, H, K = q.shape
+    S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
+    BT, BK, BV, NV = _tiles(K, V)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    Sf = torch.empty(B, H, 2 * K, V, **f32) if output_final_state else None
+    zf = torch.empty(B, H, 2 * K, **f32) if output_final_state else None
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    dummy = pq
+    with _guard(q):
+        leap_monotone_kernel_q[sweep_grid(B, H, NV)](
+            q, k, v, pq, pk, kpm if kpm is not None else dummy, nvk,
+            S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
+            o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
+            dummy, dummy, dummy, dummy, dummy,
+            T, S, B * T * H, NV, eps,
+            H=H, G=H // Hkv, K=K, V=V, BT=BT, BK=BK, BV=BV, STAGE=0, HAS_KPM=kpm is not None,
+            USE_S0=S0 is not None, STORE_STATE=output_final_state, NORMALIZE=normalize,
+            DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype], **_mono_launch(BK, BV))
+    return o, Sf, zf
+
+
+def _mono_launch(BK: int, BV: int):
+    """Launch options of the monotone kernels (no autotuning): 8 warps once the two fp32 states
+    are [128, 32] or larger."""
+    return dict(num_warps=8 if BK * BV > 64 * 64 // 2 else 4, num_stages=1, **LAUNCH)
+
+
+def _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize):
+    """Backward of ``_monotone_fwd``: ``den`` / ``delta`` (normalised), then ``dq`` / ``dpq`` by the
+    forward sweep, then ``dk`` / ``dv`` / ``dpk`` / ``dS0`` / ``dz0`` by the reverse key sweep."""
+    pq_dtype, pk_dtype = pq.dtype, pk.dtype
+    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
+    dS, dz = _c(dS, torch.float32), _c(dz, torch.float32)
+    key_padding_mask, nvk = _c(key_padding_mask), nvk.to(torch.int64).contiguous()
+    B, T, H, K = q.shape
+    S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hkv
+    BT, BK, BV, NV = _tiles(K, V)
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    NTH, NSH = B * T * H, B * S * H
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    dummy = pq
+    if dS is None and dz is not None:
+        dS = torch.zeros(B, H, 2 * K, V, **f32)
+    if dz is None and dS is not None:
+        dz = torch.zeros(B, H, 2 * K, **f32)
+    common = dict(H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_KPM=kpm is not None, NORMALIZE=normalize,
+                  DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype], **_mono_launch(BK, BV))
+    kp = kpm if kpm is not None else dummy
+    s0 = S0 if S0 is not None else dummy
+    z0_ = z0 if z0 is not None else dummy
+    if normalize:
+        den = torch.empty(B, T, H, **f32)
+        delta = torch.empty(NV, B, T, H, **f32)
+    else:
+        den = delta = dummy
+    dq = torch.empty(NV, B, T, H, K, dtype=q.dtype if NV == 1 else torch.float32, device=dev)
+    dpq = torch.empty(NV, B, T, H, **f32)
+    part_k = NV > 1 or G > 1
+    dk = torch.empty(NV, B, S, H, K, dtype=torch.float32 if part_k else q.dtype, device=dev)
+    dpk = torch.empty(NV, B, S, H, **f32)
+    dv = torch.empty(B, S, H, V, dtype=torch.float32 if G > 1 else q.dtype, device=dev)
+    dS0 = torch.empty(B, H, 2 * K, V, **f32) if S0 is not None else None
+    dz0 = torch.empty(B, H, 2 * K, **f32) if S0 is not None else None
+    grid = sweep_grid(B, H, NV)
+    with _guard(q):
+        tab = monotone_tables(nvk, T, S, BT)
+        for stage in ((1, 2) if normalize else (2,)):
+            leap_monotone_kernel_q[grid](
+                q, k, v, pq, pk, kp, nvk, s0, z0_, dummy, dummy, dummy,
+                do, den, delta, dq, dpq,
+                T, S, NTH, NV, eps,
+                STAGE=stage, USE_S0=S0 is not None, STORE_STATE=False, **common)
+        leap_monotone_kernel_dkv[grid](
+            q, k, v, pq, pk, kp, nvk, tab, dS if dS is not None else dummy, dz if dz is not None else dummy,
+            do, den, delta,
+            dk, dv, dpk, dS0 if dS0 is not None else dummy, dz0 if dz0 is not None else dummy,
+            T, S, NTH, NSH, NV, eps,
+            USE_DS=dS is not None, STORE_DS0=S0 is not None, **common)
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dpq = dpq[0] if NV == 1 else dpq.sum(0)
     if part_k:
