@@ -9,10 +9,10 @@ Console command: ``leapformer train|generate|eval|list`` (see models/README.md).
 from dataclasses import fields
 
 from .leap import LeapLSTM, LeapTransformer
-from .lm import LeapformerLM
+from .lm import LeapformerLM, LeapformerLMLong
 from .lra import LeapformerLRA
 
-MODELS = {cls.name: cls for cls in (LeapformerLM, LeapLSTM, LeapTransformer, LeapformerLRA)}
+MODELS = {cls.name: cls for cls in (LeapformerLM, LeapformerLMLong, LeapLSTM, LeapTransformer, LeapformerLRA)}
 
 
 def get_model_class(name: str):
@@ -45,4 +45,4 @@ def load_checkpoint(path: str, map_location="cpu", with_tokenizer: bool = False)
 
 
 __all__ = ["MODELS", "build", "load_checkpoint", "list_models", "get_model_class",
-           "LeapformerLM", "LeapLSTM", "LeapTransformer", "LeapformerLRA"]
+           "LeapformerLM", "LeapformerLMLong", "LeapLSTM", "LeapTransformer", "LeapformerLRA"]

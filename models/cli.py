@@ -5,7 +5,7 @@
                      [--device auto] [--out DIR] [--resume | --overwrite] [--<any config field> VALUE ...]
     leapformer generate --ckpt runs/leapformer-lm-leap/ckpt.pt --prompt "The " [--prompt ...]
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-    leapformer eval --ckpt runs/leapformer-lm-leap/ckpt.pt
+    leapformer eval --ckpt runs/leapformer-lm-leap/ckpt.pt [--window W] [--stride S] [--carry-state]
     leapformer compare RUN_DIR [RUN_DIR ...] [--out DIR] [--data FILE] [--topk 1 5] [--log]
     leapformer build                      # build the C++ CPU kernels ahead of time
     leapformer --version
@@ -53,7 +53,8 @@ def _parse_type(tp):
     return tp
 
 
-def add_dataclass_args(parser, cls, skip=(), choices=None):
+def add_dataclass_args(parser, cls, skip=(), choices=None, defaults=None):
+    """One flag per field of dataclass ``cls``; ``defaults`` replaces the defaults that the help shows."""
     helps = getattr(cls, "HELP", {})
     choices = choices or {}
     for f in fields(cls):
@@ -61,6 +62,7 @@ def add_dataclass_args(parser, cls, skip=(), choices=None):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
+        default = (defaults or {}).get(f.name, default)
         text = helps.get(f.name, f.name.replace("_", " "))
         text = f"{text} (default: {'none' if default is None else default})".replace("%", "%%")
         if f.type is bool:
@@ -80,7 +82,8 @@ def _train_parser(model_cls=None):
     from . import MODELS
     from .train import TrainConfig
     p = Parser(prog="leapformer train", description="train a model of the zoo on a text corpus")
-    add_dataclass_args(p, TrainConfig, choices={"model": sorted(MODELS), "tokenizer": ["byte", "bpe"]})
+    add_dataclass_args(p, TrainConfig, choices={"model": sorted(MODELS), "tokenizer": ["byte", "bpe"]},
+                       defaults=getattr(model_cls, "train_defaults", None))
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="start over, replacing the checkpoint in --out")
@@ -123,7 +126,7 @@ def cmd_train(argv):
     resume, overwrite = args.pop("resume"), args.pop("overwrite")
     args.pop("debug")
     tnames = {f.name for f in fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: v for k, v in args.items() if k in tnames})
+    tcfg = TrainConfig.for_model(**{k: v for k, v in args.items() if k in tnames})  # + the model's train_defaults
     overrides = {k: v for k, v in args.items() if k not in tnames}
     if not resume:  # every model config field is checked before any work
         try:
@@ -221,21 +224,64 @@ def cmd_generate(argv):
     return 0
 
 
+EVAL_DESCRIPTION = """held-out loss of a checkpoint.
+
+Causal LMs (leapformer-lm, leapformer-lm-long) on text: one full pass over the validation text
+(or --data), every next-token prediction scored exactly once; the loss is their mean (nats per
+token). Window j reads tokens [j*stride, j*stride + window) and scores the predictions of the
+tokens no earlier window scored: all of the first window, the last `stride` of each later one
+(so stride < window gives each scored token at least window - stride tokens of context).
+--carry-state (the default where possible: LeaP or linear attention with no learned positions)
+makes the windows disjoint and starts each from the recurrent state (S, z and the position
+counter of every layer) that the previous window left: every token is then predicted from all
+the text before it, exactly one forward pass over the whole text, and --window only bounds the
+tokens per forward call. --no-carry-state (always for softmax) starts every window fresh, as in
+training. Writes <out>/eval.json (everything printed, plus the loss by context length) and
+<out>/eval_position_loss.png (loss against context length: the position in the window plus one,
+or in the whole text with the state carried).
+
+--batches N instead gives the mean loss of N random batches of the run's training length (the
+estimate used during training; the only mode of the LEAP and LRA models and of generated tasks,
+which also report accuracy).
+"""
+
+
 def cmd_eval(argv):
     from .train import TrainConfig, evaluate_terms, load_model, prepare_data, resolve_device
-    p = Parser(prog="leapformer eval", description="validation loss of a checkpoint")
+    p = Parser(prog="leapformer eval", description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file written by leapformer train")
     p.add_argument("--data", default=argparse.SUPPRESS,
                    help="text file or task (mqar | listops) (default: the training run's data)")
-    p.add_argument("--batches", type=int, default=50, help="batches to average over (>= 1)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    p.add_argument("--window", type=int, default=None,
+                   help="causal LMs: tokens per window of the full pass (default: the model's seq_len)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="causal LMs: tokens between window starts, in [1, window] (default: the window)")
+    p.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=None,
+                   help="causal LMs: carry the recurrent state across windows (default: yes for LeaP and linear "
+                        "attention without learned positions, else no)")
+    p.add_argument("--batches", type=int, default=None,
+                   help="mean of this many random batches instead of the full pass (>= 1; the only mode, "
+                        "default 50, of non-LM models and generated tasks)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences (windows) per forward call (default: the run's)")
+    p.add_argument("--out", default=None, help="full pass: folder for eval.json and eval_position_loss.png "
+                   "(default: the checkpoint's folder)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="full pass: show a progress bar")
     _add_debug(p)
     a = p.parse_args(argv)
-    if a.batches < 1:
-        raise UsageError(f"--batches must be >= 1, got {a.batches}")
-    if a.batch_size is not None and a.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
+    for name in ("batches", "batch_size", "window", "stride"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if a.window is not None and a.stride is not None and a.stride > a.window:
+        raise UsageError(f"--stride must be <= --window ({a.window}), got {a.stride}: tokens between windows would "
+                         "go unscored")
+    sliding_flags = [f for f, v in (("--window", a.window), ("--stride", a.stride), ("--carry-state", a.carry_state),
+                                    ("--out", a.out)) if v is not None]
+    if a.batches is not None and sliding_flags:
+        raise UsageError(f"--batches (random batches) and {sliding_flags[0]} (the full pass) exclude each other")
     dev = resolve_device(a.device)
     model, tok, ckpt = load_model(a.ckpt, map_location=dev)
     tcfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in TrainConfig.__dataclass_fields__})
@@ -243,20 +289,79 @@ def cmd_eval(argv):
         tcfg.data = a.data
     _, _, val_ids = prepare_data(tcfg, tok)
     bs = a.batch_size or tcfg.batch_size
-    terms = evaluate_terms(model, val_ids, a.batches, bs, seed=12345)
-    loss = sum(terms.values())
-    res = {"checkpoint": a.ckpt, "model": ckpt["model_name"], "step": ckpt["step"], "val_loss": loss}
     from .tasks import TaskData, accuracy
+    full_pass = getattr(model, "causal", False) and not isinstance(val_ids, TaskData) and a.batches is None
+    if not full_pass and sliding_flags:
+        what = "a generated task" if isinstance(val_ids, TaskData) else ckpt["model_name"]
+        raise UsageError(f"{sliding_flags[0]} is for the full pass of causal LMs on text; {what} is evaluated on "
+                         "random batches (--batches)")
+    res = {"checkpoint": a.ckpt, "model": ckpt["model_name"], "step": ckpt["step"]}
+    if full_pass:
+        return _eval_full_pass(a, model, tok, ckpt, val_ids, bs, res)
+    batches = a.batches or 50
+    terms = evaluate_terms(model, val_ids, batches, bs, seed=12345)
+    loss = sum(terms.values())
+    res["val_loss"] = loss
     if isinstance(val_ids, TaskData):  # a generated task: the accuracy of the scored predictions
-        res.update(task=val_ids.task, accuracy=accuracy(model, val_ids, a.batches, bs, seed=12345))
+        res.update(task=val_ids.task, accuracy=accuracy(model, val_ids, batches, bs, seed=12345))
     if len(terms) == 1:  # one prediction per token: perplexity and bits per token are meaningful
         res.update(perplexity=math.exp(loss), bits_per_token=loss / math.log(2))
     else:  # LEAP: target + gap (+ distance) cross-entropies, each per predicted token
         res["val_loss_is"] = "the sum of the terms below (the training objective)"
         res["terms"] = {k: {"loss": v, "perplexity": math.exp(v), "bits_per_token": v / math.log(2)}
                         for k, v in terms.items()}
-    res.update(tokenizer=tok.kind, batches=a.batches, batch_size=bs)
+    res.update(tokenizer=tok.kind, batches=batches, batch_size=bs)
     print(json.dumps(res, indent=1))
+    return 0
+
+
+def _eval_full_pass(a, model, tok, ckpt, val_ids, bs, res):
+    """``leapformer eval`` on a causal LM: the sliding-window full pass (models/sliding_eval.py)."""
+    from .errors import require
+    from .sliding_eval import carry_supported, plot_position_loss, sliding_window_loss
+    require("leapformer eval", "matplotlib", *(["tqdm"] if a.progress else []))
+    c = model.config
+    window = a.window or c.seq_len
+    why_not = carry_supported(model)
+    if a.carry_state and why_not:
+        raise UsageError(f"--carry-state: {why_not}; pass --no-carry-state (fresh windows)")
+    carry = why_not is None if a.carry_state is None else a.carry_state
+    stride = a.stride or window
+    if carry and stride != window:
+        if a.carry_state:
+            raise UsageError(f"--stride {stride} < --window {window} with --carry-state: the carried state already "
+                             "holds everything before a window, so windows are disjoint; drop --stride or pass "
+                             "--no-carry-state")
+        carry = False  # overlapping windows asked for: fresh windows
+    limit = model._position_limit()
+    if limit is not None and window > limit[0]:
+        raise UsageError(f"--window {window} is longer than this model's {limit[1]} = {limit[0]} positions; "
+                         f"pass --window {limit[0]} or less")
+    out = a.out or os.path.dirname(os.path.abspath(a.ckpt))
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out} is not writable: pass --out DIR for eval.json and eval_position_loss.png")
+    r = sliding_window_loss(model, val_ids, window, stride, carry_state=carry, batch_size=bs, progress=a.progress)
+    loss = r["loss"]
+    res.update(val_loss=loss, perplexity=math.exp(loss), bits_per_token=loss / math.log(2), mode="full pass",
+               tokens_scored=r["tokens"], window=r["window"], stride=r["stride"], windows=r["windows"],
+               carry_state=carry, attention=c.attention,
+               context=("all the text before each token (recurrent state carried across windows)" if carry else
+                        f"the tokens before it in its window (fresh windows of {r['window']}, stride {r['stride']})"),
+               tokenizer=tok.kind, batch_size=1 if carry else bs)
+    json_path = os.path.join(out, "eval.json")
+    png_path = os.path.join(out, "eval_position_loss.png")
+    res.update(json=json_path, png=png_path)
+    print(json.dumps(res, indent=1))
+    plot_position_loss(r, png_path, f"{ckpt['model_name']} ({c.attention}), step {ckpt['step']}")
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**res, "loss_by_position": r["by_position"]}, f, indent=1)
+    os.replace(tmp, json_path)
+    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     return 0
 
 

@@ -87,6 +87,19 @@ class LMConfig:
 
 
 @dataclass
+class LongLMConfig(LMConfig):
+    """``leapformer-lm-long``: the same model at a long training context (T = 2048; 4096 or 8192 with
+    ``--seq-len``), with no position embedding so that no table caps the length: a sequence may
+    run past seq_len, and ``leapformer eval`` can carry the recurrent state over the whole
+    validation text without positions the model never saw (sinusoidal positions would reach
+    values far beyond training there)."""
+    seq_len: int = 2048
+    pos_emb: str = "none"
+    max_positions: int = 8192     # only read with --pos-emb learned
+    cosformer_max_len: int = 8192  # only read with --attention cosformer
+
+
+@dataclass
 class LMState:
     """Per-layer attention states plus the number of real tokens seen per sequence ([B] long)."""
     layers: list
@@ -251,3 +264,16 @@ class LeapformerLM(nn.Module):
         if not out:
             return [[] for _ in prompts]
         return torch.stack(out, 1).tolist()
+
+
+class LeapformerLMLong(LeapformerLM):
+    """``leapformer-lm`` at long context: ``LongLMConfig`` (T = 2048, no position embedding) and
+    training defaults sized for a 2-core CPU (``train_defaults``: 4 x 2048 tokens per step, 100
+    steps, a few minutes). Checkpoints, generation and evaluation are the LM's."""
+    name = "leapformer-lm-long"
+    description = "leapformer-lm at long context: T = 2048 (up to 8192), no position table, CPU-sized training"
+    Config = LongLMConfig
+    # TrainConfig defaults of this model (``TrainConfig.for_model``; the command line applies them
+    # to every flag not given): 8 k tokens per step, and validation on 2 batches (16 k tokens)
+    train_defaults = {"batch_size": 4, "steps": 100, "warmup": 10, "eval_interval": 25, "eval_batches": 2,
+                      "ckpt_interval": 50}

@@ -93,6 +93,13 @@ class TrainConfig:
         "progress": "show a progress bar (--no-progress: plain log lines)",
     }
 
+    @classmethod
+    def for_model(cls, model: str = "leapformer-lm", **fields) -> "TrainConfig":
+        """A TrainConfig for ``model`` whose unset fields take the model's ``train_defaults`` (e.g.
+        ``leapformer-lm-long``: 4 sequences per step, 100 steps), then the class defaults; what the
+        command line does with the flags it was not given."""
+        return cls(model=model, **{**getattr(get_model_class(model), "train_defaults", {}), **fields})
+
     def __post_init__(self):
         check = _Checker()
         check.choice("tokenizer", self.tokenizer, ("byte", "bpe"))
