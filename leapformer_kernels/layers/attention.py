@@ -33,6 +33,18 @@ class CosformerState(NamedTuple):
     qpos: torch.Tensor
 
 
+class RotaryState(NamedTuple):
+    """State of a ``rope=True`` layer: the attention's own state (``inner``: the pair (S, z), a
+    ``CosformerState`` or a softmax KV cache; None = nothing seen yet) plus the rotary positions
+    already used per batch row (``pos`` [B] long: keys; ``qpos`` [B] long: queries). Left-padded
+    prompts start at different positions, hence one offset per row. ``RotaryState(None, p, p)``
+    starts a sequence at position ``p`` (softmax outputs do not change: RoPE scores depend only
+    on t - s; LeaP outputs do: for LeaP the rotation is an absolute position signal)."""
+    inner: object
+    pos: torch.Tensor
+    qpos: torch.Tensor
+
+
 class LeapAttention(nn.Module):
     """Multi-head attention with LeaP re-weighted linear attention.
 
@@ -54,6 +66,14 @@ class LeapAttention(nn.Module):
             (unpadded) tokens from 0, per sequence, across calls with a state; a position >= M
             raises ValueError. Unused by the other attentions.
         backend: forwarded to the functional ops.
+        rope: rotary position embedding (RoPE, rotate-half pairing as GPT-NeoX / Llama) of q and k
+            after their projections, at the positions of real tokens (counted per row from 0,
+            across calls with a state: the state becomes a ``RotaryState``; packed sequences count
+            from each sequence's start). Softmax: standard RoPE, scores depend only on t - s.
+            LeaP (and linear, cosformer): the proportions are predicted from the *unrotated*
+            relu(q), relu(k); the rotated q, k then go through the feature map relu(.) and the
+            re-weighting, so the rotation is an absolute position signal there, not a relative one.
+            Needs an even head_dim. ``rope_base``: the wavelength base (10000).
 
     forward(x [B, T, E], context [B, S, kdim] or None, key_padding_mask [B, S] bool (True = pad),
     state, use_cache, cu_seqlens) -> y [B, T, E], or (y, state) with use_cache.
@@ -88,7 +108,7 @@ class LeapAttention(nn.Module):
                  block_size: Optional[int] = None, cross: bool = False, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, leap_hidden: Optional[int] = None, eps: float = 0.1,
                  normalize: bool = True, bias: bool = True, attention: str = "leap", backend: Optional[str] = None,
-                 cosformer_max_len: int = 1024):
+                 cosformer_max_len: int = 1024, rope: bool = False, rope_base: float = 10000.0):
         super().__init__()
         _positive_int(embed_dim, "embed_dim")
         _positive_int(num_heads, "num_heads")
@@ -113,6 +133,13 @@ class LeapAttention(nn.Module):
         self.causal, self.block_size, self.cross = causal, block_size, cross
         self.eps, self.normalize, self.attention, self.backend = float(eps), normalize, attention, backend
         self.cosformer_max_len = cosformer_max_len
+        if not isinstance(rope, bool):
+            raise ValueError(f"rope must be a bool, got {rope!r}")
+        if rope and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got embed_dim / num_heads = {self.head_dim}")
+        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not (1 < rope_base < math.inf):
+            raise ValueError(f"rope_base must be a finite number > 1, got {rope_base!r}")
+        self.rope, self.rope_base = rope, float(rope_base)
         self.kdim = (kdim or embed_dim) if cross else embed_dim
         self.vdim = (vdim or embed_dim) if cross else embed_dim
         kv_width = num_kv_heads * self.head_dim
@@ -181,15 +208,50 @@ class LeapAttention(nn.Module):
         source = context if self.cross else x
         B, T, _ = x.shape
         q = self._heads(x, self.q_proj, self.num_heads)
+        rot = None
+        if self.rope:
+            state, rot, new_pos = self._rotary_positions(x, context, key_padding_mask, state, cu_seqlens)
         if self.attention == "softmax":
             if cu_seqlens is not None and use_cache:
                 raise ValueError("use_cache with cu_seqlens needs attention='leap' (a softmax KV cache "
                                  "is per batch row, not per packed sequence)")
-            y, new_state = self._softmax(q, source, key_padding_mask, state, cu_seqlens, num_visible_keys)
+            y, new_state = self._softmax(q, source, key_padding_mask, state, cu_seqlens, num_visible_keys, rot)
         else:
-            y, new_state = self._leap(q, source, key_padding_mask, state, cu_seqlens, num_visible_keys)
+            y, new_state = self._leap(q, source, key_padding_mask, state, cu_seqlens, num_visible_keys, rot)
         y = self.out_proj(y.reshape(B, T, self.embed_dim))
+        if self.rope:
+            new_state = RotaryState(new_state, *new_pos)
         return (y, new_state) if use_cache else y
+
+    # ---------------------------------------------------------------- rotary positions
+    def _rotary_positions(self, x, context, key_padding_mask, state, cu_seqlens):
+        """(inner state, (query positions [B, T], key positions [B, S] or None), (new key count,
+        new query count)) for a ``rope=True`` call."""
+        B, T = x.shape[:2]
+        start_k = start_q = None
+        if state is not None:
+            if not isinstance(state, RotaryState):
+                raise ValueError(f"state of a rope=True layer must be the RotaryState it returned, got "
+                                 f"{type(state).__name__}")
+            state, start_k, start_q = state
+        self_mask = None if self.cross else key_padding_mask
+        qpos, new_q = self._positions(T, B, self_mask, start_q, cu_seqlens, x.device)
+        if not self.cross:
+            return state, (qpos, qpos), (new_q, new_q)
+        if context is None:
+            return state, (qpos, None), (start_k, new_q)
+        kpos, new_k = self._positions(context.shape[1], B, key_padding_mask, start_k, None, x.device)
+        return state, (qpos, kpos), (new_k, new_q)
+
+    def _rotate(self, x, pos):
+        """RoPE of x [B, n, heads, d] at positions pos [B, n] (rotate-half pairing)."""
+        half = self.head_dim // 2
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inv = self.rope_base ** (-torch.arange(half, device=x.device, dtype=dt) / half)
+        ang = pos.to(dt)[..., None] * inv  # [B, n, half]
+        cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+        x1, x2 = x[..., :half].to(dt), x[..., half:].to(dt)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
 
     # ---------------------------------------------------------------- leap, linear, cosformer
     def _positions(self, n, B, mask, start, cu_seqlens, device):
@@ -214,7 +276,7 @@ class LeapAttention(nn.Module):
                              f"at most {M} tokens per sequence; build the layer with a larger cosformer_max_len)")
         return (pos.to(dtype) / M)[..., None].expand(*pos.shape, heads).contiguous()
 
-    def _leap(self, q, source, key_padding_mask, state, cu_seqlens, num_visible_keys=None):
+    def _leap(self, q, source, key_padding_mask, state, cu_seqlens, num_visible_keys=None, rot=None):
         q = q * self.head_dim ** -0.5
         B, T = q.shape[:2]
         kind = self.attention
@@ -230,6 +292,8 @@ class LeapAttention(nn.Module):
             pq = torch.zeros(B, T, self.num_heads, dtype=pdtype, device=q.device)
         else:
             pq = self.leap_q(torch.relu(q))
+        if rot is not None:  # after the proportions: LeaP predicts from the unrotated q
+            q = self._rotate(q, rot[0])
 
         def wrap(o, st):
             if kind != "cosformer":
@@ -256,6 +320,8 @@ class LeapAttention(nn.Module):
             pk = torch.zeros(B, S, self.num_kv_heads, dtype=pdtype, device=q.device)
         else:
             pk = self.leap_k(torch.relu(k))
+        if rot is not None:
+            k = self._rotate(k, rot[1])
         if state is not None and self.causal and key_padding_mask is None and self.block_size is None:
             return wrap(*leap_attention_step(q, k, v, pq, pk, state, **kw))
         return wrap(*leap_attention(q, k, v, pq, pk, causal=self.causal, block_size=self.block_size,
@@ -263,13 +329,17 @@ class LeapAttention(nn.Module):
                                     output_final_state=True, num_visible_keys=num_visible_keys, **kw))
 
     # ---------------------------------------------------------------- softmax
-    def _softmax(self, q, source, key_padding_mask, state, cu_seqlens, num_visible_keys=None):
+    def _softmax(self, q, source, key_padding_mask, state, cu_seqlens, num_visible_keys=None, rot=None):
         B, T = q.shape[:2]
+        if rot is not None:
+            q = self._rotate(q, rot[0])
         if source is None:
             k, v, pad = state
         else:
             k = self._heads(source, self.k_proj, self.num_kv_heads)
             v = self._heads(source, self.v_proj, self.num_kv_heads)
+            if rot is not None:  # the cache holds rotated keys
+                k = self._rotate(k, rot[1])
             pad = key_padding_mask if key_padding_mask is not None else torch.zeros(
                 k.shape[:2], dtype=torch.bool, device=k.device)
             if state is not None:  # extend the cache (self, causal cross and non-causal cross alike)
