@@ -83,12 +83,14 @@ class Block(nn.Module):
                  norm: str = "layernorm", attention: str = "leap", causal: bool = True,
                  block_size: Optional[int] = None, cross: bool = False, cross_causal: bool = False,
                  kdim: Optional[int] = None, num_kv_heads: Optional[int] = None, leap_hidden: Optional[int] = None,
-                 eps: float = 0.1, bias: bool = True, dropout: float = 0.0, cosformer_max_len: int = 1024):
+                 eps: float = 0.1, bias: bool = True, dropout: float = 0.0, cosformer_max_len: int = 1024,
+                 rope: bool = False):
         super().__init__()
         akw = dict(num_kv_heads=num_kv_heads, leap_hidden=leap_hidden, eps=eps, bias=bias, attention=attention,
                    cosformer_max_len=cosformer_max_len)
         self.norm1 = make_norm(norm, dim)
-        self.attn = lk.LeapAttention(dim, num_heads, causal=causal, block_size=block_size, **akw)
+        # rope: rotary positions in the self-attention (``LeapAttention(rope=True)``), not in the cross-attention
+        self.attn = lk.LeapAttention(dim, num_heads, causal=causal, block_size=block_size, rope=rope, **akw)
         self.attn.out_proj.is_residual_proj = True
         self.cross = None
         if cross:
