@@ -8,11 +8,13 @@ Console command: ``leapformer train|generate|eval|list`` (see models/README.md).
 """
 from dataclasses import fields
 
+from .deepsight import DeepSight
 from .leap import LeapLSTM, LeapTransformer
 from .lm import LeapformerLM, LeapformerLMLong
 from .lra import LeapformerLRA
 
-MODELS = {cls.name: cls for cls in (LeapformerLM, LeapformerLMLong, LeapLSTM, LeapTransformer, LeapformerLRA)}
+MODELS = {cls.name: cls for cls in (LeapformerLM, LeapformerLMLong, LeapLSTM, LeapTransformer, LeapformerLRA,
+                                    DeepSight)}
 
 
 def get_model_class(name: str):
