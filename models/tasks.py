@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 IGNORE = -100  # label of the positions that are not scored (cross_entropy's default ignore_index)
-TASKS = ("mqar", "listops")
+TASKS = ("mqar", "listops", "stream")  # stream: models/stream_task.py (leapformer-stream)
 
 
 # --------------------------------------------------------------------------- MQAR
@@ -227,6 +227,9 @@ class TaskData:
 
 def task_data(task: str, params: dict):
     """(tokenizer, train split, validation split) of a generated task."""
+    if task == "stream":  # its shape (src_len, rate, max_delay) is the model's config
+        from .stream_task import STREAM_VOCAB
+        return TaskTokenizer(task, STREAM_VOCAB), TaskData(task, 0), TaskData(task, 1)
     vocab = params["vocab_size"] if task == "mqar" else len(LISTOPS_VOCAB)
     return TaskTokenizer(task, vocab), TaskData(task, 0, **params), TaskData(task, 1, **params)
 
