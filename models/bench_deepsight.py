@@ -1,0 +1,115 @@
+"""Does DeepSight's planning loss help? ``deepsight`` with the planning loss on and off, with LeaP and
+with softmax attention, under one budget.
+
+    python -m leapformer_models.bench_deepsight --steps 250 --threads 1 --out benchmarks/results
+
+Four runs with the same TrainConfig (seed, batches, steps; no time limit): attention in
+{leap, softmax} x plan_weight in {1, 0}. The comparison is the validation **next-token** loss
+(the planning term left out, so runs with and without it are scored alike), over fixed batches of
+the held-out text. Writes ``deepsight_plan.png`` (validation next-token loss curves),
+``deepsight_plan.md`` (table) and ``deepsight_plan.json`` into --out; checkpoints go to --runs.
+"""
+import argparse
+import json
+import os
+import platform
+
+import torch
+from tqdm.auto import tqdm
+
+from .train import TrainConfig, evaluate_terms, load_model, prepare_data, train
+
+LN2 = 0.6931471805599453
+
+
+def _plot(curves, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (steps, vals) in curves.items():
+        ax.plot(steps, vals, marker="o", ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation next-token loss (nats/byte)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--final-eval-batches", type=int, default=40)
+    p.add_argument("--device-label", default="2-core CPU, shared with other jobs")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--runs", default="runs/bench-deepsight")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    results, curves = {}, {}
+    cases = [(att, w) for att in ("leap", "softmax") for w in (1.0, 0.0)]
+    for att, w in tqdm(cases, desc="deepsight runs", unit="run"):
+        label = f"{att}, plan {'on' if w else 'off'}"
+        cfg = TrainConfig(model="deepsight", steps=a.steps, batch_size=a.batch_size, eval_interval=a.eval_interval,
+                          ckpt_interval=a.steps, threads=a.threads, time_limit=None, progress=False,
+                          out=os.path.join(a.runs, f"{att}-plan{int(w)}"))
+        over = {"attention": att, "seq_len": a.seq_len, "plan_weight": w}
+        # the history's validation loss includes the planning term; for next-token curves the run
+        # stops at every eval point (``stop_after``; --resume continues it bitwise) and is scored there
+        steps, vals = [], []
+        for i, stop in enumerate(range(a.eval_interval, a.steps + a.eval_interval, a.eval_interval)):
+            stop = min(stop, a.steps)
+            cfg.stop_after = stop if stop < a.steps else None
+            s = train(cfg, over, resume=i > 0)
+            model, tok, _ = load_model(s["checkpoint"])
+            _, _, val = prepare_data(cfg, tok)
+            n = a.final_eval_batches if stop == a.steps else max(4, a.final_eval_batches // 4)
+            terms = evaluate_terms(model, val, n, a.batch_size, seed=12345)
+            steps.append(stop)
+            vals.append(terms["next_token"])
+        s["final_val_terms"] = terms
+        results[label] = s
+        curves[label] = (steps, vals)
+    base = os.path.join(a.out, "deepsight_plan")
+    _plot(curves, base + ".png", f"deepsight on pydoc text, {a.steps} steps of {a.batch_size} x {a.seq_len}, "
+          f"{a.device_label}")
+    first = next(iter(results.values()))["model_config"]
+    lines = [
+        "# DeepSight: does the planning loss help?",
+        "",
+        f"Device: {a.device_label} ({platform.machine()}, torch {torch.__version__}, {a.threads} thread(s)). "
+        f"Same budget for every row: {a.steps} steps of {a.batch_size} x {a.seq_len} byte tokens, same seed and "
+        f"batches, pydoc_data.topics (last 10% = validation); model {first['n_encoder_layer']} encoder + "
+        f"{first['n_decoder_layer']} decoder layers x {first['n_embd']} wide, plan horizon F = "
+        f"{first['plan_horizon']}, {first['plan_loss']} planning loss.",
+        f"Validation next-token loss in nats per byte over {a.final_eval_batches} fixed batches of the validation "
+        "text (the planning term is not counted, so rows with and without it are scored alike).",
+        "",
+        "| attention | planning loss | params | val next-token loss | bits/byte | val plan loss | train tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, s in results.items():
+        t = s["final_val_terms"]
+        att, w = label.split(", ")
+        lines.append(f"| {att} | {w.split()[-1]} | {s['params']:,} | {t['next_token']:.3f} | "
+                     f"{t['next_token'] / LN2:.3f} | {t['plan']:.3f} | {s['tokens_per_s']:,.0f} |")
+    lines += ["", f"Curves: `{os.path.basename(base)}.png`. Reproduce: "
+              f"`python -m leapformer_models.bench_deepsight --steps {a.steps} --threads {a.threads}`.", ""]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines))
+    with open(base + ".json", "w") as f:
+        json.dump({k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in results.items()}, f, indent=1,
+                  default=str)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
