@@ -12,9 +12,10 @@ from .deepsight import DeepSight
 from .leap import LeapLSTM, LeapTransformer
 from .lm import LeapformerLM, LeapformerLMLong
 from .lra import LeapformerLRA
+from .stream import LeapformerStream
 
 MODELS = {cls.name: cls for cls in (LeapformerLM, LeapformerLMLong, LeapLSTM, LeapTransformer, LeapformerLRA,
-                                    DeepSight)}
+                                    DeepSight, LeapformerStream)}
 
 
 def get_model_class(name: str):
@@ -47,4 +48,4 @@ def load_checkpoint(path: str, map_location="cpu", with_tokenizer: bool = False)
 
 
 __all__ = ["MODELS", "build", "load_checkpoint", "list_models", "get_model_class",
-           "LeapformerLM", "LeapformerLMLong", "LeapLSTM", "LeapTransformer", "LeapformerLRA"]
+           "LeapformerLM", "LeapformerLMLong", "LeapLSTM", "LeapTransformer", "LeapformerLRA", "LeapformerStream"]
