@@ -9,13 +9,14 @@ Console command: ``leapformer train|generate|eval|list`` (see models/README.md).
 from dataclasses import fields
 
 from .deepsight import DeepSight
+from .futureformer import FutureFormer
 from .leap import LeapLSTM, LeapTransformer
 from .lm import LeapformerLM, LeapformerLMLong
 from .lra import LeapformerLRA
 from .stream import LeapformerStream
 
 MODELS = {cls.name: cls for cls in (LeapformerLM, LeapformerLMLong, LeapLSTM, LeapTransformer, LeapformerLRA,
-                                    DeepSight, LeapformerStream)}
+                                    DeepSight, LeapformerStream, FutureFormer)}
 
 
 def get_model_class(name: str):
