@@ -61,9 +61,9 @@ def parse(argv=None):
     p.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--n-layer", type=int, default=None, help="layers (default: leapformer-lm-long's)")
     p.add_argument("--n-embd", type=int, default=None, help="width (default: leapformer-lm-long's)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per case at most (default 5; 3 quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per case at most (default 11; 3 quick)")
     p.add_argument("--decode-steps", type=int, default=None,
-                   help="timed decode steps per round (default 8; 2 quick); the median step is reported")
+                   help="timed decode steps per round (default 16; 2 quick); the median round per step is reported")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per case after which no further round starts (default 60; 5 quick)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -86,7 +86,7 @@ def parse(argv=None):
         a.repeats, a.decode_steps, a.budget = a.repeats or 3, a.decode_steps or 2, a.budget or 5.0
         a.out = a.out or SCRATCH
     a.T = sorted(set(a.T or [128, 256, 512, 1024, 2048, 4096, 8192]))
-    a.repeats, a.decode_steps, a.budget = a.repeats or 5, a.decode_steps or 8, a.budget or 60.0
+    a.repeats, a.decode_steps, a.budget = a.repeats or 11, a.decode_steps or 16, a.budget or 60.0
     a.out = a.out or RESULTS
     return a
 
