@@ -14,9 +14,11 @@ from .leap import LeapLSTM, LeapTransformer
 from .lm import LeapformerLM, LeapformerLMLong
 from .lra import LeapformerLRA
 from .stream import LeapformerStream
+from .softar import SoftAR
 
 MODELS = {cls.name: cls for cls in (LeapformerLM, LeapformerLMLong, LeapLSTM, LeapTransformer, LeapformerLRA,
-                                    DeepSight, LeapformerStream, FutureFormer)}
+                                    DeepSight, LeapformerStream, FutureFormer,
+                                    SoftAR)}
 
 
 def get_model_class(name: str):
