@@ -304,6 +304,8 @@ def cmd_eval(argv):
     res["val_loss"] = loss
     if isinstance(val_ids, TaskData):  # a generated task: the accuracy of the scored predictions
         res.update(task=val_ids.task, accuracy=accuracy(model, val_ids, batches, bs, seed=12345))
+        if hasattr(model, "extra_eval"):  # leapformer-stream: the policy, average lagging, ceiling, chance
+            res.update(model.extra_eval(val_ids, batches, bs, seed=12345))
     if len(terms) == 1:  # one prediction per token: perplexity and bits per token are meaningful
         res.update(perplexity=math.exp(loss), bits_per_token=loss / math.log(2))
     else:  # LEAP: target + gap (+ distance) cross-entropies, each per predicted token
