@@ -167,7 +167,7 @@ class _AllReduceSum(torch.autograd.Function):
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # metadata fields gathered from every rank (one int64 each); names for the mismatch messages
 _FIELDS = ("error", "q length", "k length", "batch", "q heads", "k heads", "q head dim", "v head dim",
-           "dtype", "causal", "block_size", "key_padding_mask", "normalize", "eps", "grad", "backend", "spare")
+           "dtype", "causal", "block_size", "key_padding_mask", "normalize", "eps", "requires_grad", "backend", "spare")
 
 
 def _check_group(group) -> Tuple[int, int]:
@@ -206,8 +206,8 @@ def _check_lengths(slice_lengths, P: int, rank: int, n_local: int) -> List[int]:
     return lens
 
 
-def _metadata(q, k, v, key_padding_mask, causal, block_size, eps, normalize, backend) -> List[int]:
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+def _metadata(q, k, v, pk, key_padding_mask, causal, block_size, eps, normalize, backend) -> List[int]:
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, pk))  # the backward exchanges
     return [0, q.shape[1], k.shape[1], q.shape[0], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
             _DTYPES.index(q.dtype), int(causal), min(int(block_size or 0), 2 ** 63 - 1),
             int(key_padding_mask is not None), int(normalize), struct.unpack("<q", struct.pack("<d", eps))[0],
@@ -221,7 +221,7 @@ def _describe(field: str, value: int) -> str:
         return repr(struct.unpack("<d", struct.pack("<q", value))[0])
     if field == "backend":
         return repr((None, "torch", "cpu", "triton")[value])
-    if field in ("causal", "normalize", "key_padding_mask", "grad"):
+    if field in ("causal", "normalize", "key_padding_mask", "requires_grad"):
         return str(bool(value))
     return str(value)
 
@@ -229,7 +229,7 @@ def _describe(field: str, value: int) -> str:
 _ARG = {"q length": "q", "k length": "k", "batch": "q", "q heads": "q", "k heads": "k", "q head dim": "q",
         "v head dim": "v", "dtype": "q", "causal": "causal", "block_size": "block_size",
         "key_padding_mask": "key_padding_mask", "normalize": "normalize", "eps": "eps",
-        "grad": "k, v (requires_grad)", "backend": "backend"}
+        "requires_grad": "k, v, pk", "backend": "backend"}
 
 
 def _gather_metadata(local_error: Optional[BaseException], meta: List[int], group, device, rank, P) -> List[List[int]]:
@@ -342,7 +342,7 @@ def leap_attention_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: tor
                         cu_seqlens=None, initial_state=None, output_final_state=False, eps=eps,
                         normalize=normalize, backend=backend)
         backends.choose("leap_attention", backend, q.device, q.dtype)
-        meta = _metadata(q, k, v, key_padding_mask, causal, block_size, float(eps), normalize, backend)
+        meta = _metadata(q, k, v, pk, key_padding_mask, causal, block_size, float(eps), normalize, backend)
     except (TypeError, ValueError) as e:
         if slice_lengths is not None:
             raise

@@ -7,11 +7,13 @@ same seed, runs ``lk.leap_attention`` on it as the reference, and runs the conte
 own slice; outputs and the gradients of q, k, v, pq, pk (of a loss summed over every rank's output)
 must match the reference's rows of this rank (DESIGN tolerances: float64 1e-10, float32 1e-5, twice
 that for gradients). Every spawn has a deadline, every process group a timeout, and every group is
-destroyed.
+destroyed. ``LK_CP_TEST_BACKEND=cpu`` (or ``triton`` under ``TRITON_INTERPRET=1``, where the float64
+cases are refused by the backend) runs the parity cases on another backend; CI uses ``torch``.
 """
 import datetime
 import json
 import os
+import time
 import traceback
 
 import pytest
@@ -84,7 +86,7 @@ def _parity(rank, lens, opt):
     P = len(lens)
     q, k, v, pq, pk, mask, do = _inputs(lens, opt)
     kw = dict(causal=opt.get("causal", True), block_size=opt.get("block_size"),
-              normalize=opt.get("normalize", True), backend="torch")
+              normalize=opt.get("normalize", True), backend=os.environ.get("LK_CP_TEST_BACKEND", "torch"))
     full = [t.clone().requires_grad_() for t in (q, k, v, pq, pk)]
     ref = lk.leap_attention(*full, key_padding_mask=mask, **kw)
     (ref * do).sum().backward()
@@ -131,6 +133,9 @@ def _error_cases(rank):
         *args(), group=W, causal=rank == 0))
     out["block_size_differs"] = _raises(lambda: lk.distributed.leap_attention_cp(
         *args(), group=W, block_size=2 + rank))
+    grad_args = args()
+    grad_args[1].requires_grad_(rank == 0)
+    out["grad_differs"] = _raises(lambda: lk.distributed.leap_attention_cp(*grad_args, group=W))
     bad_mask = torch.zeros(1, 4 if rank == 0 else 3, dtype=torch.bool)
     out["mask_bad_on_rank_1"] = _raises(lambda: lk.distributed.leap_attention_cp(
         *args(), group=W, key_padding_mask=bad_mask))
@@ -191,13 +196,22 @@ _RUNS = {}
 
 def _run(world, tmp_path_factory):
     """Spawn ``world`` processes once per session; returns each rank's results."""
-    if world in _RUNS:
+    if world in _RUNS:  # one spawn per world, a failed one included (no re-spawn per test)
+        if isinstance(_RUNS[world], BaseException):
+            raise _RUNS[world]
         return _RUNS[world]
+    try:
+        _RUNS[world] = _spawn(world, tmp_path_factory)
+    except BaseException as e:
+        _RUNS[world] = e
+        raise
+    return _RUNS[world]
+
+
+def _spawn(world, tmp_path_factory):
     d = tmp_path_factory.mktemp(f"cp{world}")
     ctx = mp.start_processes(_worker, args=(world, str(d / "store"), str(d)), nprocs=world, join=False,
                              start_method="spawn")
-    import time
-
     deadline = time.monotonic() + SPAWN_TIMEOUT
     try:
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -213,7 +227,6 @@ def _run(world, tmp_path_factory):
             runs.append(json.load(fh))
     for r, res in enumerate(runs):
         assert "crash" not in res, f"rank {r}: {res['crash']}"
-    _RUNS[world] = runs
     return runs
 
 
@@ -234,6 +247,7 @@ ERRORS = {  # case -> (exception type, words every rank's one-line message conta
     "head_dim_differs": ("ValueError", ["q", "head dim", "rank 1"]),
     "causal_differs": ("ValueError", ["causal", "rank 1"]),
     "block_size_differs": ("ValueError", ["block_size", "rank 1"]),
+    "grad_differs": ("ValueError", ["requires_grad", "rank 1"]),
     "mask_bad_on_rank_1": ("ValueError", ["key_padding_mask"]),
     "slice_lengths_count": ("ValueError", ["slice_lengths", "3 entries", "2 ranks"]),
     "slice_lengths_swapped": ("ValueError", ["slice_lengths"]),
