@@ -102,7 +102,7 @@ def future_targets(seq: torch.Tensor, emb_weight: torch.Tensor, windows, kind: s
 class FutureFormerConfig:
     vocab_size: int = 256
     seq_len: int = 128
-    n_layer: int = 4
+    n_layer: int = 5
     n_head: int = 4
     n_kv_head: int = 1           # 1 = multi-query attention
     n_embd: int = 128
@@ -112,7 +112,7 @@ class FutureFormerConfig:
     leap_hidden: Optional[int] = None
     eps: float = 0.1
     dropout: float = 0.0
-    fs_periods: int = 2          # P: future windows, one per block before the final one
+    fs_periods: int = 3          # P: future windows, one per block before the final one (upstream: 3)
     fs_windows: str = "nested"   # nested (upstream code: 3, 9, 27) | dyadic (upstream README: 2-3, 4-7, ...)
     fs_mult: int = 3             # nested: window k holds fs_mult^k tokens after the next one
     fs_target: str = "mean"      # sum | mean | max (pooled normed embeddings) | bce (multi-hot)
@@ -135,9 +135,11 @@ class FutureFormerConfig:
         "eps": "LeaP denominator clamp (>= 0)",
         "dropout": "dropout probability in [0, 1)",
         "fs_periods": "future windows P, predicted coarsest first by the P blocks before the last",
-        "fs_windows": "future windows: nested (fs_mult^k tokens after the next one) | dyadic (2-3, 4-7, 8-15, ...)",
+        "fs_windows": "future windows: nested | dyadic (nested: fs_mult^k tokens after the next one; dyadic: 2-3, "
+                      "4-7, 8-15, ...)",
         "fs_mult": "nested windows: window k holds fs_mult^k tokens after the next one (>= 2)",
-        "fs_target": "future target: sum | mean | max pool of normed tied embeddings, or bce (multi-hot)",
+        "fs_target": "future target: sum | mean | max | bce (that pool of the normed tied embeddings, or the "
+                     "multi-hot of the window's tokens)",
         "fs_loss": "loss of the pooled targets: mse | cosine",
         "fs_lambda": "future loss weight lambda^k for window k = 1 (finest) .. P (>= 0; 0 = off)",
         "fs_topk": "bce: tokens of a window rebuilt from its prediction (none = the window length)",

@@ -1,0 +1,138 @@
+"""Does FutureFormer's future loss help? ``futureformer`` with the future loss on and off, with LeaP
+and with softmax attention, under one budget.
+
+    python -m leapformer_models.bench_futureformer --steps 100 --threads 1 --out benchmarks/results
+
+Four runs with the same TrainConfig (seed, batches, steps; no time limit): attention in
+{leap, softmax} x fs_lambda in {--fs-lambda, 0} (0: next-token loss only; the future blocks still
+run and are read, so the architecture and parameters are the same). The comparison is the
+validation **next-token** loss (the future terms left out, so runs with and without them are
+scored alike), over fixed batches of the held-out text. Writes ``futureformer_future_loss.png``
+(validation next-token loss curves), ``.md`` (table) and ``.json`` into --out; checkpoints go to
+--runs.
+"""
+import argparse
+import json
+import os
+import platform
+
+import torch
+from tqdm.auto import tqdm
+
+from .futureformer import future_windows
+from .train import TrainConfig, evaluate_terms, load_model, prepare_data, train
+
+LN2 = 0.6931471805599453
+
+
+def _plot(curves, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (steps, vals) in curves.items():
+        ax.plot(steps, vals, marker="o", ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation next-token loss (nats/byte)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-interval", type=int, default=20)
+    p.add_argument("--fs-lambda", type=float, default=0.5)
+    p.add_argument("--fs-target", default="mean")
+    p.add_argument("--fs-windows", default="nested")
+    p.add_argument("--final-eval-batches", type=int, default=24)
+    p.add_argument("--device-label", default="2-core CPU, shared with other jobs")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--runs", default="runs/bench-futureformer")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    results, curves = {}, {}
+    cases = [(att, w) for att in ("leap", "softmax") for w in (a.fs_lambda, 0.0)]
+    for att, w in tqdm(cases, desc="futureformer runs", unit="run"):
+        label = f"{att}, future loss {'on' if w else 'off'}"
+        cfg = TrainConfig(model="futureformer", steps=a.steps, batch_size=a.batch_size,
+                          eval_interval=a.eval_interval, eval_batches=2, ckpt_interval=a.steps, threads=a.threads,
+                          time_limit=None, progress=False,
+                          out=os.path.join(a.runs, f"{att}-future{'on' if w else 'off'}"))
+        over = {"attention": att, "seq_len": a.seq_len, "fs_lambda": w, "fs_target": a.fs_target,
+                "fs_windows": a.fs_windows}
+        # the history's validation loss includes the future terms; for next-token curves the run
+        # stops at every eval point (``stop_after``; --resume continues it bitwise) and is scored there
+        steps, vals = [], []
+        for i, stop in enumerate(range(a.eval_interval, a.steps + a.eval_interval, a.eval_interval)):
+            stop = min(stop, a.steps)
+            cfg.stop_after = stop if stop < a.steps else None
+            s = train(cfg, over, resume=i > 0, overwrite=i == 0)
+            model, tok, _ = load_model(s["checkpoint"])
+            _, _, val = prepare_data(cfg, tok)
+            n = a.final_eval_batches if stop == a.steps else max(4, a.final_eval_batches // 4)
+            terms = evaluate_terms(model, val, n, a.batch_size, seed=12345)
+            steps.append(stop)
+            vals.append(terms["next_token"])
+        s["final_val_terms"] = terms
+        results[label] = s
+        curves[label] = (steps, vals)
+    base = os.path.join(a.out, "futureformer_future_loss")
+    _plot(curves, base + ".png", f"futureformer on pydoc text, {a.steps} steps of {a.batch_size} x {a.seq_len}, "
+          f"{a.device_label}")
+    first = next(iter(results.values()))["model_config"]
+    windows = ", ".join(f"{a_}..{b_}" for a_, b_ in future_windows(first["fs_windows"], first["fs_periods"],
+                                                                   first["fs_mult"]))
+
+    def fut(t):
+        return " / ".join(f"{t[f'future_{k}']:.3f}" for k in range(1, first["fs_periods"] + 1))
+    lines = [
+        "# FutureFormer: does the future loss help?",
+        "",
+        f"Device: {a.device_label} ({platform.machine()}, torch {torch.__version__}, {a.threads} thread(s)). "
+        f"Same budget for every row: {a.steps} steps of {a.batch_size} x {a.seq_len} byte tokens, same seed and "
+        f"batches, pydoc_data.topics (last 10% = validation); model {first['n_layer']} blocks x {first['n_embd']} wide "
+        f"({first['n_head']} query heads, {first['n_kv_head']} key/value head), {first['fs_periods']} "
+        f"{first['fs_windows']} future windows {windows} (offsets from the position; 1 = the next token), target "
+        f"{first['fs_target']} of normed embeddings" + ("" if first['fs_target'] == 'bce' else f" with {first['fs_loss']}")
+        + f", weights lambda^k with lambda = {a.fs_lambda:g} when on.",
+        f"Validation next-token loss in nats per byte over {a.final_eval_batches} fixed batches of the validation "
+        "text (the future terms are not counted, so rows with and without them are scored alike; the val future "
+        "losses of the off rows are those of untrained predictions, for reference).",
+        "",
+        "| attention | future loss | params | val next-token loss | bits/byte | val future loss per window "
+        "(finest first) | train tokens/s | train time (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, s in results.items():
+        t = s["final_val_terms"]
+        att, w = label.split(", ")
+        lines.append(f"| {att} | {w.split()[-1]} | {s['params']:,} | {t['next_token']:.3f} | "
+                     f"{t['next_token'] / LN2:.3f} | {fut(t)} | {s['tokens_per_s']:,.0f} | "
+                     f"{s['train_time_s']:.0f} |")
+    on_off = {att: [results[f"{att}, future loss {x}"]["final_val_terms"]["next_token"] for x in ("on", "off")]
+              for att in ("leap", "softmax")}
+    lines += ["", "Future loss on minus off (val next-token loss): " + ", ".join(
+        f"{att} {v[0] - v[1]:+.3f}" for att, v in on_off.items()) + " nats/byte."]
+    lines += ["", f"Curves: `{os.path.basename(base)}.png`. Reproduce: "
+              f"`python -m leapformer_models.bench_futureformer --steps {a.steps} --threads {a.threads} "
+              f"--fs-lambda {a.fs_lambda:g} --fs-target {a.fs_target} --fs-windows {a.fs_windows}`.", ""]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines))
+    with open(base + ".json", "w") as f:
+        json.dump({k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in results.items()}, f, indent=1,
+                  default=str)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
