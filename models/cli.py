@@ -161,6 +161,13 @@ def _gen_parser():
                    "distance head if trained with one, else the config's gen_distance)")
     p.add_argument("--no-cache", action="store_true",
                    help="causal LMs only: recompute the whole sequence each step (the reference)")
+    p.add_argument("--collapse", choices=["never", "always", "threshold"], default=None,
+                   help="softar only: which fed-back soft vectors become their nearest token's embedding: never, "
+                        "always, or where the cosine distance to it exceeds --collapse-threshold (default: threshold; "
+                        "the text is always the nearest tokens, so --temperature/--top-k/--top-p do not apply)")
+    p.add_argument("--collapse-threshold", type=float, default=None,
+                   help="softar only: cosine distance (1 - cos, >= 0) above which --collapse threshold collapses "
+                        "(default 0.5)")
     _add_debug(p)
     return p
 
@@ -176,6 +183,11 @@ def _check_gen_args(a):
         raise UsageError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {a.seed}")
+    if a.collapse_threshold is not None and not (math.isfinite(a.collapse_threshold) and a.collapse_threshold >= 0):
+        raise UsageError(f"--collapse-threshold must be a finite number >= 0 (a cosine distance), got "
+                         f"{a.collapse_threshold}")
+    if a.collapse_threshold is not None and a.collapse not in (None, "threshold"):
+        raise UsageError(f"--collapse-threshold is for --collapse threshold, not --collapse {a.collapse}")
 
 
 def cmd_generate(argv):
@@ -214,6 +226,12 @@ def cmd_generate(argv):
         kw["use_cache"] = not a.no_cache
     elif a.distance is not None:
         kw["distance"] = a.distance
+    if getattr(model, "collapse_policies", None):  # softar: the collapse policy
+        kw["collapse"] = a.collapse or model.default_collapse
+        kw["threshold"] = model.default_threshold if a.collapse_threshold is None else a.collapse_threshold
+    elif a.collapse is not None or a.collapse_threshold is not None:
+        flag = "--collapse" if a.collapse is not None else "--collapse-threshold"
+        raise UsageError(f"{flag} is for softar; {name} generates tokens, not soft vectors (drop {flag})")
     outs = model.generate(ids, **kw)
     for s, o in zip(prompts, outs):
         print(s + tok.decode(o))
