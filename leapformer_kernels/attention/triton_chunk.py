@@ -7,6 +7,11 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
   recomputation of ``den`` and ``delta = do . num``, 2 = ``dq`` and ``dpq``.
 - ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``.
 - ``triton_step.leap_step_kernel``: the decode step (one launch per step).
+- ``triton_monotone.leap_monotone_kernel_q`` / ``leap_monotone_kernel_dkv``: monotone
+  cross-attention (``num_visible_keys``): a forward-order sweep over query chunks (o; ``den`` /
+  ``delta``; ``dq`` / ``dpq``) and a reverse sweep over key chunks (``dk``, ``dv``, ``dpk``,
+  ``dS0``, ``dz0``), one program per (batch x query head, value tile), not segmented
+  (``_monotone_fwd`` / ``_monotone_bwd``).
 
 Segment-parallel sweeps (v2): when the (sequence x head x value tile) programs do not fill 4x
 the GPU's SMs, each sequence is cut into segments of ``L`` rows (``segment_length``: a multiple of

@@ -96,7 +96,11 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, delta, dq, dpq, t0,
             o_s = s0 + o_i
             b_kv, b_ak, b_sk, b_ck, b_ks, b_kc, b_v = _k_tile(k, pk, v, kpm, o_s, Lk, o_k, m_k, o_v, m_v,
                                                               HKV, K, V, HAS_KPM, DOT_MODE, DT)
-            b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
+            if DOT_MODE == 1:
+                b_lqs, b_lqc = b_qs, b_qc
+            else:  # fp32 operands: reload q per tile, not hoisted (see leap_monotone_kernel_dkv)
+                b_lqs, b_lqc = _q_feats(q, pq, o_t, m_t & (s0 >= 0), o_k, m_k, H, K, DOT_MODE, DT)[3:]
+            b_A = _dot(b_lqs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_lqc, tl.trans(b_kc), DOT_MODE, DT)
             # selected, not multiplied: a key a query does not see reaches nothing
             b_A = tl.where(o_s[None, :] < b_n[:, None], b_A, 0.)
             b_num += _dot(b_A, b_v, DOT_MODE, DT)
@@ -290,10 +294,20 @@ def leap_monotone_kernel_dkv(
             b_M = o_s[None, :] < b_n[:, None]  # rows t (queries), columns s (keys)
             b_aq, b_sq, b_cq, b_qs, b_qc = _q_feats(q, pq, o_t, m_t, o_k, m_k, H, K, DOT_MODE, DT)
             b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
-            b_A = tl.where(b_M, _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT),
+            if DOT_MODE == 1:
+                b_pks, b_pkc, b_pv = b_ks, b_kc, b_v
+            else:
+                # fp32 operands (tf32x3 splits each into two shared-memory buffers): the loop-invariant
+                # key tile's staged operands were hoisted out of the loop and stayed allocated through
+                # it (240 KB of shared memory at Dk = 128, fp16, past the 227 KB of sm_90). Reload the
+                # tile per pair under a bound that reads c (always S: c >= 0), so the compiler neither
+                # merges it with the tile above nor hoists it
+                b_pks, b_pkc, b_pv = _k_tile(k, pk, v, kpm, o_s, tl.where(c >= 0, S, 0), o_k, m_k, o_v, m_v,
+                                             HKV, K, V, HAS_KPM, DOT_MODE, DT)[4:]
+            b_A = tl.where(b_M, _dot(b_qs, tl.trans(b_pks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_pkc), DOT_MODE, DT),
                            0.)
-            b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
             b_dv += _dot(tl.trans(b_A), b_g, DOT_MODE, DT)
+            b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_pv), DOT_MODE, DT) + b_r[:, None], 0.)
             b_dks += _dot(tl.trans(b_dA), b_qs, DOT_MODE, DT)
             b_dkc += _dot(tl.trans(b_dA), b_qc, DOT_MODE, DT)
         # selected, not multiplied: a padded key's gradients are exactly 0 even if dH holds NaN
