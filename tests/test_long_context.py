@@ -66,7 +66,9 @@ def test_long_preset_defaults_and_train(tmp_path, capsys, one_thread):
     s = _json_out(capsys.readouterr().out)
     assert s["steps"] == 2 and s["model"] == "leapformer-lm-long" and math.isfinite(s["final_val_loss"])
     summary = json.load(open(out / "metrics.json"))["summary"]
-    assert summary["model_config"]["seq_len"] == 2048 and summary["train_config"]["eval_interval"] == 25
+    defaults = lm.MODELS["leapformer-lm-long"].train_defaults
+    assert summary["model_config"]["seq_len"] == 2048 and summary["train_config"]["steps"] == 2
+    assert all(summary["train_config"][k] == v for k, v in defaults.items() if k not in ("steps", "batch_size", "eval_batches"))
     # no position table: the model reads and generates past its training length
     model = lm.load_checkpoint(str(out / "ckpt.pt"))
     assert model.max_new_tokens_that_fit([[1] * 3000]) is None
