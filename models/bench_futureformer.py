@@ -55,6 +55,7 @@ def main(argv=None):
     p.add_argument("--fs-target", default="mean")
     p.add_argument("--fs-windows", default="nested")
     p.add_argument("--final-eval-batches", type=int, default=24)
+    p.add_argument("--curve-eval-batches", type=int, default=6)
     p.add_argument("--device-label", default="2-core CPU, shared with other jobs")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--runs", default="runs/bench-futureformer")
@@ -79,11 +80,12 @@ def main(argv=None):
             s = train(cfg, over, resume=i > 0, overwrite=i == 0)
             model, tok, _ = load_model(s["checkpoint"])
             _, _, val = prepare_data(cfg, tok)
-            n = a.final_eval_batches if stop == a.steps else max(4, a.final_eval_batches // 4)
-            terms = evaluate_terms(model, val, n, a.batch_size, seed=12345)
+            # every curve point on the same batches (the first --curve-eval-batches of the final ones)
+            point = evaluate_terms(model, val, a.curve_eval_batches, a.batch_size, seed=12345)
             steps.append(stop)
-            vals.append(terms["next_token"])
-        s["final_val_terms"] = terms
+            vals.append(point["next_token"])
+        s["final_val_terms"] = evaluate_terms(model, val, a.final_eval_batches, a.batch_size, seed=12345)
+        s["curve"] = {"step": steps, "val_next_token": vals, "batches": a.curve_eval_batches}
         results[label] = s
         curves[label] = (steps, vals)
     base = os.path.join(a.out, "futureformer_future_loss")
@@ -123,7 +125,8 @@ def main(argv=None):
               for att in ("leap", "softmax")}
     lines += ["", "Future loss on minus off (val next-token loss): " + ", ".join(
         f"{att} {v[0] - v[1]:+.3f}" for att, v in on_off.items()) + " nats/byte."]
-    lines += ["", f"Curves: `{os.path.basename(base)}.png`. Reproduce: "
+    lines += ["", f"Curves: `{os.path.basename(base)}.png` (each point over the same first {a.curve_eval_batches} of "
+              "those batches). Reproduce: "
               f"`python -m leapformer_models.bench_futureformer --steps {a.steps} --threads {a.threads} "
               f"--fs-lambda {a.fs_lambda:g} --fs-target {a.fs_target} --fs-windows {a.fs_windows}`.", ""]
     with open(base + ".md", "w") as f:
