@@ -99,7 +99,7 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, delta, dq, dpq, t0,
             if DOT_MODE == 1:
                 b_lqs, b_lqc = b_qs, b_qc
             else:  # fp32 operands: reload q per tile, not hoisted (see leap_monotone_kernel_dkv)
-                b_lqs, b_lqc = _q_feats(q, pq, o_t, m_t & (s0 >= 0), o_k, m_k, H, K, DOT_MODE, DT)[3:]
+                _x0, _x1, _x2, b_lqs, b_lqc = _q_feats(q, pq, o_t, m_t & (s0 >= 0), o_k, m_k, H, K, DOT_MODE, DT)
             b_A = _dot(b_lqs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_lqc, tl.trans(b_kc), DOT_MODE, DT)
             # selected, not multiplied: a key a query does not see reaches nothing
             b_A = tl.where(o_s[None, :] < b_n[:, None], b_A, 0.)
@@ -302,8 +302,8 @@ def leap_monotone_kernel_dkv(
                 # it (240 KB of shared memory at Dk = 128, fp16, past the 227 KB of sm_90). Reload the
                 # tile per pair under a bound that reads c (always S: c >= 0), so the compiler neither
                 # merges it with the tile above nor hoists it
-                b_pks, b_pkc, b_pv = _k_tile(k, pk, v, kpm, o_s, tl.where(c >= 0, S, 0), o_k, m_k, o_v, m_v,
-                                             HKV, K, V, HAS_KPM, DOT_MODE, DT)[4:]
+                _x0, _x1, _x2, _x3, b_pks, b_pkc, b_pv = _k_tile(k, pk, v, kpm, o_s, tl.where(c >= 0, S, 0), o_k, m_k,
+                                                                 o_v, m_v, HKV, K, V, HAS_KPM, DOT_MODE, DT)
             b_A = tl.where(b_M, _dot(b_qs, tl.trans(b_pks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_pkc), DOT_MODE, DT),
                            0.)
             b_dv += _dot(tl.trans(b_A), b_g, DOT_MODE, DT)
