@@ -257,7 +257,8 @@ def plot(payload, path):
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # an interrupted run may have no decode case yet
+            ax.legend(fontsize=8)
     fig.suptitle(f"leapformer-lm, {m['model']} | {m['device']} | torch {m['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

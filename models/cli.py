@@ -357,6 +357,9 @@ def _eval_full_pass(a, model, tok, ckpt, val_ids, bs, res):
     if limit is not None and window > limit[0]:
         raise UsageError(f"--window {window} is longer than this model's {limit[1]} = {limit[0]} positions; "
                          f"pass --window {limit[0]} or less")
+    if len(val_ids) < 2:
+        raise UsageError(f"the validation text has {len(val_ids)} token(s): at least 2 are needed to score a "
+                         "prediction (use a longer --data)")
     out = a.out or os.path.dirname(os.path.abspath(a.ckpt))
     try:
         os.makedirs(out, exist_ok=True)
