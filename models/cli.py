@@ -244,12 +244,13 @@ def cmd_generate(argv):
 
 EVAL_DESCRIPTION = """held-out loss of a checkpoint.
 
-Causal LMs (leapformer-lm, leapformer-lm-long) on text: one full pass over the validation text
-(or --data), every next-token prediction scored exactly once; the loss is their mean (nats per
-token). Window j reads tokens [j*stride, j*stride + window) and scores the predictions of the
+Causal LMs on text (leapformer-lm, leapformer-lm-long and the other models that predict the next
+token causally: deepsight, futureformer, softar): one full pass over the validation text (or
+--data), every next-token prediction scored exactly once; the loss is their mean next-token
+cross-entropy (nats per token; auxiliary training losses are not in it). Window j reads tokens [j*stride, j*stride + window) and scores the predictions of the
 tokens no earlier window scored: all of the first window, the last `stride` of each later one
 (so stride < window gives each scored token at least window - stride tokens of context).
---carry-state (the default where possible: LeaP or linear attention with no learned positions)
+--carry-state (the default where possible: LeaP or linear attention without learned positions)
 makes the windows disjoint and starts each from the recurrent state (S, z and the position
 counter of every layer) that the previous window left: every token is then predicted from all
 the text before it, exactly one forward pass over the whole text, and --window only bounds the
@@ -369,7 +370,8 @@ def _eval_full_pass(a, model, tok, ckpt, val_ids, bs, res):
         raise UserError(f"{out} is not writable: pass --out DIR for eval.json and eval_position_loss.png")
     r = sliding_window_loss(model, val_ids, window, stride, carry_state=carry, batch_size=bs, progress=a.progress)
     loss = r["loss"]
-    res.update(val_loss=loss, perplexity=math.exp(loss), bits_per_token=loss / math.log(2), mode="full pass",
+    res.update(val_loss=loss, val_loss_is="next-token cross-entropy in nats per token, every prediction of the "
+               "text scored once", perplexity=math.exp(loss), bits_per_token=loss / math.log(2), mode="full pass",
                tokens_scored=r["tokens"], window=r["window"], stride=r["stride"], windows=r["windows"],
                carry_state=carry, attention=c.attention,
                context=("all the text before each token (recurrent state carried across windows)" if carry else
