@@ -137,12 +137,14 @@ def cmd_train(argv):
     try:
         summary = train(tcfg, overrides, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
-        print(f"\ninterrupted: checkpoint of step {e.step} saved to {e.checkpoint}; resume with:\n"
-              f"  {_resume_command(argv)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
+            print(f"\ninterrupted: checkpoint of step {e.step} saved to {e.checkpoint}; resume with:\n"
+                  f"  {_resume_command(argv)}", file=sys.stderr)
         return 130
     keep = ("model", "attention", "params", "steps", "final_val_loss", "best_val_loss", "val_accuracy",
-            "train_time_s", "tokens_per_s", "device", "threads", "checkpoint")
-    print(json.dumps({k: summary[k] for k in keep if k in summary}, indent=1))
+            "train_time_s", "tokens_per_s", "device", "threads", "processes", "checkpoint")
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: summary[k] for k in keep if k in summary}, indent=1))
     return 0
 
 

@@ -7,6 +7,7 @@ freshly seeded one, and a checkpoint holds the model, the optimizer, both config
 the tokenizer and every RNG state, so ``--resume`` continues with exactly the losses an
 uninterrupted run would have had.
 """
+import contextlib
 import csv
 import json
 import math
@@ -20,7 +21,7 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from . import get_model_class
+from . import distributed, get_model_class
 from .errors import (CheckpointError, RunExistsError, TrainingInterrupted, UsageError,
                      require)
 from .data import encode_corpus, load_text, make_tokenizer, split_text, tokenizer_from_state
@@ -51,6 +52,9 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    grad_accum: int = 1                 # micro-batches per step (per process); batch_size is the global batch
+    distributed: str = "ddp"            # under torchrun: ddp | fsdp (FSDP2, fully_shard)
+    autocast: str = "auto"              # auto (bf16 on CUDA, off elsewhere) | bf16 | off
     eval_interval: int = 100
     eval_batches: int = 8
     ckpt_interval: int = 200
@@ -82,6 +86,11 @@ class TrainConfig:
         "warmup": "linear warm-up steps",
         "weight_decay": "AdamW weight decay on matrices",
         "grad_clip": "clip the gradient norm to this (0 = off)",
+        "grad_accum": "gradient accumulation: micro-batches per step and process (--batch-size is the global "
+                      "batch, divisible by processes x grad-accum)",
+        "distributed": "under torchrun: ddp (replicated model) | fsdp (FSDP2, parameters sharded); "
+                       "ignored in a one-process run",
+        "autocast": "mixed precision: auto (bf16 on CUDA, off elsewhere) | bf16 | off",
         "eval_interval": "steps between validation losses",
         "eval_batches": "batches per validation loss",
         "ckpt_interval": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
@@ -120,6 +129,9 @@ class TrainConfig:
         check.integer("warmup", self.warmup, 0)
         check.number("weight_decay", self.weight_decay, 0, None)
         check.number("grad_clip", self.grad_clip, 0, None)
+        check.integer("grad_accum", self.grad_accum, 1)
+        check.choice("distributed", self.distributed, ("ddp", "fsdp"))
+        check.choice("autocast", self.autocast, ("auto", "bf16", "off"))
         check.integer("seed", self.seed, 0)
         check.integer("threads", self.threads, 1, optional=True)
         if not isinstance(self.device, str) or not self.device:
@@ -433,7 +445,7 @@ def plot_losses(histories: dict, path: str, title: str = "") -> None:
 
 # --------------------------------------------------------------------------- training
 _RUN_CONTROL = ("steps", "stop_after", "time_limit", "eval_interval", "ckpt_interval", "log_interval", "device",
-                "out", "progress")
+                "out", "progress", "grad_accum", "distributed", "autocast")
 
 
 def default_out(cfg: TrainConfig, model_overrides: Optional[dict] = None) -> str:
@@ -522,12 +534,15 @@ def train(cfg: TrainConfig, model_overrides: Optional[dict] = None, resume: bool
         raise RunExistsError(f"{out} already holds a checkpoint{step}: pass --resume to continue it, "
                              f"--overwrite to start over, or --out DIR for a new run")
     cfg.out = out
-    device = resolve_device(cfg.device)
+    ctx, device = distributed.setup(resolve_device(cfg.device), cfg.distributed)
     cfg.threads = cfg.threads or auto_threads()
-    created = _new_dirs(out)
+    created = []
     finished = False
     try:
-        result = _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model)
+        distributed.check_batch(ctx, cfg.batch_size, cfg.grad_accum)
+        created = _new_dirs(out) if ctx.main else []
+        distributed.barrier(ctx)
+        result = _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model, ctx)
         finished = True
         return result
     finally:
@@ -537,6 +552,7 @@ def train(cfg: TrainConfig, model_overrides: Optional[dict] = None, resume: bool
                     os.rmdir(d)
                 except OSError:
                     break
+        distributed.teardown(ctx)
 
 
 def _peek_step(path: str) -> str:
@@ -546,7 +562,13 @@ def _peek_step(path: str) -> str:
         return ""
 
 
-def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
+def _autocast(cfg, device):
+    on = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model, ctx=None):
+    ctx = ctx or distributed.Context()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -561,11 +583,21 @@ def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
         mcfg = cls.Config(**{**model_overrides, "vocab_size": tokenizer.vocab_size})
     model = cls(mcfg).to(device)
     _check_corpus(model, cfg, train_ids, val_ids)
-    opt = make_optimizer(model, cfg)
+    if ckpt:  # the full state, before DDP / FSDP wrap (and shard) the model
+        model.load_state_dict(ckpt["model"])
+    if ctx.distributed:
+        probe = model.get_batch(train_ids, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 2))
+        unused = distributed.unused_parameters(model, _to_device(distributed.shard(probe, ctx, cfg.grad_accum)[0],
+                                                                  device))
+        if unused:
+            raise UsageError(f"{cfg.model} has parameters that get no gradient in a training step "
+                             f"({', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}): DDP / FSDP need every "
+                             "parameter used; remove them from the model")
+    wrapped = distributed.wrap(model, ctx, device)
+    opt = make_optimizer(model, cfg)  # after wrapping: under FSDP the parameters are the sharded ones
     step, history, train_time, tokens_seen = 0, [], 0.0, 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        distributed.load_optimizer(model, opt, ckpt["optimizer"], ctx)
         step, history = ckpt["step"], ckpt["history"]
         train_time, tokens_seen = ckpt.get("train_time", 0.0), ckpt.get("tokens_seen", 0)
         _set_rng_states(ckpt["rng"], gen)
@@ -577,30 +609,37 @@ def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
 
     def checkpoint():
         saved_step[0] = step
-        save_checkpoint(ckpt_path, {
-            "model_name": cfg.model, "model_config": asdict(mcfg), "train_config": asdict(cfg),
-            "tokenizer": tokenizer.state(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "history": history, "train_time": train_time, "tokens_seen": tokens_seen,
-            "rng": _rng_states(gen), "version": 1, "package_version": package_version()})
+        model_state, opt_state = distributed.full_state(model, opt, ctx)  # every rank (FSDP gathers)
+        if ctx.main:
+            save_checkpoint(ckpt_path, {
+                "model_name": cfg.model, "model_config": asdict(mcfg), "train_config": asdict(cfg),
+                "tokenizer": tokenizer.state(), "model": model_state, "optimizer": opt_state,
+                "step": step, "history": history, "train_time": train_time, "tokens_seen": tokens_seen,
+                "rng": _rng_states(gen), "version": 1, "package_version": package_version()})
+        distributed.barrier(ctx)
 
-    def val_loss():
-        return evaluate(model, val_ids, cfg.eval_batches, cfg.batch_size, seed=cfg.seed + 1)
+    def val_loss():  # every rank evaluates the same batches (FSDP needs all of them in each forward)
+        return evaluate(distributed.evaluator(wrapped), val_ids, cfg.eval_batches, cfg.batch_size, seed=cfg.seed + 1)
 
     def finish(interrupted: bool):
         vals = [r["val_loss"] for r in history if r["val_loss"] is not None]
         extra = {}
         if isinstance(val_ids, TaskData):
-            extra["val_accuracy"] = task_accuracy(model, val_ids, cfg.eval_batches, cfg.batch_size, seed=cfg.seed + 1)
+            with distributed.eval_context(wrapped, ctx):
+                extra["val_accuracy"] = task_accuracy(model, val_ids, cfg.eval_batches, cfg.batch_size,
+                                                      seed=cfg.seed + 1)
         summary = {**extra, "model": cfg.model, "attention": attention, "params": n_params, "steps": step,
                    "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
                    "train_time_s": train_time, "tokens_seen": tokens_seen,
                    "tokens_per_s": tokens_seen / train_time if train_time else None,
                    "device": str(device), "attention_backend": attention_backend(device),
                    "threads": torch.get_num_threads(), "checkpoint": ckpt_path, "interrupted": interrupted,
-                   "model_config": asdict(mcfg), "train_config": asdict(cfg)}
-        write_metrics(out, history, summary)
-        plot_losses({f"{cfg.model} ({attention})": history}, os.path.join(out, "loss.png"),
-                    f"{cfg.model}, {attention} attention")
+                   "model_config": asdict(mcfg), "train_config": asdict(cfg), "processes": ctx.world}
+        if ctx.main:  # one writer
+            write_metrics(out, history, summary)
+            plot_losses({f"{cfg.model} ({attention})": history}, os.path.join(out, "loss.png"),
+                        f"{cfg.model}, {attention} attention")
+        distributed.barrier(ctx)
         return summary
 
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
@@ -609,25 +648,32 @@ def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
         if step == 0:
             history.append({"step": 0, "train_loss": None, "val_loss": val_loss(), "lr": None,
                             "tokens_per_s": None, "elapsed_s": 0.0})
-        if cfg.progress:
+        if cfg.progress and ctx.main:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.model} ({attention})", dynamic_ncols=True)
         model.train()
         rate = None
         try:
-            while step < last and stop.signal is None:
+            while step < last and not distributed.any_rank(stop.signal is not None, ctx, device):
                 t0 = time.perf_counter()
                 lr = lr_at(cfg, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                batch = _to_device(model.get_batch(train_ids, cfg.batch_size, gen), device)
-                loss = model.loss(batch)
+                batch = model.get_batch(train_ids, cfg.batch_size, gen)  # the global batch, on every rank
+                micro = distributed.shard(batch, ctx, cfg.grad_accum)  # this rank's micro-batches
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_v = 0.0
+                for i, mb in enumerate(micro):
+                    with distributed.sync_context(wrapped, ctx, last=i == len(micro) - 1), _autocast(cfg, device):
+                        loss = wrapped(_to_device(mb, device))
+                        if cfg.grad_accum > 1:
+                            loss = loss / cfg.grad_accum
+                        loss.backward()
+                    loss_v += loss.item()
+                loss_v = distributed.mean(loss_v, ctx, device)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
-                loss_v = loss.item()
                 dt = time.perf_counter() - t0
                 ntok = model.batch_tokens(batch)
                 step += 1
@@ -636,7 +682,8 @@ def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
                 rate = ntok / dt if rate is None else 0.9 * rate + 0.1 * ntok / dt
                 row = {"step": step, "train_loss": loss_v, "val_loss": None, "lr": lr, "tokens_per_s": ntok / dt,
                        "elapsed_s": train_time}
-                out_of_time = cfg.time_limit is not None and train_time >= cfg.time_limit
+                out_of_time = distributed.any_rank(cfg.time_limit is not None and train_time >= cfg.time_limit,
+                                                   ctx, device)
                 if step % cfg.eval_interval == 0 or step == last or out_of_time:
                     row["val_loss"] = val_loss()
                 history.append(row)
@@ -645,17 +692,19 @@ def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model):
                     bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{rate:,.0f}",
                                     val=f"{row['val_loss']:.3f}" if row["val_loss"] is not None else None,
                                     refresh=False)
-                elif step % cfg.log_interval == 0 or step == last or row["val_loss"] is not None:
+                elif ctx.main and (step % cfg.log_interval == 0 or step == last or row["val_loss"] is not None):
                     val = f" val {row['val_loss']:.4f}" if row["val_loss"] is not None else ""
                     print(f"step {step}/{cfg.steps} loss {loss_v:.4f}{val} ({rate:,.0f} tok/s)", flush=True)
-                if step % cfg.ckpt_interval == 0 or step == last or out_of_time or stop.signal is not None:
+                if step % cfg.ckpt_interval == 0 or step == last or out_of_time or \
+                        distributed.any_rank(stop.signal is not None, ctx, device):
                     checkpoint()
                 if out_of_time:
                     break
         finally:
             if bar is not None:
                 bar.close()
-        if stop.signal is not None and step < last:
+        stopped = distributed.any_rank(stop.signal is not None, ctx, device)  # every rank takes the same path
+        if stopped and step < last:
             if saved_step[0] != step:
                 checkpoint()
             finish(interrupted=True)
