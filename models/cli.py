@@ -165,11 +165,11 @@ def _gen_parser():
                    help="causal LMs only: recompute the whole sequence each step (the reference)")
     p.add_argument("--collapse", choices=["never", "always", "threshold"], default=None,
                    help="softar only: which fed-back soft vectors become their nearest token's embedding: never, "
-                        "always, or where the cosine distance to it exceeds --collapse-threshold (default: threshold; "
+                        "always, or where the cosine distance to it exceeds --collapse-threshold (default: never; "
                         "the text is always the nearest tokens, so --temperature/--top-k/--top-p do not apply)")
     p.add_argument("--collapse-threshold", type=float, default=None,
                    help="softar only: cosine distance (1 - cos, >= 0) above which --collapse threshold collapses "
-                        "(default 0.5)")
+                        "(default 0.5; given alone it implies --collapse threshold)")
     _add_debug(p)
     return p
 
@@ -229,7 +229,7 @@ def cmd_generate(argv):
     elif a.distance is not None:
         kw["distance"] = a.distance
     if getattr(model, "collapse_policies", None):  # softar: the collapse policy
-        kw["collapse"] = a.collapse or model.default_collapse
+        kw["collapse"] = a.collapse or ("threshold" if a.collapse_threshold is not None else model.default_collapse)
         kw["threshold"] = model.default_threshold if a.collapse_threshold is None else a.collapse_threshold
     elif a.collapse is not None or a.collapse_threshold is not None:
         flag = "--collapse" if a.collapse is not None else "--collapse-threshold"

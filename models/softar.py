@@ -53,6 +53,12 @@ output y is fed back as the next input vector, by the collapse policy: ``never``
 ``threshold``: a vector far from every token is out of the training distribution, and collapsing
 it grounds the context, the seed's "coherence" argument). The output text is always the collapsed
 tokens (deterministic: the sampling arguments of the zoo's ``generate`` are accepted and ignored).
+The default policy is ``never``: in ``bench_softar`` (benchmarks/results/softar.md) it gave the
+lowest loss of the true continuation when the model runs on its own outputs, ``always`` the
+highest, ``threshold`` in between. The default threshold (0.5) is a plain cosine distance; trained
+models there put their outputs 0.74-0.77 from the nearest token (the MSE-optimal output under
+uncertainty is the mean of the likely next embeddings, far from each of them), so 0.5 collapses
+nearly everything: pick the threshold from a model's own distances (the bench's quantiles).
 """
 import math
 import sys
@@ -291,7 +297,7 @@ class SoftAR(LeapformerLM):
     Config = SoftARConfig
     causal = True
     collapse_policies = COLLAPSE_POLICIES
-    default_collapse = "threshold"
+    default_collapse = "never"  # the lowest free-running loss in bench_softar (benchmarks/results/softar.md)
     default_threshold = DEFAULT_THRESHOLD
 
     def __init__(self, config: SoftARConfig):
@@ -396,7 +402,7 @@ class SoftAR(LeapformerLM):
                              f"{threshold!r}")
 
     @torch.no_grad()
-    def rollout(self, prompt: torch.Tensor, steps: int, collapse: str = "threshold",
+    def rollout(self, prompt: torch.Tensor, steps: int, collapse: str = "never",
                 threshold: float = DEFAULT_THRESHOLD, use_cache: bool = True) -> Dict[str, torch.Tensor]:
         """Generate ``steps`` vectors after the hard-token prompt [B, P] (P >= 1, rows of one length).
 
@@ -445,7 +451,7 @@ class SoftAR(LeapformerLM):
     def generate(self, prompts: List[List[int]], max_new_tokens: int = 100, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                 collapse: str = "threshold", threshold: float = DEFAULT_THRESHOLD) -> List[List[int]]:
+                 collapse: str = "never", threshold: float = DEFAULT_THRESHOLD) -> List[List[int]]:
         """Continue each prompt by max_new_tokens tokens; returns the new ids (the collapsed outputs).
 
         Soft vectors are fed back by the ``collapse`` policy (see ``rollout``). The text is always
