@@ -30,7 +30,8 @@ STAGES = {0: "fwd", 1: "bwd.den_delta", 2: "bwd.dq"}
 
 def label(name: str, kwargs: Dict) -> str:
     """Readable kernel name: fwd, fwd.segment_sums, segment_scan, bwd.den_delta, bwd.dq,
-    bwd.segment_sums, bwd.dkv, step, step_inplace, pool.<name>."""
+    bwd.segment_sums, bwd.dkv, step, step_inplace, monotone.fwd / .bwd.den_delta / .bwd.dq / .bwd.dkv,
+    pool.<name>."""
     if name == "leap_fwd_kernel_sweep":
         return STAGES.get(kwargs.get("STAGE"), f"sweep{kwargs.get('STAGE')}")
     if name == "leap_bwd_kernel_dkv":
@@ -43,6 +44,11 @@ def label(name: str, kwargs: Dict) -> str:
         return "bwd.segment_sums"
     if name == "leap_segment_scan_kernel":
         return "segment_scan"
+    if name == "leap_monotone_kernel_q":  # monotone cross-attention (num_visible_keys)
+        return {0: "monotone.fwd", 1: "monotone.bwd.den_delta", 2: "monotone.bwd.dq"}.get(
+            kwargs.get("STAGE"), f"monotone.q{kwargs.get('STAGE')}")
+    if name == "leap_monotone_kernel_dkv":
+        return "monotone.bwd.dkv"
     return "pool." + name.strip("_").removesuffix("_kernel")
 
 
