@@ -342,22 +342,24 @@ class LeapAttention(nn.Module):
                 k = self._rotate(k, rot[1])
             pad = key_padding_mask if key_padding_mask is not None else torch.zeros(
                 k.shape[:2], dtype=torch.bool, device=k.device)
+            if key_padding_mask is not None:  # padded keys enter the cache as 0 (selected: NaN included), once
+                zero = torch.zeros((), dtype=k.dtype, device=k.device)
+                k = torch.where(key_padding_mask[:, :, None, None], zero, k)
+                v = torch.where(key_padding_mask[:, :, None, None], zero, v)
             if state is not None:  # extend the cache (self, causal cross and non-causal cross alike)
                 k = torch.cat([state[0], k], 1)
                 v = torch.cat([state[1], v], 1)
                 pad = torch.cat([state[2], pad], 1)
-        new_state = (k, v, pad)
-        g = self.num_heads // self.num_kv_heads
-        kh, vh = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        qt, kt = q.transpose(1, 2), kh.transpose(1, 2)
+        new_state = (k, v, pad)  # padded keys are 0 in the cache (selected on entry)
+        # GQA through SDPA's enable_gqa: no repeated copy of the keys and values (of the whole cache
+        # at every decoding step)
+        gqa = dict(enable_gqa=True) if self.num_heads != self.num_kv_heads else {}
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         plain = (state is None and key_padding_mask is None and cu_seqlens is None and self.block_size is None
                  and num_visible_keys is None)
         if plain and (not self.causal or k.shape[1] == T):  # no T x T mask: the flash / efficient kernels run
-            o = F.scaled_dot_product_attention(qt, kt, vh.transpose(1, 2), is_causal=self.causal)
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=self.causal, **gqa)
             return o.transpose(1, 2), new_state
-        zero = torch.zeros((), dtype=vh.dtype, device=vh.device)  # padded keys: selected to 0, NaN included
-        kt = torch.where(pad[:, None, :, None], zero, kt)
-        vh = torch.where(pad[:, :, None, None], zero, vh)
         allowed = ~pad[:, None, None, :]  # [B, 1, 1, S]
         S = k.shape[1]
         t = torch.arange(T, device=q.device)[:, None] + (S - T if self.causal else 0)  # absolute query positions
@@ -377,7 +379,7 @@ class LeapAttention(nn.Module):
             allowed = allowed & (s[None, None] < (cached + n)[:, None, :, None])
         allowed = allowed.expand(B, 1, T, S)
         any_key = allowed.any(-1, keepdim=True)  # rows with no visible key give 0, not NaN
-        o = F.scaled_dot_product_attention(qt, kt, vh.transpose(1, 2), attn_mask=allowed | ~any_key)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed | ~any_key, **gqa)
         o = o * any_key.to(o.dtype)
         return o.transpose(1, 2), new_state
 
