@@ -95,6 +95,9 @@ def main(argv=None):
     windows = ", ".join(f"{a_}..{b_}" for a_, b_ in future_windows(first["fs_windows"], first["fs_periods"],
                                                                    first["fs_mult"]))
 
+    target = ("multi-hot of the window's tokens with BCE" if first["fs_target"] == "bce" else
+              f"{first['fs_target']} of the normed embeddings with {first['fs_loss']}")
+
     def fut(t):
         return " / ".join(f"{t[f'future_{k}']:.3f}" for k in range(1, first["fs_periods"] + 1))
     lines = [
@@ -104,9 +107,8 @@ def main(argv=None):
         f"Same budget for every row: {a.steps} steps of {a.batch_size} x {a.seq_len} byte tokens, same seed and "
         f"batches, pydoc_data.topics (last 10% = validation); model {first['n_layer']} blocks x {first['n_embd']} wide "
         f"({first['n_head']} query heads, {first['n_kv_head']} key/value head), {first['fs_periods']} "
-        f"{first['fs_windows']} future windows {windows} (offsets from the position; 1 = the next token), target "
-        f"{first['fs_target']} of normed embeddings" + ("" if first['fs_target'] == 'bce' else f" with {first['fs_loss']}")
-        + f", weights lambda^k with lambda = {a.fs_lambda:g} when on.",
+        f"{first['fs_windows']} future windows {windows} (offsets from the position; 1 = the next token), target: "
+        + target + f", weights lambda^k with lambda = {a.fs_lambda:g} when on.",
         f"Validation next-token loss in nats per byte over {a.final_eval_batches} fixed batches of the validation "
         "text (the future terms are not counted, so rows with and without them are scored alike; the val future "
         "losses of the off rows are those of untrained predictions, for reference).",
