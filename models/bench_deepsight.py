@@ -17,28 +17,8 @@ import platform
 import torch
 from tqdm.auto import tqdm
 
-from .train import TrainConfig, evaluate_terms, load_model, prepare_data, train
-
-LN2 = 0.6931471805599453
-
-
-def _plot(curves, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (steps, vals) in curves.items():
-        ax.plot(steps, vals, marker="o", ms=3, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation next-token loss (nats/byte)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+from .bench_util import LN2, plot_curves, train_with_curve
+from .train import TrainConfig
 
 
 def main(argv=None):
@@ -49,6 +29,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--final-eval-batches", type=int, default=40)
+    p.add_argument("--curve-eval-batches", type=int, default=10)
     p.add_argument("--device-label", default="2-core CPU, shared with other jobs")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--runs", default="runs/bench-deepsight")
@@ -62,24 +43,14 @@ def main(argv=None):
                           ckpt_interval=a.steps, threads=a.threads, time_limit=None, progress=False,
                           out=os.path.join(a.runs, f"{att}-plan{int(w)}"))
         over = {"attention": att, "seq_len": a.seq_len, "plan_weight": w}
-        # the history's validation loss includes the planning term; for next-token curves the run
-        # stops at every eval point (``stop_after``; --resume continues it bitwise) and is scored there
-        steps, vals = [], []
-        for i, stop in enumerate(range(a.eval_interval, a.steps + a.eval_interval, a.eval_interval)):
-            stop = min(stop, a.steps)
-            cfg.stop_after = stop if stop < a.steps else None
-            s = train(cfg, over, resume=i > 0)
-            model, tok, _ = load_model(s["checkpoint"])
-            _, _, val = prepare_data(cfg, tok)
-            n = a.final_eval_batches if stop == a.steps else max(4, a.final_eval_batches // 4)
-            terms = evaluate_terms(model, val, n, a.batch_size, seed=12345)
-            steps.append(stop)
-            vals.append(terms["next_token"])
+        s, steps, vals, terms = train_with_curve(cfg, over, a.eval_interval, a.curve_eval_batches,
+                                                 a.final_eval_batches)
         s["final_val_terms"] = terms
+        s["curve"] = {"step": steps, "val_next_token": vals, "batches": a.curve_eval_batches}
         results[label] = s
         curves[label] = (steps, vals)
     base = os.path.join(a.out, "deepsight_plan")
-    _plot(curves, base + ".png", f"deepsight on pydoc text, {a.steps} steps of {a.batch_size} x {a.seq_len}, "
+    plot_curves(curves, base + ".png", f"deepsight on pydoc text, {a.steps} steps of {a.batch_size} x {a.seq_len}, "
           f"{a.device_label}")
     first = next(iter(results.values()))["model_config"]
     lines = [
@@ -101,7 +72,8 @@ def main(argv=None):
         att, w = label.split(", ")
         lines.append(f"| {att} | {w.split()[-1]} | {s['params']:,} | {t['next_token']:.3f} | "
                      f"{t['next_token'] / LN2:.3f} | {t['plan']:.3f} | {s['tokens_per_s']:,.0f} |")
-    lines += ["", f"Curves: `{os.path.basename(base)}.png`. Reproduce: "
+    lines += ["", f"Curves: `{os.path.basename(base)}.png` (every point over the same first {a.curve_eval_batches} of "
+              "those batches). Reproduce: "
               f"`python -m leapformer_models.bench_deepsight --steps {a.steps} --threads {a.threads}`.", ""]
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines))

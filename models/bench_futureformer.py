@@ -19,29 +19,9 @@ import platform
 import torch
 from tqdm.auto import tqdm
 
+from .bench_util import LN2, plot_curves, train_with_curve
 from .futureformer import future_windows
-from .train import TrainConfig, evaluate_terms, load_model, prepare_data, train
-
-LN2 = 0.6931471805599453
-
-
-def _plot(curves, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (steps, vals) in curves.items():
-        ax.plot(steps, vals, marker="o", ms=3, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation next-token loss (nats/byte)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+from .train import TrainConfig
 
 
 def main(argv=None):
@@ -71,25 +51,14 @@ def main(argv=None):
                           out=os.path.join(a.runs, f"{att}-future{'on' if w else 'off'}"))
         over = {"attention": att, "seq_len": a.seq_len, "fs_lambda": w, "fs_target": a.fs_target,
                 "fs_windows": a.fs_windows}
-        # the history's validation loss includes the future terms; for next-token curves the run
-        # stops at every eval point (``stop_after``; --resume continues it bitwise) and is scored there
-        steps, vals = [], []
-        for i, stop in enumerate(range(a.eval_interval, a.steps + a.eval_interval, a.eval_interval)):
-            stop = min(stop, a.steps)
-            cfg.stop_after = stop if stop < a.steps else None
-            s = train(cfg, over, resume=i > 0, overwrite=i == 0)
-            model, tok, _ = load_model(s["checkpoint"])
-            _, _, val = prepare_data(cfg, tok)
-            # every curve point on the same batches (the first --curve-eval-batches of the final ones)
-            point = evaluate_terms(model, val, a.curve_eval_batches, a.batch_size, seed=12345)
-            steps.append(stop)
-            vals.append(point["next_token"])
-        s["final_val_terms"] = evaluate_terms(model, val, a.final_eval_batches, a.batch_size, seed=12345)
+        s, steps, vals, terms = train_with_curve(cfg, over, a.eval_interval, a.curve_eval_batches,
+                                                 a.final_eval_batches)
+        s["final_val_terms"] = terms
         s["curve"] = {"step": steps, "val_next_token": vals, "batches": a.curve_eval_batches}
         results[label] = s
         curves[label] = (steps, vals)
     base = os.path.join(a.out, "futureformer_future_loss")
-    _plot(curves, base + ".png", f"futureformer on pydoc text, {a.steps} steps of {a.batch_size} x {a.seq_len}, "
+    plot_curves(curves, base + ".png", f"futureformer on pydoc text, {a.steps} steps of {a.batch_size} x {a.seq_len}, "
           f"{a.device_label}")
     first = next(iter(results.values()))["model_config"]
     windows = ", ".join(f"{a_}..{b_}" for a_, b_ in future_windows(first["fs_windows"], first["fs_periods"],
