@@ -47,7 +47,8 @@ setup(
               "leapformer_kernels.layers", "leapformer_kernels.backends", "leapformer_kernels.csrc",
               "leapformer_models"],
     package_dir={"leapformer_models": "models", "leapformer_kernels.csrc": "csrc"},
-    package_data={"leapformer_kernels.csrc": ["*.cpp", "*.h"], "leapformer_models": ["README.md"]},
+    # every op family's folder (attention/, pooling/, common/): sources and headers
+    package_data={"leapformer_kernels.csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h"], "leapformer_models": ["README.md"]},
     install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
         "zoo": ZOO,

@@ -1,15 +1,21 @@
 """Build and load the C++ CPU kernels in ``csrc/`` (JIT with ninja, cached).
 
-Each ``csrc/<name>.cpp`` is its own extension module (``leapformer_<name>``), compiled by
-``torch.utils.cpp_extension.load`` into ``<cache>/<name>-<key>`` where ``<cache>`` is
-``$LEAPFORMER_CACHE`` or ``~/.cache/leapformer_kernels`` and ``<key>`` hashes everything the
-binary depends on: the sources (``<name>.cpp`` and every ``csrc/*.h``), the full compile and link
-flags, the compiler (``$CXX``), torch's and Python's versions, the machine, and, while
-``-march=native`` is used, the CPU's instruction-set features. Two checkouts or two source
-versions therefore never rebuild each other's binary, and a binary built for one CPU is never
-loaded on another.
+Each extension module (``leapformer_<name>``) is built from the sources ``EXTENSIONS[name]`` lists
+(paths under ``csrc/``, one folder per op family: ``attention/``, ``pooling/``, with the shared
+headers in ``common/``), compiled by ``torch.utils.cpp_extension.load`` into
+``<cache>/<name>-<key>`` where ``<cache>`` is ``$LEAPFORMER_CACHE`` or
+``~/.cache/leapformer_kernels`` and ``<key>`` hashes everything the binary depends on: every
+source and header under ``csrc/`` (so an edited header triggers a rebuild), the full compile and
+link flags, the compiler (``$CXX``), torch's and Python's versions and the machine's
+architecture. Two checkouts or two source versions therefore never rebuild each other's binary.
 
-The first use builds every extension that is not cached yet, in parallel (one compiler per
+The binaries are portable across CPUs of one architecture: nothing is built with
+``-march=native``. The attention kernels are compiled for AVX-512, AVX2 + FMA and the
+baseline ISA in one build (``csrc/attention/kernels_*.cpp``, each unit with its own target) and
+chosen at run time from the CPU's features (``attention/cpu.py``: ``LEAPFORMER_CPU_ISA`` or
+``set_isa()`` force a path). ``LEAPFORMER_NO_NATIVE`` is accepted and no longer changes anything.
+
+The first use builds every extension that is not cached yet, in parallel (one ninja per
 extension), with one line on stderr before ("building the C++ CPU kernels once ...") and one
 after (the time it took); ``leapformer_kernels.build()`` or ``leapformer build`` does it ahead
 of time. A compiler without OpenMP (Apple clang) gets a second attempt without ``-fopenmp``:
@@ -17,8 +23,7 @@ the kernels' task runner is ``at::parallel_for``, which then runs them on one th
 
 A failed build is remembered: ``load`` raises ``BuildError`` carrying the tail of the build log,
 which the dispatch turns into a fallback warning (automatic choice) or a ``ValueError``
-(explicit ``backend="cpu"``). ``LEAPFORMER_NO_NATIVE=1`` builds for the baseline ISA instead of
-``-march=native`` (portable binaries, e.g. a shared cache on a cluster).
+(explicit ``backend="cpu"``).
 """
 from __future__ import annotations
 
@@ -34,9 +39,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-EXTENSIONS = ("leap_attention", "window_pool")
+# extension name -> its translation units (paths under csrc/); the first holds the Python module
+EXTENSIONS: Dict[str, Tuple[str, ...]] = {
+    # the kernels' units in increasing ISA order (the generic one right after the entry points)
+    "leap_attention": ("attention/leap_attention.cpp", "attention/kernels_generic.cpp", "attention/kernels_avx2.cpp",
+                       "attention/kernels_avx512.cpp"),
+    "window_pool": ("pooling/window_pool.cpp",),
+}
 _loaded: Dict[str, object] = {}
 _failed: Dict[str, str] = {}
 _no_openmp: Dict[str, bool] = {}
@@ -50,7 +61,7 @@ def csrc_dir() -> Path:
     """The C++ sources: ``leapformer_kernels/csrc`` in an installed wheel, ``<repo>/csrc`` in a checkout."""
     here = Path(__file__).resolve().parent
     for cand in (here / "csrc", here.parent / "csrc"):
-        if (cand / f"{EXTENSIONS[0]}.cpp").is_file():
+        if (cand / EXTENSIONS["leap_attention"][0]).is_file():
             return cand
     raise BuildError(f"the C++ sources (csrc/) are missing beside {here}: reinstall leapformer-kernels "
                      "(pip install leapformer-kernels, or pip install -e . in a checkout)")
@@ -60,15 +71,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("LEAPFORMER_CACHE") or (Path.home() / ".cache" / "leapformer_kernels"))
 
 
-def native() -> bool:
-    return os.environ.get("LEAPFORMER_NO_NATIVE", "0") in ("", "0")
-
-
 def _flags(openmp: bool = True) -> List[str]:
-    flags = ["-O3", "-std=c++17"] + (["-fopenmp"] if openmp else [])
-    if native():
-        flags.append("-march=native")  # JIT builds run on the machine that uses them (the key holds its ISA)
-    return flags
+    # no -march: the binary runs on any CPU of the architecture (the attention kernels pick
+    # their instruction set at run time)
+    return ["-O3", "-std=c++17"] + (["-fopenmp"] if openmp else [])
 
 
 def _ldflags(openmp: bool = True) -> List[str]:
@@ -76,7 +82,7 @@ def _ldflags(openmp: bool = True) -> List[str]:
 
 
 def cpu_features() -> str:
-    """The CPU's instruction-set features (what ``-march=native`` compiles for), as one string."""
+    """The CPU's instruction-set features, as one string (reported; the build does not depend on them)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -96,11 +102,24 @@ def cpu_features() -> str:
 
 
 def _sources(name: str) -> List[Path]:
+    """The translation units of extension ``name`` (the first defines the Python module)."""
+    if name not in EXTENSIONS:
+        raise BuildError(f"unknown C++ extension {name!r} (known: {', '.join(EXTENSIONS)})")
     d = csrc_dir()
-    src = d / f"{name}.cpp"
-    if not src.is_file():
-        raise BuildError(f"{src} does not exist")
-    return [src] + sorted(d.glob("*.h"))
+    srcs = [d / rel for rel in EXTENSIONS[name]]
+    for src in srcs:
+        if not src.is_file():
+            raise BuildError(f"{src} does not exist")
+    return srcs
+
+
+def _hashed_files(name: str) -> List[Path]:
+    """What the key of ``name`` hashes: its translation units and every source and header under
+    ``csrc/`` (any folder: a header may be included from anywhere)."""
+    d = csrc_dir()
+    extra = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in (".h", ".hpp", ".cpp", ".cc", ".inc"))
+    srcs = _sources(name)
+    return srcs + [p for p in extra if p not in srcs]
 
 
 def build_key(name: str, openmp: bool = True) -> str:
@@ -108,12 +127,11 @@ def build_key(name: str, openmp: bool = True) -> str:
     import torch
 
     h = hashlib.sha256()
-    for p in _sources(name):
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    d = csrc_dir()
+    for p in _hashed_files(name):
+        h.update(p.relative_to(d).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     parts = [" ".join(_flags(openmp)), " ".join(_ldflags(openmp)), os.environ.get("CXX", "c++"), torch.__version__,
              sys.version, str(sysconfig.get_config_var("EXT_SUFFIX")), platform.machine(), sys.platform]
-    if native():
-        parts.append(cpu_features())
     h.update("\0".join(parts).encode())
     return h.hexdigest()[:16]
 
@@ -140,7 +158,7 @@ def _compile(name: str, openmp: bool):
 
     d = build_dir(name, openmp)
     d.mkdir(parents=True, exist_ok=True)
-    return cpp_load(name=f"leapformer_{name}", sources=[str(_sources(name)[0])], extra_cflags=_flags(openmp),
+    return cpp_load(name=f"leapformer_{name}", sources=[str(p) for p in _sources(name)], extra_cflags=_flags(openmp),
                     extra_ldflags=_ldflags(openmp), build_directory=str(d), verbose=False)
 
 
@@ -164,7 +182,7 @@ def _build_one(name: str):
     except BuildError as e:
         return None, str(e)
     except Exception as e:  # cpp_extension's error holds the compiler's output
-        return None, f"building csrc/{name}.cpp failed:\n{str(e).strip()[-3000:]}"
+        return None, f"building csrc/{EXTENSIONS[name][0]} failed:\n{str(e).strip()[-3000:]}"
 
 
 def _build_many(names: Sequence[str]) -> None:
@@ -206,7 +224,7 @@ def _build_many(names: Sequence[str]) -> None:
 
 
 def load(name: str):
-    """Import ``csrc/<name>.cpp``'s extension, building every uncached extension first if needed;
+    """Import extension ``name`` (``EXTENSIONS``), building every uncached extension first if needed;
     raises ``BuildError`` on failure (remembered for the process)."""
     mod = _loaded.get(name)
     if mod is not None:

@@ -22,27 +22,54 @@ def sources(tmp_path, monkeypatch):
     return d
 
 
-def test_key_follows_sources_flags_and_cpu(sources, monkeypatch):
+def test_key_follows_sources_flags_and_compiler(sources, monkeypatch):
     name = "window_pool"
     k0 = _build.build_key(name)
     assert _build.build_key(name) == k0  # deterministic
     assert _build.build_dir(name).name == f"{name}-{k0}"
-    (sources / "window_pool.cpp").write_text((sources / "window_pool.cpp").read_text() + "\n// edit\n")
+    src = sources / "pooling" / "window_pool.cpp"
+    src.write_text(src.read_text() + "\n// edit\n")
     k1 = _build.build_key(name)
     assert k1 != k0
-    (sources / "extra.h").write_text("#pragma once\n")  # every header counts
+    (sources / "extra.h").write_text("#pragma once\n")  # every header counts, in any folder
     k2 = _build.build_key(name)
     assert k2 != k1
-    assert _build.build_key(name, openmp=False) != k2
-    monkeypatch.setattr(_build, "cpu_features", lambda: "sse2 a-different-cpu")
+    hdr = sources / "common" / "task_runner.h"  # a shared header in a subfolder
+    hdr.write_text(hdr.read_text() + "\n// edit\n")
     k3 = _build.build_key(name)
     assert k3 != k2
-    monkeypatch.setenv("LEAPFORMER_NO_NATIVE", "1")  # portable build: the CPU no longer matters
+    (sources / "attention" / "new_header.h").write_text("#pragma once\n")
     k4 = _build.build_key(name)
-    monkeypatch.setattr(_build, "cpu_features", lambda: "yet another cpu")
-    assert _build.build_key(name) == k4 and k4 != k3
+    assert k4 != k3
+    assert _build.build_key(name, openmp=False) != k4
+    # portable binaries: the CPU's features do not enter the key (the ISA is chosen at run time)
+    monkeypatch.setattr(_build, "cpu_features", lambda: "sse2 a-different-cpu")
+    assert _build.build_key(name) == k4
     monkeypatch.setenv("CXX", "clang++")
     assert _build.build_key(name) != k4
+
+
+def test_no_march_native():
+    flags = _build._flags()
+    assert not any(f.startswith(("-march", "-mcpu", "-mavx", "-mtune")) for f in flags), flags
+
+
+def test_sources_listed_exist_and_ship():
+    """Every translation unit exists; the wheel's package data and the sdist's manifest cover every
+    source and header under csrc/ (subfolders included)."""
+    import fnmatch
+    import re
+    d = _build.csrc_dir()
+    files = [p.relative_to(d).as_posix() for p in d.rglob("*") if p.suffix in (".cpp", ".h")]
+    assert files and any("/" in f for f in files)
+    for name in _build.EXTENSIONS:
+        assert all(p.is_file() for p in _build._sources(name))
+    setup = (ROOT / "setup.py").read_text()
+    patterns = re.search(r'"leapformer_kernels.csrc": \[([^\]]*)\]', setup.split("package_data=")[1]).group(1)
+    patterns = [p.strip().strip('"') for p in patterns.split(",")]
+    for f in files:
+        assert any(fnmatch.fnmatch(f, p) and f.count("/") == p.count("/") for p in patterns), f
+    assert "recursive-include csrc *.cpp *.h" in (ROOT / "MANIFEST.in").read_text()
 
 
 def test_cpu_features_are_read():

@@ -21,13 +21,14 @@ HAVE_CPU = "cpu" in lk.available_backends()
 pytestmark = pytest.mark.skipif(not HAVE_CPU, reason="the C++ cpu backend is not available (build failed?)")
 
 # positions and names of the output arguments of each C++ entry point (as attention/cpu.py and
-# pooling/cpu.py pass them)
+# pooling/cpu.py pass them), and the number of configuration arguments after them (the driver
+# mode and the instruction-set path)
 ATTN_OUTS = {
-    "fwd": (14, ("o", "S", "z")),
-    "bwd": (17, ("dq", "dk", "dv", "dpq", "dpk", "dS0", "dz0", "dkh", "dvh", "dpkh")),
-    "step": (9, ("o", "S", "z")),
+    "fwd": (14, ("o", "S", "z"), 2),
+    "bwd": (17, ("dq", "dk", "dv", "dpq", "dpk", "dS0", "dz0", "dkh", "dvh", "dpkh"), 2),
+    "step": (9, ("o", "S", "z"), 1),
 }
-POOL_OUTS = {"pool_fwd": (4, ("pooled", "valid", "argmax")), "pool_bwd": (6, ("dx",))}
+POOL_OUTS = {"pool_fwd": (4, ("pooled", "valid", "argmax"), 0), "pool_bwd": (6, ("dx",), 0)}
 
 
 class _Spy:
@@ -41,11 +42,12 @@ class _Spy:
         fn = getattr(self._ext, name)
         if name not in self._outs:
             return fn
-        first, names = self._outs[name]
+        first, names, n_config = self._outs[name]
 
         def call(*args):
             outs = [(n, t) for n, t in zip(names, args[first:]) if isinstance(t, torch.Tensor)]
-            assert len(args) == first + len(names), f"{name}: {len(args)} arguments"
+            assert len(args) == first + len(names) + n_config, f"{name}: {len(args)} arguments"
+            assert all(isinstance(a, int) for a in args[first + len(names):]), f"{name}: configuration arguments"
             before = {n: bool(torch.isnan(t).all()) for n, t in outs if t.is_floating_point()}
             res = fn(*args)
             after = {n: bool(torch.isfinite(t).all()) for n, t in outs if t.is_floating_point()}

@@ -13,16 +13,51 @@ kernels with each query's key limit read from the tensor (checked in C++: [B, T]
 [0, S], non-decreasing). ``set_mode(1)`` forces the sequential-over-chunks driver,
 ``set_mode(2)`` the across-chunks (two-pass) one, ``set_mode(0)`` chooses automatically.
 
+Instruction-set paths: the kernels are built for AVX-512, AVX2 + FMA and a generic fallback
+(the baseline ISA: also aarch64) and the best one this CPU supports runs, unless one is forced:
+``LEAPFORMER_CPU_ISA=avx512|avx2|generic`` (read at the first call) or ``set_isa(name)`` (``None`` or
+"auto": back to the automatic choice); ``supported_isas()`` lists the paths this machine runs,
+``get_isa()`` names the one in use. Forcing a path the CPU lacks raises ``ValueError``. The
+driver mode and the path are passed to the C++ with every call (no state in the extension), and
+the C++ releases the GIL while its kernels run.
+
 Outputs are allocated here, with ``torch.empty``, and handed to the C++ entry points, which check
 them and write every element (so the tests' NaN poisoning of fresh buffers covers them); the
 backward also passes the per-query-head key-gradient buffers it needs for GQA or half dtypes.
 """
+import os
+
 import torch
 
 from .. import _build
 
 NAME = "leap_attention"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ISAS = ("generic", "avx2", "avx512")  # the C++ codes 0, 1, 2 (csrc/common/isa.h); -1: automatic
+
+_mode = 0  # the driver: 0 automatic, 1 sequential over chunks, 2 across chunks
+
+
+def _isa_code(name):
+    if name is None or str(name).strip().lower() in ("", "auto"):
+        return -1
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    if key not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)} or 'auto', got {name!r}")
+    return ISAS.index(key)
+
+
+_isa = None  # the C++ code of the forced path, -1 automatic; None: not read from the environment yet
+
+
+def _isa_now():
+    global _isa
+    if _isa is None:
+        try:
+            _isa = _isa_code(os.environ.get("LEAPFORMER_CPU_ISA"))
+        except ValueError as e:
+            raise ValueError(f"LEAPFORMER_CPU_ISA: {e}") from None
+    return _isa
 
 
 def _ext():
@@ -67,7 +102,7 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
         S = _out(n, H, 2 * Dk, Dv, dtype=acc, like=q)
         z = _out(n, H, 2 * Dk, dtype=acc, like=q)
     _ext().fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, bool(causal),
-               int(block_size or 0), float(eps), bool(normalize), o, S, z)
+               int(block_size or 0), float(eps), bool(normalize), o, S, z, _mode, _isa_now())
     return o, S, z
 
 
@@ -95,7 +130,8 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
     if Hkv != H:
         dpkh = _out(B, S_len, H, dtype=acc, like=q)
     _ext().bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, bool(causal),
-               int(block_size or 0), float(eps), bool(normalize), dq, dk, dv, dpq, dpk, dS0, dz0, dkh, dvh, dpkh)
+               int(block_size or 0), float(eps), bool(normalize), dq, dk, dv, dpq, dpk, dS0, dz0, dkh, dvh, dpkh,
+               _mode, _isa_now())
     return dq, dk, dv, dpq, dpk, dS0, dz0
 
 
@@ -107,14 +143,41 @@ def step(q, k, v, pq, pk, S0, z0, eps, normalize):
     o = torch.empty(B, t, H, Dv, dtype=q.dtype, device=dev)
     S = torch.empty(B, H, 2 * Dk, Dv, dtype=acc, device=dev)
     z = torch.empty(B, H, 2 * Dk, dtype=acc, device=dev)
-    _ext().step(q, k, v, pq, pk, S0, z0, float(eps), bool(normalize), o, S, z)
+    _ext().step(q, k, v, pq, pk, S0, z0, float(eps), bool(normalize), o, S, z, _isa_now())
     return o, S, z
 
 
 def set_mode(mode: int) -> None:
     """0: automatic; 1: sequential over chunks per (sequence, head); 2: across chunks."""
-    _ext().set_mode(int(mode))
+    global _mode
+    mode = int(mode)
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0, 1 or 2, got {mode}")
+    _mode = mode
 
 
 def get_mode() -> int:
-    return int(_ext().get_mode())
+    return _mode
+
+
+def supported_isas():
+    """The instruction-set paths this machine (CPU and build) runs, generic first."""
+    ext = _ext()
+    return [name for i, name in enumerate(ISAS) if ext.isa_available(i)]
+
+
+def set_isa(name) -> None:
+    """Force an instruction-set path ("avx512", "avx2", "generic"), or None / "auto" for the best
+    one this CPU supports. A path this machine cannot run raises ``ValueError``."""
+    global _isa
+    code = _isa_code(name)
+    if code >= 0 and not _ext().isa_available(code):
+        raise ValueError(f"isa {ISAS[code]!r} is not supported on this machine (supported: "
+                         f"{', '.join(supported_isas())})")
+    _isa = code
+
+
+def get_isa() -> str:
+    """The path the kernels run: the forced one, or the automatic choice."""
+    code = _isa_now()
+    return ISAS[code if code >= 0 else int(_ext().best_isa())]

@@ -3,9 +3,10 @@
 // float64 (templated; sum / mean prefixes in double for every dtype, max and the backward's
 // per-row accumulators in float32, double for double).
 //
-// Work is split over tasks with at::parallel_for: (b, D-block) for sum / mean and the
-// backwards, (b, T-tile, D-block) for the max forward; each task owns the columns [d0, d0 + DB)
-// of one sequence (rows of its tile) and keeps its scratch in a thread-local buffer.
+// Work is split over tasks run by the shared task runner (common/task_runner.h): (b, D-block) for
+// sum / mean and the backwards, (b, T-tile, D-block) for the max forward; each task owns the
+// columns [d0, d0 + DB) of one sequence (rows of its tile) and keeps its scratch in a per-thread
+// buffer. The GIL is released around the kernels.
 //
 // sum / mean: one blocked two-level prefix sum along T per task, shared by every window.
 //   P[i] = sum x[blk(i)*TB .. i-1] (intra-block), C[k] = sum x[0 .. k*TB-1], both double for
@@ -35,7 +36,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/task_runner.h"
+
 namespace {
+
+using lk::run_tasks;
 
 constexpr int64_t TB = 256;  // rows per prefix block
 #ifndef LK_POOL_DB
@@ -49,16 +54,10 @@ constexpr int64_t DB = LK_POOL_DB;  // columns per task
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-// Run fn(begin, end) over the tasks: in parallel, or inline for small problems, where waking
-// the thread pool costs more than the work (and much more on a loaded machine).
-template <typename F>
-void for_tasks(int64_t n, int64_t work_per_task, const F& fn) {
-  if (n * work_per_task < (int64_t(1) << 18) || n == 1) {
-    fn(0, n);
-  } else {
-    at::parallel_for(0, n, 1, fn);
-  }
-}
+// Work estimate of n tasks of `elems` element updates each, in the multiply-adds of the shared
+// task runner (common/task_runner.h): an update here (a double add, a load and a store, with
+// the conversions of the input dtype) costs about 8 of them.
+inline double pool_work(int64_t n, int64_t elems) { return 8.0 * static_cast<double>(n) * static_cast<double>(elems); }
 
 inline int64_t clampi(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -159,10 +158,15 @@ Problem make_problem(const at::Tensor& t3, int64_t T, const std::vector<int64_t>
 template <typename scalar_t>
 void sum_fwd(const scalar_t* x, scalar_t* out, const Problem& pr, bool mean) {
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
-  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<double> P((T + 1) * DB);
-    std::vector<double> C((T / TB + 1) * DB);
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    std::vector<double> P, C;
+  };
+  const int64_t n = pr.B * ndb;
+  auto make = [&] { return Scratch{std::vector<double>((T + 1) * DB), std::vector<double>((T / TB + 1) * DB)}; };
+  run_tasks<Scratch>(n, pool_work(n, T * W * DB), make, [&](int64_t task, Scratch& sc) {
+    std::vector<double>& P = sc.P;
+    std::vector<double>& C = sc.C;
+    {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
       blocked_prefix<scalar_t>(x + bb * T * D + d0, D, T, cn, nullptr, P.data(), C.data());
       for (int64_t t = 0; t < T; ++t) {
@@ -193,11 +197,20 @@ void sum_bwd(const scalar_t* g, scalar_t* dx, const Problem& pr, bool mean) {
         scales[w * T + t] = 1.0 / static_cast<double>(std::max<int64_t>(hi - lo, 1));
       }
   }
-  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<double> P((T + 1) * DB);
-    std::vector<double> C((T / TB + 1) * DB);
-    std::vector<acc_t> acc(T * DB);
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    std::vector<double> P, C;
+    std::vector<acc_t> acc;
+  };
+  const int64_t n = pr.B * ndb;
+  auto make = [&] {
+    return Scratch{std::vector<double>((T + 1) * DB), std::vector<double>((T / TB + 1) * DB),
+                   std::vector<acc_t>(T * DB)};
+  };
+  run_tasks<Scratch>(n, pool_work(n, T * W * DB), make, [&](int64_t task, Scratch& sc) {
+    std::vector<double>& P = sc.P;
+    std::vector<double>& C = sc.C;
+    std::vector<acc_t>& acc = sc.acc;
+    {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t w = 0; w < W; ++w) {
@@ -251,10 +264,16 @@ void max_fwd(const scalar_t* x, scalar_t* out, index_t* arg, const Problem& pr) 
   const int64_t TT = std::max<int64_t>(LK_POOL_TT, std::min(halo, T));
   const int64_t R = TT + halo;  // buffer rows
   const int64_t ntile = (T + TT - 1) / TT;
-  for_tasks(pr.B * ntile * ndb, TT * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> bv(R * DB);
-    std::vector<int32_t> bi(ARG ? R * DB : 0);
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    std::vector<acc_t> bv;
+    std::vector<int32_t> bi;
+  };
+  const int64_t n = pr.B * ntile * ndb;
+  auto make = [&] { return Scratch{std::vector<acc_t>(R * DB), std::vector<int32_t>(ARG ? R * DB : 0)}; };
+  run_tasks<Scratch>(n, pool_work(n, TT * W * DB), make, [&](int64_t task, Scratch& sc) {
+    std::vector<acc_t>& bv = sc.bv;
+    std::vector<int32_t>& bi = sc.bi;
+    {
       const int64_t bb = task / (ntile * ndb), rem = task % (ntile * ndb);
       const int64_t t0 = (rem / ndb) * TT, d0 = (rem % ndb) * DB, cn = std::min(DB, D - d0);
       const int64_t t1 = std::min(T, t0 + TT), base = t0 + amin;
@@ -326,9 +345,10 @@ template <typename scalar_t, typename index_t>
 void max_bwd(const scalar_t* g, const index_t* arg, scalar_t* dx, const Problem& pr) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t T = pr.T, D = pr.D, W = pr.W, ndb = pr.ndb();
-  for_tasks(pr.B * ndb, T * W * DB, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(T * DB);
-    for (int64_t task = begin; task < end; ++task) {
+  const int64_t n = pr.B * ndb;
+  run_tasks<std::vector<acc_t>>(n, pool_work(n, T * W * DB), [&] { return std::vector<acc_t>(T * DB); },
+                                [&](int64_t task, std::vector<acc_t>& acc) {
+    {
       const int64_t bb = task / ndb, d0 = (task % ndb) * DB, cn = std::min(DB, D - d0);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t t = 0; t < T; ++t) {
@@ -415,6 +435,7 @@ void pool_fwd(const at::Tensor& x_in, const std::vector<int64_t>& a, const std::
       for (int64_t w = 0; w < pr.W; ++w) vp[t * pr.W + w] = (t + pr.a[w] >= 0) && (t + pr.b[w] < T);
     for (int64_t bb = 1; bb < pr.B; ++bb) std::copy(vp, vp + T * pr.W, vp + bb * T * pr.W);
   }
+  py::gil_scoped_release no_gil;  // the kernels touch no Python object
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_pool_fwd", [&] {
     if (code < 2) {
       sum_fwd<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pr, code == 1);
@@ -448,6 +469,7 @@ void pool_bwd(const at::Tensor& g_in, int64_t T, const std::vector<int64_t>& a, 
     TORCH_CHECK(arg.scalar_type() == at::kShort || arg.scalar_type() == at::kInt,
                 "window_pool backward: argmax must be int16 or int32");
   }
+  py::gil_scoped_release no_gil;  // the kernels touch no Python object
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "window_pool_bwd", [&] {
     if (code < 2) {
       sum_bwd<scalar_t>(g.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pr, code == 1);

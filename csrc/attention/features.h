@@ -1,0 +1,71 @@
+// LeaP attention (CPU): loading one key chunk or one query sub-block into the task's scratch and
+// building the re-weighted features x~ = [relu(x) sin(theta), relu(x) cos(theta)] there (never
+// stored for the whole sequence); the state of one key chunk.
+//
+// A fragment of the per-ISA kernel units: included only by kernels_isa.h, inside the namespace of
+// one instruction-set path (no includes of its own; kernels_prelude.h has them).
+#pragma once
+
+// ---------------- feature builders ----------------
+template <typename scalar_t>
+void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc) const {
+  const int64_t hk = h / G;
+  const int64_t s0 = j * CH;
+  const int64_t nk = std::min(CH, it.Sn - s0);
+  sc.nk = nk;
+  for (int64_t s = 0; s < nk; ++s) {
+    const int64_t gs = (int64_t)it.b * S + it.ko + s0 + s;
+    // a padded key is selected to 0 where loaded (k, pk and v: NaN or Inf there reach nothing)
+    const bool pad = kpm && kpm[gs];
+    const acc_t sn = pad ? acc_t(0) : sk_[gs * Hkv + hk], cs = pad ? acc_t(0) : ck_[gs * Hkv + hk];
+    sc.sk[s] = sn;
+    sc.ck[s] = cs;
+    sc.msk[s] = pad ? acc_t(0) : acc_t(1);
+    const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
+    acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
+    acc_t* kf = sc.Kf.data() + (int64_t)s * F;
+    for (int64_t d = 0; d < Dk; ++d) {
+      const acc_t x = pad ? acc_t(0) : relu(static_cast<acc_t>(kr[d]));
+      kb[d] = x;
+      kf[d] = x * sn;
+      kf[Dk + d] = x * cs;
+    }
+    const scalar_t* vr = v + (gs * Hkv + hk) * Dv;
+    acc_t* vv = sc.V.data() + (int64_t)s * Dv;
+    for (int64_t e = 0; e < Dv; ++e) vv[e] = pad ? acc_t(0) : static_cast<acc_t>(vr[e]);
+  }
+  transpose(nk, Dk, sc.Kb.data(), Dk, sc.KbT.data(), CH);
+  transpose(nk, Dv, sc.V.data(), Dv, sc.VT.data(), CH);
+}
+
+template <typename scalar_t>
+void Leap<scalar_t>::load_queries(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc) const {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
+    const acc_t sn = sq_[gt * H + h], cs = cq_[gt * H + h];
+    sc.sq[i] = sn;
+    sc.cq[i] = cs;
+    const scalar_t* qr = q + (gt * H + h) * Dk;
+    acc_t* qa = sc.Qa.data() + (int64_t)i * Dk;
+    acc_t* qf = sc.Qf.data() + (int64_t)i * F;
+    for (int64_t d = 0; d < Dk; ++d) {
+      const acc_t x = relu(static_cast<acc_t>(qr[d]));
+      qa[d] = x;
+      qf[d] = x * sn;
+      qf[Dk + d] = x * cs;
+    }
+  }
+}
+
+// dS = Kf^T V, dz = sum_s Kf_s over the loaded key chunk (zero first)
+template <typename scalar_t>
+void Leap<scalar_t>::chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const {
+  std::fill(dS, dS + (size_t)F * Dv, acc_t(0));
+  gemm<acc_t>(F, Dv, sc.nk, sc.Kf.data(), 1, F, sc.V.data(), Dv, dS, Dv);
+  for (int64_t f = 0; f < F; ++f) dz[f] = 0;
+  for (int64_t s = 0; s < sc.nk; ++s) {
+    const acc_t* kf = sc.Kf.data() + (int64_t)s * F;
+    for (int64_t f = 0; f < F; ++f) dz[f] += kf[f];
+  }
+}
+
