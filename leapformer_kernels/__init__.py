@@ -14,5 +14,13 @@ from .pooling.naive import dyadic_windows
 
 __version__ = "0.2.0"
 
+
+def __getattr__(name):
+    # lk.hf imports transformers: only on first use (the [hf] extra), never with the package
+    if name == "hf":
+        import importlib
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["leap_attention", "leap_attention_step", "leap_attention_step_", "wait_k", "window_pool", "dyadic_windows", "reference",
            "available_backends", "build", "distributed", "LeaP", "LeapAttention", "WindowPool"]
