@@ -70,7 +70,12 @@ class LeapSelfAttention(nn.Module):
         self.family, self.attention, self.eps, self.backend = family, attention, float(eps), backend
         self.layer_idx = original.layer_idx
         self.is_causal = True
-        self.scaling = float(original.scaling)
+        scaling = getattr(original, "scaling", None)
+        if scaling is None:  # GPT-2 before transformers 5.2 kept the rule, not the factor
+            scaling = original.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+            if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+                scaling /= float(self.layer_idx + 1)
+        self.scaling = float(scaling)
         if family == "gpt2":
             self.c_attn, self.c_proj = original.c_attn, original.c_proj
             self.resid_dropout = original.resid_dropout

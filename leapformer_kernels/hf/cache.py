@@ -49,6 +49,9 @@ class LeapCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the name before transformers 5.x renamed it get_max_length
+        return -1
+
     def _map(self, fn):
         if self.state is not None:
             self.state = tuple(fn(t) for t in self.state)
