@@ -7,7 +7,8 @@ Core install (the kernels): torch, numpy, ninja. Extras:
 - ``[triton]``: the Triton kernels (CUDA builds of torch bring their own triton; on a CPU-only
   machine it is needed only for the interpreter tests).
 - ``[bpe]``: ``--tokenizer bpe`` (the ``tokenizers`` package).
-- ``[test]``: what the test suite needs (zoo + triton + pytest, hypothesis, pytest-benchmark).
+- ``[hf]``: ``lk.hf`` (linearise a Hugging Face model): transformers, peft.
+- ``[test]``: what the test suite needs (zoo + triton + hf + pytest, hypothesis, pytest-benchmark).
 
 A plain install does not import torch (pip's isolated build would otherwise fetch a multi-GB
 torch): the C++ sources in ``csrc/`` ship inside the package (``leapformer_kernels/csrc`` in a
@@ -35,6 +36,7 @@ def readme() -> str:
 
 ZOO = ["tqdm", "matplotlib"]
 TRITON = ["triton>=3.0; platform_system == 'Linux'"]
+HF = ["transformers>=4.57,<6", "peft>=0.21,<1"]  # lk.hf; tested: transformers 4.57.6, 5.0.0, 5.17.0, 5.24.0
 
 setup(
     name="leapformer-kernels",
@@ -45,7 +47,7 @@ setup(
     python_requires=">=3.9",
     packages=["leapformer_kernels", "leapformer_kernels.attention", "leapformer_kernels.pooling",
               "leapformer_kernels.layers", "leapformer_kernels.backends", "leapformer_kernels.csrc",
-              "leapformer_models"],
+              "leapformer_kernels.hf", "leapformer_models"],
     package_dir={"leapformer_models": "models", "leapformer_kernels.csrc": "csrc"},
     # every op family's folder (attention/, pooling/, common/): sources and headers
     package_data={"leapformer_kernels.csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h"], "leapformer_models": ["README.md"]},
@@ -54,8 +56,9 @@ setup(
         "zoo": ZOO,
         "triton": TRITON,
         "bpe": ["tokenizers"],
+        "hf": HF,
         "bench": ZOO + ["pytest-benchmark"],
-        "test": ZOO + TRITON + ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ZOO + TRITON + HF + ["pytest", "pytest-benchmark", "hypothesis"],
     },
     entry_points={"console_scripts": ["leapformer = leapformer_models.cli:main"]},
 )
