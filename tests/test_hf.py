@@ -265,3 +265,15 @@ def test_load_of_plain_model_is_named(tmp_path):
         lk.hf.load(tmp_path)
     with pytest.raises(ValueError, match="folder written by save_pretrained"):
         lk.hf.load(tmp_path / "nope")
+
+
+def test_readme_example_runs(tmp_path):
+    """The README's lk.hf example (a ```py block: the README snippet test runs without the extra)."""
+    from pathlib import Path
+    import re
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Linearising a Hugging Face model", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```py\n(.*?)```", section, re.S)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "linearised" / "config.json").is_file()
