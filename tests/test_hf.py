@@ -36,10 +36,13 @@ def test_missing_extra_is_one_line():
     assert line and "[hf]" in line[0] and "transformers" in line[0], (out.stdout, out.stderr[-2000:])
 
 
-transformers = pytest.importorskip("transformers")
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          Qwen2Config, Qwen2ForCausalLM)
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
+try:  # the tests below need the [hf] extra; the two above run without it
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+except ImportError:
+    transformers = None
+needs_hf = pytest.mark.skipif(transformers is None, reason='needs the [hf] extra (pip install -e ".[hf]")')
 
 V = 97
 
@@ -113,6 +116,7 @@ def capture(modules):
     return seen, handles
 
 
+@needs_hf
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
 def test_forward_equals_reference(name):
     model = MODELS[name]()
@@ -145,6 +149,7 @@ def test_forward_equals_reference(name):
             torch.testing.assert_close(out[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-4)  # real rows of row 1
 
 
+@needs_hf
 def test_layers_subset_keeps_other_layers():
     model = llama(layers=3)
     ref = copy.deepcopy(model)
@@ -162,6 +167,7 @@ def test_layers_subset_keeps_other_layers():
     assert model.config.leapformer["layers"] == [0, 1, 2]
 
 
+@needs_hf
 @pytest.mark.parametrize("name,layers", [("gpt2", None), ("llama", None), ("llama", [0]), ("qwen2", [1])])
 def test_generate_with_state_equals_recomputation(name, layers):
     model = lk.hf.linearize(MODELS[name](), layers=layers)
@@ -193,6 +199,7 @@ def test_generate_with_state_equals_recomputation(name, layers):
     assert torch.equal(alone.sequences[0, 2:], cached.sequences[2, 6:])
 
 
+@needs_hf
 def test_save_load_round_trip(tmp_path):
     model = lk.hf.linearize(llama(layers=3), layers=[0, 2], leap_hidden=3)
     randomize_leap(model)
@@ -210,6 +217,7 @@ def test_save_load_round_trip(tmp_path):
     assert not any(isinstance(m, lk.hf.LeapSelfAttention) for m in attn_modules(stock))
 
 
+@needs_hf
 def test_gpt2_save_load_and_dtype(tmp_path):
     model = lk.hf.linearize(gpt2(), attention="linear").to(torch.float64)
     assert lk.hf.leap_parameters(model) == []
@@ -223,6 +231,7 @@ def test_gpt2_save_load_and_dtype(tmp_path):
         torch.testing.assert_close(back(ids).logits, logits, atol=0, rtol=0)
 
 
+@needs_hf
 def test_peft_lora_and_leap_training():
     peft = pytest.importorskip("peft")
     model = lk.hf.linearize(llama())
@@ -237,6 +246,7 @@ def test_peft_lora_and_leap_training():
     assert not any("embed_tokens" in n for n in trained)
 
 
+@needs_hf
 def test_bad_input_named():
     with pytest.raises(ValueError, match="PreTrainedModel"):
         lk.hf.linearize(torch.nn.Linear(2, 2))
@@ -259,6 +269,7 @@ def test_bad_input_named():
         model(torch.randint(1, V, (1, 4)), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
 
 
+@needs_hf
 def test_load_of_plain_model_is_named(tmp_path):
     llama().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no linearised model"):
@@ -267,6 +278,7 @@ def test_load_of_plain_model_is_named(tmp_path):
         lk.hf.load(tmp_path / "nope")
 
 
+@needs_hf
 def test_readme_example_runs(tmp_path):
     """The README's lk.hf example (a ```py block: the README snippet test runs without the extra)."""
     from pathlib import Path
