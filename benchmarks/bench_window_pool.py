@@ -12,6 +12,13 @@ CPU):
 - merely writing the output: torch.empty + fill_ of the same [B, T, W, D] tensor (target: within 2x)
 - sum / mean with one 4000-wide window against one 1-wide window (target: within 1.5x)
 - max with one window of length L against L = 1 (target: growth at most O(log L))
+
+    python -m benchmarks.bench_window_pool --triton-plan [--B 4 --T 8192 --dims 64 1024]
+
+prints, without a GPU, the Triton backend's launch plan on meta tensors (``aot.record``): the
+programs of every launch (forward and backward of sum / mean / max, the 8 dyadic windows) against
+an H100's 132 SMs, the max path's sparse-table scratch (``triton_pool.st_plan``; it was two
+[B, 2T, D] float32 + int32 buffers) and the sum prefix's scratch.
 """
 import argparse
 import os
@@ -48,6 +55,43 @@ def unfold_pool(x, windows, reduce):
     return torch.stack(outs, 2)
 
 
+def triton_plan(B, T, dims, windows):
+    """Markdown lines: the Triton launches of window_pool at [B, T, D] for each D (meta tensors)."""
+    from leapformer_kernels.pooling import triton_pool as tp
+
+    from . import aot
+
+    lines = [f"Triton launch plan at B={B}, T={T}, windows = dyadic_windows({len(windows)}) (H100: 132 SMs): "
+             "programs per launch (min-max over the launches of one kernel), launches.", "",
+             "| D | pass | kernel | launches | programs |", "| --- | --- | --- | --- | --- |"]
+    scratch = []
+    for D in dims:
+        x = torch.empty(B, T, D, device="meta")
+        for reduce in ("sum", "max"):
+            for direction in ("fwd", "bwd"):
+                with aot.record() as launches:
+                    pooled, _, arg = tp.pool_fwd(x, windows, reduce, True)
+                if direction == "bwd":
+                    with aot.record() as launches:
+                        tp.pool_bwd(torch.empty(pooled.shape, device="meta"), T, windows, reduce, arg)
+                by = {}
+                for L in launches:
+                    by.setdefault(L.label, []).append(L.grid[0] * L.grid[1] * L.grid[2])
+                for label, progs in by.items():
+                    span = f"{min(progs)}" if min(progs) == max(progs) else f"{min(progs)}-{max(progs)}"
+                    lines.append(f"| {D} | {reduce} {direction} | {label} | {len(progs)} | {span} |")
+        plan = tp.st_plan(B, T, D, tp.clamp_windows(windows, T))
+        W, nblk = len(windows), -(-T // tp.PBT)
+        prefix = lambda ncol: B * ncol * (T * 4 + nblk * (8 + 8 + 4))  # noqa: E731  Q, Bs, Cr, S
+        scratch.append(f"| {D} | {2 * 8 * B * 2 * T * D / 2**20:.0f} MiB | {plan['scratch'] / 2**20:.1f} MiB "
+                       f"(chunks of {plan['BC']} x {plan['DC']} columns, {plan['NR']} rows) | "
+                       f"{prefix(D) / 2**20:.0f} MiB | {prefix(W * D) / 2**20:.0f} MiB |")
+    lines += ["", f"Scratch (ST_SCRATCH = {tp.ST_SCRATCH / 2**20:.0f} MiB):", "",
+              "| D | max table before (2 x [B, 2T, D] fp32 + int32) | max table now | sum prefix fwd | "
+              "sum prefix bwd (W*D columns) |", "| --- | --- | --- | --- | --- |"] + scratch
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -56,7 +100,13 @@ def main():
     ap.add_argument("--D", type=int, default=512)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-torch-max", action="store_true", help="skip the memory-hungry torch max form")
+    ap.add_argument("--triton-plan", action="store_true", help="print the Triton launch plan (no GPU needed)")
+    ap.add_argument("--dims", nargs="+", type=int, default=[64, 1024], help="D of --triton-plan")
     args = ap.parse_args()
+    if args.triton_plan:
+        B, T = (4, 8192) if (args.B, args.T) == (8, 4096) else (args.B, args.T)
+        print("\n".join(triton_plan(B, T, args.dims, lk.dyadic_windows(8))))
+        return
     torch.manual_seed(0)
     B, T, D, R = args.B, args.T, args.D, args.repeats
     x = torch.randn(B, T, D)

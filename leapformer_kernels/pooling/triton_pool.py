@@ -6,31 +6,47 @@ Implements the kernel interface of ``pooling/op.py``:
     pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D]
     argmax_dtype(windows) -> torch.int16 or torch.int32
 
-sum / mean: ``_prefix_kernel`` reads x once (one program per (b, D-block), T-blocks in sequence
-with the prefix carried across them) and writes a blocked two-level prefix: Q, the float32
-inclusive prefix inside each block of ``PBT`` rows, and Cr, the float64 carry of every block. A
-window sum is then ``(Cr[h] - Cr[l]) + (Q[h] - Q[l])``, combined in float64 and rounded once
-(then / count for mean): the error of a float32 sum of one block at any T, O(T * D) per window
-whatever its length. Overflow: a float32 in-block prefix of x = 1e37 reached inf after 34 rows
-(NaN even for the window (0, 0)), so a block whose largest |value| exceeds ``BIG`` = 2^120 is
-summed scaled by 2^-8 (exact: a power of two), with the factor kept per (block, column) in S:
-no in-block partial sum can then exceed 2^127, and blocks of ordinary data are summed exactly
-as before. ``_sum_out_kernel`` tiles (T-block, D-block) and writes every window. The backward
-is the same operation on the gradient over the reversed windows (-b, -a), summed over windows
-(``_sum_bwd_kernel``; mean scales the gradient by 1 / count in the prefix pass).
-max: a sparse table over the extended axis p in [-T, T): level j holds the first maximum of x
-over [p, p + 2^j) clipped to [0, T) with its index, built level by level by an elementwise
-kernel (``_st_level_kernel``, O(T * D) per level, log2 of the longest window levels, shared
-by every window); ``_max_out_kernel`` answers window (a, b) of length L at level
-floor(log2 L) as the first maximum of two overlapping halves, O(T * D) per window, and stores
-the argmax as an offset from the window's clipped start (int16 where the longest window fits,
-else int32; -1 for a wholly-outside window). The backward is deterministic and atomic-free:
+sum / mean: a blocked two-level prefix in two launches. ``_block_prefix_kernel`` runs one program
+per (b, block of ``PBT`` rows, ``PRE_BD`` columns) tile, all in parallel: it reads its tile of x
+once and writes Q, the float32 inclusive prefix inside the block, and the block's float64 sum;
+``_carry_scan_kernel`` (one program per (b, column block), ``SCAN_BK`` blocks per step) turns the
+block sums into Cr, the float64 exclusive prefix over blocks (the carry of every block: the sum
+of the blocks before it, never its own, so a non-finite block cannot reach the carries before
+it). A window sum is then ``(Cr[h] - Cr[l]) + (Q[h] - Q[l])``, combined in float64 and rounded
+once (then / count for mean): the error of a float32 sum of one block at any T, O(T * D) per
+window whatever its length. Overflow: a float32 in-block prefix of x = 1e37 reached inf after
+34 rows (NaN even for the window (0, 0)), so a block whose largest |value| exceeds ``BIG`` =
+2^120 is summed scaled by 2^-8 (exact: a power of two), with the factor kept per (block,
+column) in S: no in-block partial sum can then exceed 2^127, and blocks of ordinary data are
+summed exactly as before. ``_sum_out_kernel`` tiles (T-block, D-block) and writes every window.
+The backward is the same operation on the gradient over the reversed windows (-b, -a), summed
+over windows (``_sum_bwd_kernel``; mean scales the gradient by 1 / count in the prefix pass).
+max: a sparse table over the extended axis p in [-R, T), R = min(T, 2^jmax) with jmax =
+floor(log2) of the longest (clamped) window: level j holds the first maximum of x over
+[p, p + 2^j) clipped to [0, T) with its index (rows p <= -2^j are empty at level j, so rows
+below -R are never stored), built level by level by an elementwise kernel
+(``_st_level_kernel``, O(T * D) per level, jmax levels, shared by every window);
+``_max_out_kernel`` answers window (a, b) of length L at level floor(log2 L) as the first
+maximum of two overlapping halves, O(T * D) per window, and stores the argmax as an offset from
+the window's clipped start (int16 where the longest window fits, else int32; -1 for a
+wholly-outside window). The table is built for one chunk of (sequences, columns) at a time
+(``st_plan``), in buffers allocated once per call: its scratch is ``nbuf * 8 * BC * (T + R) *
+DC`` bytes (nbuf = 2 ping-pong levels, 1 when every window has length 1; float32 value + int32
+index), at most ``max(ST_SCRATCH, nbuf * 8 * (T + R) * min(D, OUT_BD))``, i.e. ``ST_SCRATCH``
+(128 MiB) unless one sequence's table for 64 columns alone is larger (T + R > 2^17).
+The backward is deterministic and atomic-free:
 for one (w, d) column the argmax of consecutive t is non-decreasing, so the t that send their
 gradient to a row s form one run [st, en]; ``_max_runs_kernel`` records each run at its row
 (every row written at most once) and ``_max_bwd_kernel`` gathers the run sums from the blocked
 prefix of the gradient. (No ``tl.associative_scan`` with a custom combine: the interpreter runs
 those element by element.) The order of the max puts NaN above every number: a window holding
 NaN gives NaN, as ``torch.amax``, and its argmax (which takes the gradient) is its first NaN.
+
+Addresses: every offset into a [B, T, ...] buffer is computed in int64 (row indices are widened
+before they are multiplied by a stride), so B * T * W * D >= 2^31 elements address correctly;
+window offsets are clamped to [-T, T] on the host (``clamp_windows``) and row indices t + a stay
+int32 (|t + a| < 2T). Every launch pins ``enable_fp_fusion`` (``LAUNCH``), as the attention
+kernels do.
 
 Launch grids (``pool_grid``): every kernel runs one program per (b, row-block, column-block)
 tile, all on grid axis 0 (2^31 - 1 programs), decoded by ``_tile_ids``: CUDA limits axes 1 and 2
@@ -45,11 +61,23 @@ import triton.language as tl
 from .naive import clamp_windows
 
 PBT = 128  # rows per prefix block (the precision unit of the two-level prefix)
-SEQ_BD = 64  # columns per program of the prefix kernel (T-blocks in sequence)
+PRE_BD = 32  # columns per program of the block-prefix kernel (one [PBT, PRE_BD] tile each)
+SCAN_BK = 32  # prefix blocks per step of the carry scan
+SCAN_BD = 64  # columns per program of the carry scan
 OUT_BD = 64  # columns per program of the tiled kernels
 # rows per program of the tiled kernels: the interpreter pays per program and per op, not per
 # element, so it gets bigger tiles (still several per sequence at T = 1000: multi-tile paths run)
 OUT_BT = 256 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 64
+# cap (bytes) of the max path's sparse-table scratch (``st_plan``)
+ST_SCRATCH = 128 << 20
+
+# compile options of every launch (as ``attention/triton_chunk.LAUNCH``): floating-point
+# contraction pinned on (triton 3.10 turns the default off). Numerically moot here: the only
+# products feeding a sum are by powers of two (the overflow guard's scale), exact either way.
+LAUNCH = dict(enable_fp_fusion=True)
+# the tiled kernels that hold several [OUT_BT, OUT_BD] float64 / int64 tiles per window (sum_out,
+# sum_bwd, max_runs, max_bwd) run 8 warps: at 4 they used 255 registers and spilled
+HEAVY = dict(LAUNCH, num_warps=8)
 
 # In-block overflow guard of the sum prefix: blocks whose largest |value| exceeds BIG are summed
 # times SCALE (a power of two: exact), so every partial sum of a block stays below
@@ -101,42 +129,57 @@ def _valid(wins, B, T, device):
 
 # ----------------------------------------------------------------------------- sum / mean
 @triton.jit
-def _prefix_kernel(y_ptr, q_ptr, c_ptr, s_ptr, win_ptr, T, NCOL, D, stride_yb, stride_yt, NBLK,
-                   MEAN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """Q[b, t, c] = sum y[b, blk*BT .. t, c] / S[b, blk, c] (float32), Cr[b, k, c] = sum y[b, 0 .. k*BT-1, c]
-    (float64), S[b, k, c] = 1 / SCALE where block k of column c holds a |value| above BIG, else 1.
+def _block_prefix_kernel(y_ptr, q_ptr, bs_ptr, s_ptr, win_ptr, T, NCOL, D, stride_yb, stride_yt, NBLK,
+                         MEAN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """One (b, block k, column block) tile: Q[b, t, c] = sum y[b, k*BT .. t, c] / S[b, k, c]
+    (float32), Bs[b, k, c] = sum y[b, k*BT .. k*BT+BT-1, c] (float64), S[b, k, c] = 1 / SCALE where
+    the block holds a |value| above BIG, else 1.
 
     With MEAN, column c belongs to window c // D and row t is scaled by 1 / count(t, window).
     """
+    pid_b, k, pid_c = _tile_ids(T, NCOL, BT, BD)
+    cols = pid_c * BD + tl.arange(0, BD)
+    cmask = cols < NCOL
+    rows = k * BT + tl.arange(0, BT)
+    r64 = rows.to(tl.int64)
+    m = (rows < T)[:, None] & cmask[None, :]
+    v = tl.load(y_ptr + pid_b * stride_yb + r64[:, None] * stride_yt + cols[None, :], mask=m,
+                other=0.0).to(tl.float32)
+    if MEAN:
+        w2 = (cols // D).to(tl.int64) * 2
+        wa = tl.load(win_ptr + w2, mask=cmask, other=0)
+        wb = tl.load(win_ptr + w2 + 1, mask=cmask, other=0)
+        lo = tl.minimum(tl.maximum(rows[:, None] + wa[None, :], 0), T)
+        hi = tl.minimum(tl.maximum(rows[:, None] + wb[None, :] + 1, 0), T)
+        cnt = tl.maximum(hi - lo, 1)
+        v = v / cnt.to(tl.float32)
+    sc = tl.where(tl.max(tl.abs(v), axis=0) > BIG, SCALE, 1.0)  # [BD]: overflow guard
+    v = v * sc[None, :]
+    cs = tl.cumsum(v, axis=0)
+    tl.store(q_ptr + pid_b * T * NCOL + r64[:, None] * NCOL + cols[None, :], cs, mask=m)
+    blk = (pid_b * NBLK + k) * NCOL + cols
+    tl.store(bs_ptr + blk, tl.sum(v, axis=0).to(tl.float64) / sc.to(tl.float64), mask=cmask)
+    tl.store(s_ptr + blk, 1.0 / sc, mask=cmask)
+
+
+@triton.jit
+def _carry_scan_kernel(bs_ptr, c_ptr, NCOL, NBLK, BK: tl.constexpr, BD: tl.constexpr):
+    """Cr[b, k, c] = sum of Bs[b, 0 .. k-1, c] (float64, exclusive: 0 at k = 0), BK blocks per step:
+    each step scans the block sums shifted down by one (so a block's own sum never enters its carry)."""
     pid_b, _, pid_c = _tile_ids(1, NCOL, 1, BD)
     cols = pid_c * BD + tl.arange(0, BD)
     cmask = cols < NCOL
-    rows0 = tl.arange(0, BT)
-    if MEAN:
-        w = cols // D
-        wa = tl.load(win_ptr + 2 * w, mask=cmask, other=0)
-        wb = tl.load(win_ptr + 2 * w + 1, mask=cmask, other=0)
+    base = pid_b * NBLK * NCOL
     carry = tl.zeros([BD], dtype=tl.float64)
-    y_base = y_ptr + pid_b * stride_yb
-    q_base = q_ptr + pid_b * T * NCOL
-    c_base = c_ptr + pid_b * NBLK * NCOL
-    s_base = s_ptr + pid_b * NBLK * NCOL
-    for k in range(NBLK):
-        rows = k * BT + rows0
-        m = (rows < T)[:, None] & cmask[None, :]
-        v = tl.load(y_base + rows[:, None] * stride_yt + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        if MEAN:
-            lo = tl.minimum(tl.maximum(rows[:, None] + wa[None, :], 0), T)
-            hi = tl.minimum(tl.maximum(rows[:, None] + wb[None, :] + 1, 0), T)
-            cnt = tl.maximum(hi - lo, 1)
-            v = v / cnt.to(tl.float32)
-        sc = tl.where(tl.max(tl.abs(v), axis=0) > BIG, SCALE, 1.0)  # [BD]: overflow guard
-        v = v * sc[None, :]
-        cs = tl.cumsum(v, axis=0)
-        tl.store(q_base + rows[:, None] * NCOL + cols[None, :], cs, mask=m)
-        tl.store(c_base + k * NCOL + cols, carry, mask=cmask)
-        tl.store(s_base + k * NCOL + cols, 1.0 / sc, mask=cmask)
-        carry += tl.sum(v, axis=0).to(tl.float64) / sc.to(tl.float64)
+    for k0 in range(0, NBLK, BK):
+        k = k0 + tl.arange(0, BK)
+        k64 = k.to(tl.int64)
+        prev = tl.load(bs_ptr + base + (k64[:, None] - 1) * NCOL + cols[None, :],
+                       mask=((k >= 1) & (k < NBLK))[:, None] & cmask[None, :], other=0.0)
+        cs = tl.cumsum(prev, axis=0) + carry[None, :]
+        tl.store(c_ptr + base + k64[:, None] * NCOL + cols[None, :], cs,
+                 mask=(k < NBLK)[:, None] & cmask[None, :])
+        carry += tl.sum(prev, axis=0)
 
 
 @triton.jit
@@ -144,7 +187,7 @@ def _prefix_at(q_base, c_base, s_base, i, cols, m, NCOL, BT: tl.constexpr):
     """sum y[0 .. i-1] split as (carry, in-block part), both float64; 0 for i == 0.
     i: row indices [BT, 1] or [BT, BD]; cols: [1, BD] column indices; m: mask."""
     has = (i > 0) & m
-    r = tl.maximum(i - 1, 0)
+    r = tl.maximum(i - 1, 0).to(tl.int64)
     q = tl.load(q_base + r * NCOL + cols, mask=has, other=0.0)
     c = tl.load(c_base + (r // BT) * NCOL + cols, mask=has, other=0.0)
     s = tl.load(s_base + (r // BT) * NCOL + cols, mask=has, other=1.0)
@@ -164,6 +207,7 @@ def _sum_out_kernel(q_ptr, c_ptr, s_ptr, win_ptr, out_ptr, T, D, W, NBLK,
                     MEAN: tl.constexpr, PB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
     t = pid_t * BT + tl.arange(0, BT)
+    t64 = t.to(tl.int64)
     cols = pid_d * BD + tl.arange(0, BD)
     tmask = t < T
     cmask = cols < D
@@ -180,7 +224,7 @@ def _sum_out_kernel(q_ptr, c_ptr, s_ptr, win_ptr, out_ptr, T, D, W, NBLK,
                          tmask[:, None] & cmask[None, :], D, PB)
         if MEAN:
             val = val / tl.maximum(hi - lo, 1).to(tl.float64)[:, None]
-        tl.store(o_base + (t[:, None] * W + w) * D + cols[None, :], val.to(tl.float32).to(out_ptr.dtype.element_ty),
+        tl.store(o_base + (t64[:, None] * W + w) * D + cols[None, :], val.to(tl.float32).to(out_ptr.dtype.element_ty),
                  mask=tmask[:, None] & cmask[None, :])
 
 
@@ -193,7 +237,7 @@ def _sum_bwd_kernel(q_ptr, c_ptr, s_ptr, win_ptr, dx_ptr, T, D, W, NBLK,
     d = pid_d * BD + tl.arange(0, BD)
     smask = s < T
     dmask = d < D
-    NCOL = W * D
+    NCOL = tl.cast(W, tl.int64) * D
     q_base = q_ptr + pid_b * T * NCOL
     c_base = c_ptr + pid_b * NBLK * NCOL
     s_base = s_ptr + pid_b * NBLK * NCOL
@@ -203,10 +247,16 @@ def _sum_bwd_kernel(q_ptr, c_ptr, s_ptr, win_ptr, dx_ptr, T, D, W, NBLK,
         b = tl.load(win_ptr + 2 * w + 1)
         lo = tl.minimum(tl.maximum(s - b, 0), T)
         hi = tl.maximum(tl.minimum(tl.maximum(s - a + 1, 0), T), lo)
-        acc += _range_sum(q_base, c_base, s_base, lo[:, None], hi[:, None], (w * D + d)[None, :],
+        acc += _range_sum(q_base, c_base, s_base, lo[:, None], hi[:, None], (tl.cast(w, tl.int64) * D + d)[None, :],
                           smask[:, None] & dmask[None, :], NCOL, PB).to(tl.float32)
-    tl.store(dx_ptr + pid_b * T * D + s[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + pid_b * T * D + s.to(tl.int64)[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=smask[:, None] & dmask[None, :])
+
+
+def prefix_grids(B, T, ncol):
+    """The grids of the two prefix launches: (block prefix: every (b, block, column block) tile,
+    carry scan: every (b, column block))."""
+    return (pool_grid(B, T, ncol, PBT, PRE_BD), pool_grid(B, 1, ncol, 1, SCAN_BD))
 
 
 def _prefix(y3, ncol, T, wins_t, D, mean):
@@ -214,73 +264,100 @@ def _prefix(y3, ncol, T, wins_t, D, mean):
     B = y3.shape[0]
     nblk = triton.cdiv(T, PBT)
     q = torch.empty((B, T, ncol), dtype=torch.float32, device=y3.device)
+    bs = torch.empty((B, nblk, ncol), dtype=torch.float64, device=y3.device)
     c = torch.empty((B, nblk, ncol), dtype=torch.float64, device=y3.device)
     s = torch.empty((B, nblk, ncol), dtype=torch.float32, device=y3.device)
-    _prefix_kernel[pool_grid(B, 1, ncol, 1, SEQ_BD)](y3, q, c, s, wins_t, T, ncol, D, y3.stride(0), y3.stride(1),
-                                                     nblk, MEAN=mean, BT=PBT, BD=SEQ_BD)
+    g_blk, g_scan = prefix_grids(B, T, ncol)
+    _block_prefix_kernel[g_blk](y3, q, bs, s, wins_t, T, ncol, D, y3.stride(0), y3.stride(1), nblk,
+                                MEAN=mean, BT=PBT, BD=PRE_BD, **LAUNCH)
+    _carry_scan_kernel[g_scan](bs, c, ncol, nblk, BK=SCAN_BK, BD=SCAN_BD, **LAUNCH)
     return q, c, s, nblk
 
 
 # ----------------------------------------------------------------------------- max
-# Sparse table over the extended axis p in [-T, T) (row r = p + T): M_j[p] = first max of
-# x over [p, p + 2^j) clipped to [0, T), with its index (-1 when that range is empty).
+def st_plan(B, T, D, windows):
+    """The sparse table of the max forward for clamped ``windows``: dict of jmax (top level), R
+    (rows p in [-R, T) are stored), NR = T + R, nbuf (level buffers), BC x DC (sequences x columns
+    per chunk; DC a multiple of OUT_BD unless DC = D) and scratch (bytes, allocated once per call):
+    nbuf * 8 * BC * NR * DC <= max(ST_SCRATCH, nbuf * 8 * NR * min(D, OUT_BD))."""
+    jmax = max((b - a + 1).bit_length() - 1 for a, b in windows)
+    R = min(T, 1 << jmax)
+    NR = T + R
+    nbuf = 2 if jmax else 1
+    unit = nbuf * 8 * NR  # bytes per (sequence, column)
+    cols = ST_SCRATCH // (unit * B)
+    if cols >= D:  # every sequence and column at once: then as many sequences as fit
+        BC, DC = B, D
+    elif cols >= OUT_BD:  # every sequence, columns in chunks
+        BC, DC = B, cols // OUT_BD * OUT_BD
+    else:  # OUT_BD columns (or D), sequences in chunks
+        DC = min(D, OUT_BD)
+        BC = max(1, min(B, ST_SCRATCH // (unit * DC)))
+    return dict(jmax=jmax, R=R, NR=NR, nbuf=nbuf, BC=BC, DC=DC, scratch=nbuf * 8 * BC * NR * DC)
+
+
+# Sparse table over the extended axis p in [-R, T) (row r = p + R) of one chunk of BC sequences
+# x DC columns (buffers [BC, NR, DC]): M_j[p] = first max of x over [p, p + 2^j) clipped to
+# [0, T), with its index (-1 when that range is empty).
 @triton.jit
-def _st_init_kernel(x_ptr, mv_ptr, mi_ptr, T, D, BT: tl.constexpr, BD: tl.constexpr):
-    pid_b, pid_r, pid_d = _tile_ids(2 * T, D, BT, BD)
+def _st_init_kernel(x_ptr, mv_ptr, mi_ptr, T, D, R, NR, DC, b0, c0, BT: tl.constexpr, BD: tl.constexpr):
+    pid_b, pid_r, pid_d = _tile_ids(NR, DC, BT, BD)
     r = pid_r * BT + tl.arange(0, BT)
     cols = pid_d * BD + tl.arange(0, BD)
-    p = r - T
-    cmask = cols < D
-    inside = (p >= 0) & (r < 2 * T)
-    v = tl.load(x_ptr + pid_b * T * D + tl.maximum(p, 0)[:, None] * D + cols[None, :],
+    p = r - R
+    cmask = cols < DC
+    inside = (p >= 0) & (r < NR)
+    xb = x_ptr + (b0 + pid_b) * T * D + c0
+    v = tl.load(xb + tl.maximum(p, 0).to(tl.int64)[:, None] * D + cols[None, :],
                 mask=inside[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
     idx = tl.where(inside, p, -1)[:, None] + tl.zeros([BT, BD], dtype=tl.int32)
-    m = (r < 2 * T)[:, None] & cmask[None, :]
-    o = pid_b * 2 * T * D + r[:, None] * D + cols[None, :]
+    m = (r < NR)[:, None] & cmask[None, :]
+    o = pid_b * NR * DC + r.to(tl.int64)[:, None] * DC + cols[None, :]
     tl.store(mv_ptr + o, v, mask=m)
     tl.store(mi_ptr + o, idx, mask=m)
 
 
 @triton.jit
-def _st_level_kernel(sv_ptr, si_ptr, dv_ptr, di_ptr, T, D, H, BT: tl.constexpr, BD: tl.constexpr):
+def _st_level_kernel(sv_ptr, si_ptr, dv_ptr, di_ptr, NR, DC, H, BT: tl.constexpr, BD: tl.constexpr):
     """M_j[p] = first max of (M_{j-1}[p], M_{j-1}[p + H]), H = 2^(j-1); NaN ranks above every number;
     ties (NaN with NaN included) keep the left (lower) index."""
-    pid_b, pid_r, pid_d = _tile_ids(2 * T, D, BT, BD)
+    pid_b, pid_r, pid_d = _tile_ids(NR, DC, BT, BD)
     r = pid_r * BT + tl.arange(0, BT)
     cols = pid_d * BD + tl.arange(0, BD)
-    cmask = cols < D
-    m = (r < 2 * T)[:, None] & cmask[None, :]
-    mr = (r + H < 2 * T)[:, None] & cmask[None, :]
-    base = pid_b * 2 * T * D
-    o = base + r[:, None] * D + cols[None, :]
+    cmask = cols < DC
+    m = (r < NR)[:, None] & cmask[None, :]
+    mr = (r + H < NR)[:, None] & cmask[None, :]
+    base = pid_b * NR * DC
+    o = base + r.to(tl.int64)[:, None] * DC + cols[None, :]
+    o_r = base + (r + H).to(tl.int64)[:, None] * DC + cols[None, :]
     vl = tl.load(sv_ptr + o, mask=m, other=float("-inf"))
     il = tl.load(si_ptr + o, mask=m, other=-1)
-    vr = tl.load(sv_ptr + o + H * D, mask=mr, other=float("-inf"))
-    ir = tl.load(si_ptr + o + H * D, mask=mr, other=-1)
+    vr = tl.load(sv_ptr + o_r, mask=mr, other=float("-inf"))
+    ir = tl.load(si_ptr + o_r, mask=mr, other=-1)
     take_r = (ir >= 0) & ((il < 0) | (vr > vl) | ((vr != vr) & (vl == vl)))
     tl.store(dv_ptr + o, tl.where(take_r, vr, vl), mask=m)
     tl.store(di_ptr + o, tl.where(take_r, ir, il), mask=m)
 
 
 @triton.jit
-def _max_out_kernel(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, W, w, a, b, H,
+def _max_out_kernel(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, W, R, NR, DC, b0, c0, w, a, b, H,
                     BT: tl.constexpr, BD: tl.constexpr, STORE_ARG: tl.constexpr):
     """Window (a, b) of length L, H = 2^floor(log2 L): max over [t+a, t+b] = first max of
-    M[t+a] and M[t+b-H+1] (NaN above every number, ties to the lower index); the argmax is stored
-    as an offset from the clipped start."""
-    pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
+    M[t+a] and M[t+b-H+1] (NaN above every number, ties to the lower index; rows below -R are
+    empty at this level); the argmax is stored as an offset from the clipped start."""
+    pid_b, pid_t, pid_d = _tile_ids(T, DC, BT, BD)
     t = pid_t * BT + tl.arange(0, BT)
     cols = pid_d * BD + tl.arange(0, BD)
     tmask = t < T
-    cmask = cols < D
+    cmask = cols < DC
     m = tmask[:, None] & cmask[None, :]
     p1 = t + a
     p2 = t + b - H + 1
-    base = pid_b * 2 * T * D
-    m1 = m & (p1 < T)[:, None]
-    m2 = m & (p2 < T)[:, None]
-    o1 = base + (tl.minimum(p1, T - 1) + T)[:, None] * D + cols[None, :]
-    o2 = base + (tl.minimum(p2, T - 1) + T)[:, None] * D + cols[None, :]
+    base = pid_b * NR * DC
+    m1 = m & ((p1 < T) & (p1 >= -R))[:, None]
+    m2 = m & ((p2 < T) & (p2 >= -R))[:, None]
+    o1 = base + (tl.minimum(tl.maximum(p1, -R), T - 1) + R).to(tl.int64)[:, None] * DC + cols[None, :]
+    o2 = base + (tl.minimum(tl.maximum(p2, -R), T - 1) + R).to(tl.int64)[:, None] * DC + cols[None, :]
     v1 = tl.load(mv_ptr + o1, mask=m1, other=float("-inf"))
     i1 = tl.load(mi_ptr + o1, mask=m1, other=-1)
     v2 = tl.load(mv_ptr + o2, mask=m2, other=float("-inf"))
@@ -295,7 +372,7 @@ def _max_out_kernel(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, W, w, a, b, H,
     empty = idx < 0
     off = tl.where(empty, -1, idx - tl.maximum(p1, 0)[:, None])
     val = tl.where(empty, 0.0, val)
-    o = (pid_b * T * W + t[:, None] * W + w) * D + cols[None, :]
+    o = (((b0 + pid_b) * T + t.to(tl.int64)[:, None]) * W + w) * D + c0 + cols[None, :]
     tl.store(out_ptr + o, val.to(out_ptr.dtype.element_ty), mask=m)
     if STORE_ARG:
         tl.store(arg_ptr + o, off.to(arg_ptr.dtype.element_ty), mask=m)
@@ -314,6 +391,7 @@ def _max_runs_kernel(arg_ptr, win_ptr, st_ptr, en_ptr, T, D, W, BT: tl.constexpr
     gradient to a row s form one run [st, en]: record it at row s (each row is written once)."""
     pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
     t = pid_t * BT + tl.arange(0, BT)
+    t64 = t.to(tl.int64)
     cols = pid_d * BD + tl.arange(0, BD)
     cmask = cols < D
     m = (t < T)[:, None] & cmask[None, :]
@@ -323,11 +401,11 @@ def _max_runs_kernel(arg_ptr, win_ptr, st_ptr, en_ptr, T, D, W, BT: tl.constexpr
     tt = t[:, None] + tl.zeros([BT, BD], dtype=tl.int32)
     for w in range(W):
         a = tl.load(win_ptr + 2 * w)
-        o = base + (t[:, None] * W + w) * D + cols[None, :]
+        o = base + (t64[:, None] * W + w) * D + cols[None, :]
         key = _argkey(arg_ptr, o, t, a, T, m)
-        key_p = _argkey(arg_ptr, o - W * D, t - 1, a, T, mp)
-        key_n = _argkey(arg_ptr, o + W * D, t + 1, a, T, mn)
-        dst = base + (tl.maximum(key, 0) * W + w) * D + cols[None, :]
+        key_p = _argkey(arg_ptr, base + ((t64[:, None] - 1) * W + w) * D + cols[None, :], t - 1, a, T, mp)
+        key_n = _argkey(arg_ptr, base + ((t64[:, None] + 1) * W + w) * D + cols[None, :], t + 1, a, T, mn)
+        dst = base + (tl.maximum(key, 0).to(tl.int64) * W + w) * D + cols[None, :]
         has = m & (key >= 0)
         tl.store(st_ptr + dst, tt, mask=has & (key != key_p))
         tl.store(en_ptr + dst, tt, mask=has & (key != key_n))
@@ -339,23 +417,25 @@ def _max_bwd_kernel(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, dx_ptr, T, D, W, NBLK,
     """dx[s] = sum_w (sum of grad[t, w] over the run [st, en] recorded at s), from the prefix of grad."""
     pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
     s = pid_t * BT + tl.arange(0, BT)
+    s64 = s.to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     m = (s < T)[:, None] & (d < D)[None, :]
-    NCOL = W * D
+    NCOL = tl.cast(W, tl.int64) * D
     q_base = q_ptr + pid_b * T * NCOL
     c_base = c_ptr + pid_b * NBLK * NCOL
     s_base = s_ptr + pid_b * NBLK * NCOL
     acc = tl.zeros([BT, BD], dtype=tl.float32)
     for w in range(W):
-        o = pid_b * T * NCOL + (s[:, None] * W + w) * D + d[None, :]
+        wd = tl.cast(w, tl.int64) * D + d  # [BD] columns of window w in the prefix of grad
+        o = pid_b * T * NCOL + s64[:, None] * NCOL + wd[None, :]
         st = tl.load(st_ptr + o, mask=m, other=-1)
         en = tl.load(en_ptr + o, mask=m, other=-1)
         has = m & (st >= 0)
         lo = tl.maximum(st, 0)
         hi = tl.maximum(en + 1, lo)
-        v = _range_sum(q_base, c_base, s_base, lo, hi, (w * D + d)[None, :], has, NCOL, PB).to(tl.float32)
+        v = _range_sum(q_base, c_base, s_base, lo, hi, wd[None, :], has, NCOL, PB).to(tl.float32)
         acc += tl.where(has, v, 0.0)
-    tl.store(dx_ptr + pid_b * T * D + s[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m)
+    tl.store(dx_ptr + pid_b * T * D + s64[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------- interface
@@ -367,28 +447,38 @@ def pool_fwd(x, windows, reduce, need_argmax=True):
     wins_t = _win_tensor(wins, x.device)
     valid = _valid(wins, B, T, x.device)
     out = torch.empty((B, T, W, D), dtype=x.dtype, device=x.device)
-    grid_out = pool_grid(B, T, D, OUT_BT, OUT_BD)
     if reduce in ("sum", "mean"):
         q, c, s, nblk = _prefix(x, D, T, wins_t, D, False)
-        _sum_out_kernel[grid_out](q, c, s, wins_t, out, T, D, W, nblk, MEAN=reduce == "mean", PB=PBT,
-                                  BT=OUT_BT, BD=OUT_BD)
+        _sum_out_kernel[pool_grid(B, T, D, OUT_BT, OUT_BD)](q, c, s, wins_t, out, T, D, W, nblk,
+                                                           MEAN=reduce == "mean", PB=PBT, BT=OUT_BT, BD=OUT_BD,
+                                                           **HEAVY)
         return out, valid, None
     arg = torch.empty((B, T, W, D) if need_argmax else (0,), dtype=argmax_dtype(windows), device=x.device)
     # windows by sparse-table level floor(log2 L) (L <= 2T + 1 after clamping)
     levels = [(b - a + 1).bit_length() - 1 for a, b in wins]
-    grid_st = pool_grid(B, 2 * T, D, OUT_BT, OUT_BD)
-    bufs = [(torch.empty((B, 2 * T, D), dtype=torch.float32, device=x.device),
-             torch.empty((B, 2 * T, D), dtype=torch.int32, device=x.device)) for _ in range(2 if max(levels) else 1)]
-    _st_init_kernel[grid_st](x, bufs[0][0], bufs[0][1], T, D, BT=OUT_BT, BD=OUT_BD)
-    for j in range(max(levels) + 1):
-        cur = bufs[j % 2]
-        if j > 0:
-            prev = bufs[(j - 1) % 2]
-            _st_level_kernel[grid_st](prev[0], prev[1], cur[0], cur[1], T, D, 1 << (j - 1), BT=OUT_BT, BD=OUT_BD)
-        for w, (a, b) in enumerate(wins):
-            if levels[w] == j:
-                _max_out_kernel[grid_out](cur[0], cur[1], out, arg, T, D, W, w, a, b, 1 << j, BT=OUT_BT, BD=OUT_BD,
-                                          STORE_ARG=need_argmax)
+    plan = st_plan(B, T, D, wins)
+    R, NR, BC, DC = plan["R"], plan["NR"], plan["BC"], plan["DC"]
+    n = BC * NR * DC
+    bufs = [(torch.empty(n, dtype=torch.float32, device=x.device), torch.empty(n, dtype=torch.int32, device=x.device))
+            for _ in range(plan["nbuf"])]
+    for b0 in range(0, B, BC):
+        bc = min(BC, B - b0)
+        for c0 in range(0, D, DC):
+            dc = min(DC, D - c0)
+            grid_st = pool_grid(bc, NR, dc, OUT_BT, OUT_BD)
+            grid_out = pool_grid(bc, T, dc, OUT_BT, OUT_BD)
+            _st_init_kernel[grid_st](x, bufs[0][0], bufs[0][1], T, D, R, NR, dc, b0, c0, BT=OUT_BT, BD=OUT_BD,
+                                     **LAUNCH)
+            for j in range(plan["jmax"] + 1):
+                cur = bufs[j % 2]
+                if j > 0:
+                    prev = bufs[(j - 1) % 2]
+                    _st_level_kernel[grid_st](prev[0], prev[1], cur[0], cur[1], NR, dc, 1 << (j - 1), BT=OUT_BT,
+                                              BD=OUT_BD, **LAUNCH)
+                for w, (a, b) in enumerate(wins):
+                    if levels[w] == j:
+                        _max_out_kernel[grid_out](cur[0], cur[1], out, arg, T, D, W, R, NR, dc, b0, c0, w, a, b,
+                                                  1 << j, BT=OUT_BT, BD=OUT_BD, STORE_ARG=need_argmax, **LAUNCH)
     return out, valid, (arg if need_argmax else None)
 
 
@@ -397,21 +487,20 @@ def pool_bwd(grad, T, windows, reduce, argmax):
     B, _, W, D = grad.shape
     wins = clamp_windows(windows, T)
     wins_t = _win_tensor(wins, grad.device)
+    grid = pool_grid(B, T, D, OUT_BT, OUT_BD)
     if reduce in ("sum", "mean"):
         g3 = grad.view(B, T, W * D)
         q, c, s, nblk = _prefix(g3, W * D, T, wins_t, D, reduce == "mean")
         dx = torch.empty((B, T, D), dtype=grad.dtype, device=grad.device)
-        grid = pool_grid(B, T, D, OUT_BT, OUT_BD)
-        _sum_bwd_kernel[grid](q, c, s, wins_t, dx, T, D, W, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD)
+        _sum_bwd_kernel[grid](q, c, s, wins_t, dx, T, D, W, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
         return dx
     if argmax is None:
         raise ValueError("argmax is required for the max backward")
     argmax = argmax.contiguous()
     st = torch.full((B, T, W, D), -1, dtype=torch.int32, device=grad.device)
     en = torch.full((B, T, W, D), -1, dtype=torch.int32, device=grad.device)
-    grid = pool_grid(B, T, D, OUT_BT, OUT_BD)
-    _max_runs_kernel[grid](argmax, wins_t, st, en, T, D, W, BT=OUT_BT, BD=OUT_BD)
+    _max_runs_kernel[grid](argmax, wins_t, st, en, T, D, W, BT=OUT_BT, BD=OUT_BD, **HEAVY)
     q, c, s, nblk = _prefix(grad.view(B, T, W * D), W * D, T, wins_t, D, False)
     dx = torch.empty((B, T, D), dtype=grad.dtype, device=grad.device)
-    _max_bwd_kernel[grid](q, c, s, st, en, dx, T, D, W, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD)
+    _max_bwd_kernel[grid](q, c, s, st, en, dx, T, D, W, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
     return dx
