@@ -249,4 +249,3 @@ void Leap<scalar_t>::kv_chunk(const Item& it, int64_t h, int64_t j, int64_t ta, 
     dpkh[row] = keep ? acc_t(HALF_PI) * sc.dthk[s] : acc_t(0);
   }
 }
-

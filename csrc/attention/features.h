@@ -68,4 +68,3 @@ void Leap<scalar_t>::chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const 
     for (int64_t f = 0; f < F; ++f) dz[f] += kf[f];
   }
 }
-

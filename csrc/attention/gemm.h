@@ -68,4 +68,3 @@ inline void transpose(int64_t R, int64_t Cc, const T* src, int64_t lds, T* dst, 
     }
   }
 }
-

@@ -94,4 +94,3 @@ void Leap<scalar_t>::step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* 
     }
   });
 }
-

@@ -230,4 +230,3 @@ void Leap<scalar_t>::backward(const scalar_t* dout, const acc_t* dSin, const acc
              dkh, dvh, dpkh);
   });
 }
-
