@@ -289,3 +289,17 @@ def test_readme_example_runs(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "linearised" / "config.json").is_file()
+
+
+@needs_hf
+def test_beam_search_and_bfloat16():
+    model = lk.hf.linearize(llama())
+    randomize_leap(model)
+    ids = torch.randint(1, V, (2, 5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
+    with torch.no_grad():  # reorder_cache on the (S, z) states
+        assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 5, V) and torch.isfinite(logits).all()
