@@ -86,6 +86,7 @@ def collect(a):
     for dt in a.dtypes:
         for D in a.dims:
             for L in launches(DTYPES[dt], D):
+                L.label = _label(L)
                 if a.kernels and not any(L.label == k or L.label.startswith(k + ".") for k in a.kernels):
                     continue
                 if L.key() in seen:  # e.g. a pooling kernel launched once per window level
@@ -94,6 +95,15 @@ def collect(a):
                 seen[L.key()] = dict(kernel=L.label, kernel_name=L.name, dtype=SHORT[dt], D=D, grids={L.grid})
                 todo.append((L, seen[L.key()]))
     return todo
+
+
+def _label(L):
+    """aot's label, with the backward's key-side kernel split by what it computes: bwd.dkv (dk and
+    dv, Dk, Dv <= 64), bwd.dk (key blocks, every value column), bwd.dv (value tiles)."""
+    if L.name == "leap_bwd_kernel_dkv" and "DO_DK" in L.kwargs:
+        dk, dv = L.kwargs["DO_DK"], L.kwargs["DO_DV"]
+        return "bwd.dkv" if dk and dv else "bwd.dk" if dk else "bwd.dv"
+    return L.label
 
 
 def summarise(rows):
@@ -115,7 +125,7 @@ def summarise(rows):
                         stack_kb_max=round(max(r["stack"] or 0 for r in rs) / 1024, 2),
                         smem_kb_max=round(max(r["shared"] for r in rs) / 1024, 1), mma=_compact_mma(mma),
                         programs=progs, sms=SMS[ARCHS[arch]]))
-    order = {"fwd": 0, "bwd.den_delta": 1, "bwd.dq": 2, "bwd.dkv": 3, "step": 4}
+    order = {"fwd": 0, "bwd.den_delta": 1, "bwd.dq": 2, "bwd.dkv": 3, "bwd.dk": 3.1, "bwd.dv": 3.2, "step": 4}
     return sorted(out, key=lambda s: (order.get(s["kernel"], 9), s["kernel"], s["arch"], s["D"], s["dtype"]))
 
 
@@ -170,7 +180,7 @@ def parse(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--dims", nargs="+", type=int, default=[64, 128], help="Dk = Dv")
     p.add_argument("--kernels", nargs="*", default=None,
-                   help="labels or prefixes: fwd bwd bwd.dq bwd.dkv step pool ... (default: all)")
+                   help="labels or prefixes: fwd bwd bwd.dq bwd.dkv bwd.dk bwd.dv step pool ... (default: all)")
     p.add_argument("--configs", nargs="*", type=int, default=None, help="autotune config indices (default: all)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--out", default="benchmarks/results")

@@ -78,8 +78,12 @@ def test_record_launches_on_meta_tensors():
     with aot.record() as launches:
         tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
         tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True)
-    assert [L.label for L in launches] == ["fwd", "bwd.den_delta", "bwd.dq", "bwd.dkv"]
+    # Dk = 128: dq and dk over key blocks (every value column), dv over value tiles (every key column)
+    assert [L.label for L in launches] == ["fwd", "bwd.den_delta", "bwd.dq", "bwd.dkv", "bwd.dkv"]
+    assert [(L.kwargs.get("DO_DK"), L.kwargs.get("DO_DV")) for L in launches[3:]] == [(True, False), (False, True)]
     nv = launches[0].kwargs["V"] // launches[0].kwargs["BV"]
+    nk = tc._bwd_tiles(D, D)[1]
     # 256 programs fill a meta device's 4 "SMs": one program per sequence, no segments
-    assert all(L.grid[:2] == (B * H, nv) and L.grid[2:] in ((), (1,)) for L in launches)
+    assert [L.grid[:2] for L in launches] == [(B * H, nv), (B * H, nv), (B * H, nk), (B * H, nk), (B * H, nv)]
+    assert all(L.grid[2:] in ((), (1,)) for L in launches)
     assert launches[0].kwargs["K"] == D and launches[0].args[0].dtype == torch.bfloat16

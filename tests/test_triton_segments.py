@@ -52,9 +52,10 @@ def test_plan(causal, block_size, T, S, expected):
 
 @pytest.fixture(params=["segmented", "whole_sequence"])
 def policy(request, monkeypatch):
-    """Many segments (64 SMs: every test shape splits) or none (a single SM: one program per
-    sequence walks it, the v1 path)."""
-    monkeypatch.setattr(tc, "segment_policy", lambda dev: (64, None) if request.param == "segmented" else (1, None))
+    """Many segments (64 SMs: every test shape splits) or none (0 SMs, nothing to fill: one program
+    per sequence walks it, the v1 path; with 1 SM a GQA backward, planned for its key/value heads,
+    would still split)."""
+    monkeypatch.setattr(tc, "segment_policy", lambda dev: (64, None) if request.param == "segmented" else (0, None))
     return request.param
 
 

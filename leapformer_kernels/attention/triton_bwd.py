@@ -1,96 +1,159 @@
-"""Triton reverse sweep of chunkwise LeaP attention: gradients to k, v, pk and the initial state.
+"""Triton reverse sweep of chunkwise LeaP attention: gradients to k, v and pk.
 
 With ``g = dL/dnum = do / max(den, eps)`` and ``r = dL/dden = -(do . num) / max(den, eps)^2``
 (zero where the clamp is active; ``g = do``, ``r = 0`` without normalisation), the op is
 linear attention on ``[v, 1]`` with output gradient ``[g, r]``. One program per (sequence x
-query head, value tile) walks its sequence from the end, carrying in registers
+key/value head, key or value block, segment) walks its rows from the end, carrying in registers
 
-    dH = dS + sum_{t later} q~_t^T g_t    (2 x [BK, BV])     dZ = dz + sum_{t later} q~_t r_t   (2 x [BK])
+    dH = sum_{h in group} (dS_h + sum_{t later} q~_{h,t}^T g_{h,t})   (2 x [BK, BV])
+    dZ = sum_{h in group} (dz_h + sum_{t later} q~_{h,t} r_{h,t})     (2 x [BK])
 
-and for each key chunk computes ``dk~ = dH v + dZ (+ intra)``, ``dv = k~ dH (+ intra)``, then
-reduces ``dk~ (2Dk) -> dk (Dk)`` and ``-> dpk`` in registers. Padded keys are not loaded (0)
-and their dk, dv, dpk are selected to exactly 0 (even where NaN reaches the state gradient).
-At the start of the sequence ``dH``, ``dZ`` are ``dS0``, ``dz0``. ``r`` terms are counted on
-value tile 0 only; per-value-tile partials of dk / dpk and per-query-head dk / dv / dpk (GQA)
-are summed on the host in a fixed order (deterministic, no atomics).
+the state gradient summed over the query heads that share this key/value head (GQA: k~ and v
+are shared, so their gradients see the group's sum), and for each key chunk computes
+
+    dk~ = v dH^T + dZ + sum_h dA_h^T q~_h    dA_h = (g_h v^T + r_h) * mask    (DO_DK)
+    dv  = k~ dH + sum_h A_h^T g_h              A_h = (q~_h k~^T) * mask        (DO_DV)
+
+looping over the group's query heads for the intra-chunk terms, then reduces ``dk~ (2Dk) -> dk
+(Dk)`` and ``-> dpk`` in registers. Every program writes complete rows of ``dk`` (for its ``BK``
+key columns) and ``dv`` (its ``BV`` value columns) in the input dtype, with Hkv heads: no fp32
+partials, no per-query-head buffers. Blocking (``triton_chunk._bwd_tiles``):
+
+- ``DO_DK`` and ``DO_DV`` (Dk, Dv <= 64): one program holds every key and value column;
+- ``DO_DK`` only (Dk = 128): axis 1 is a block of ``BK`` key columns, one tile holds all ``V``
+  (``dk`` needs every value column for ``v dH^T`` and ``g v^T``, not every key column);
+  ``dpk`` sums over key columns: one fp32 partial per key block, summed on the host;
+- ``DO_DV`` only (Dk = 128): axis 1 is a value tile, one tile holds all ``K`` (``A`` needs every
+  key column) and ``r`` is not needed.
+
+Padded keys are not loaded (0) and their dk, dv, dpk are selected to exactly 0 (even where NaN
+reaches the state gradient). The starting state gradients (``dS`` / the reverse scan's per
+segment rows, per query head) are summed over the group in a fixed order; ``dS0``, ``dz0`` come
+from the reverse scan (``triton_chunk.query_grad_states``). Deterministic: no atomics.
 """
 import triton
 import triton.language as tl
 
-from .triton_fwd import (HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, _store_state,
-                         autotune_configs)
+from .triton_fwd import HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, autotune_configs
 
 
 @triton.jit
-def _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
-              b_dhs, b_dhc, b_dzs, b_dzc, b_qs, b_qc, b_g, b_r, b_M, i_v, NSH,
-              H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-              HAS_A: tl.constexpr, HAS_KPM: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
-    """Gradients of one key tile from the state gradient of later positions (+ intra chunk)."""
+def _q_feats(q, pq, o_t, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr, DOT_MODE: tl.constexpr,
+             DT: tl.constexpr):
+    b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
+    return _cvt(b_aq * b_sq[:, None], DOT_MODE, DT), _cvt(b_aq * b_cq[:, None], DOT_MODE, DT)
+
+
+@triton.jit
+def _fold_query_grads(q, pq, do, den, delta, o_t, m_t, o_k, m_k, o_v, m_v,
+                      b_dhs, b_dhc, b_dzs, b_dzc, NTH, NV, eps,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, DO_DK: tl.constexpr,
+                      NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """dH += q~^T g (and dZ += q~^T r for dk) over one query tile of one head."""
+    b_qs, b_qc = _q_feats(q, pq, o_t, m_t, o_k, m_k, H, K, DOT_MODE, DT)
+    b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, 0, eps, NORMALIZE)
+    b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
+    b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
+    if DO_DK:
+        b_dzs += tl.sum(b_qs.to(tl.float32) * b_r[:, None], 0)
+        b_dzc += tl.sum(b_qc.to(tl.float32) * b_r[:, None], 0)
+    return b_dhs, b_dhc, b_dzs, b_dzc
+
+
+@triton.jit
+def _key_tile(q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
+              b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+              H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              HAS_A: tl.constexpr, HAS_KPM: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+              NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """Gradients of one key tile (rows o_s) from the state gradient of later positions; with
+    ``HAS_A`` (causal chunks: the query rows are o_s too) also the intra-chunk terms of every
+    query head of the group, folding each head's queries into dH, dZ afterwards. Returns the
+    updated dH, dZ."""
     b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM)  # padded keys are not loaded: 0
     b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, b_kv, HKV * K, HKV, o_k, m_k)
     b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
     b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
     o_s64 = o_s.to(tl.int64)
     b_v = tl.load(v + o_s64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :], other=0.)
-    # dv = k~ dH ; dk~ = v dH^T + dZ
-    b_dv = _dot(b_ks, b_dhs, DOT_MODE, DT) + _dot(b_kc, b_dhc, DOT_MODE, DT)
-    b_dks = _dot(b_v, tl.trans(b_dhs), DOT_MODE, DT) + b_dzs[None, :]
-    b_dkc = _dot(b_v, tl.trans(b_dhc), DOT_MODE, DT) + b_dzc[None, :]
+    # the later positions' state gradient (before this chunk's queries are folded in)
+    if DO_DV:  # dv = k~ dH
+        b_dv = _dot(b_ks, b_dhs, DOT_MODE, DT) + _dot(b_kc, b_dhc, DOT_MODE, DT)
+    if DO_DK:  # dk~ = v dH^T + dZ
+        b_dks = _dot(b_v, tl.trans(b_dhs), DOT_MODE, DT) + b_dzs[None, :]
+        b_dkc = _dot(b_v, tl.trans(b_dhc), DOT_MODE, DT) + b_dzc[None, :]
     if HAS_A:
-        # rows t (queries), columns s (keys) of the chunk
-        b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
-        b_A = tl.where(b_M, b_A, 0.)
-        b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
-        b_dv += _dot(tl.trans(b_A), b_g, DOT_MODE, DT)
-        b_dks += _dot(tl.trans(b_dA), b_qs, DOT_MODE, DT)
-        b_dkc += _dot(tl.trans(b_dA), b_qc, DOT_MODE, DT)
+        for j in range(0, G):  # the group's query heads, in order; rows t = o_s of head j
+            b_qs, b_qc = _q_feats(q + j * K, pq + j, o_s, m_s, o_k, m_k, H, K, DOT_MODE, DT)
+            b_g, b_r = _grad_rows(do + j * V, den + j, delta + j, o_s, m_s, o_v, m_v, H * V, H, NTH, NV, 0, eps,
+                                  NORMALIZE)
+            if DO_DV:
+                b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
+                b_dv += _dot(tl.trans(tl.where(b_M, b_A, 0.)), b_g, DOT_MODE, DT)
+            if DO_DK:
+                b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
+                b_dks += _dot(tl.trans(b_dA), b_qs, DOT_MODE, DT)
+                b_dkc += _dot(tl.trans(b_dA), b_qc, DOT_MODE, DT)
+                b_dzs += tl.sum(b_qs.to(tl.float32) * b_r[:, None], 0)
+                b_dzc += tl.sum(b_qc.to(tl.float32) * b_r[:, None], 0)
+            b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
+            b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
     # selected, not multiplied: a padded key's gradients are exactly 0 even if dH holds NaN
-    b_dk = tl.where(b_kv[:, None] & (b_ak > 0), b_dks * b_sk[:, None] + b_dkc * b_ck[:, None], 0.)
-    b_dp = tl.where(b_kv, HALF_PI * tl.sum(b_ak * (b_dks * b_ck[:, None] - b_dkc * b_sk[:, None]), 1), 0.)
-    b_dv = tl.where(b_kv[:, None], b_dv, 0.)
-    # per query head outputs: row s, head h (the host sums a GQA group)
-    tl.store(dk + i_v * NSH * K + o_s64[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty),
-             mask=m_s[:, None] & m_k[None, :])
-    tl.store(dpk + i_v * NSH + o_s64 * H, b_dp, mask=m_s)
-    tl.store(dv + o_s64[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_s[:, None] & m_v[None, :])
+    if DO_DK:
+        b_dk = tl.where(b_kv[:, None] & (b_ak > 0), b_dks * b_sk[:, None] + b_dkc * b_ck[:, None], 0.)
+        b_dp = tl.where(b_kv, HALF_PI * tl.sum(b_ak * (b_dks * b_ck[:, None] - b_dkc * b_sk[:, None]), 1), 0.)
+        tl.store(dk + o_s64[:, None] * (HKV * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty),
+                 mask=m_s[:, None] & m_k[None, :])
+        tl.store(dpk + i_k * NSK + o_s64 * HKV, b_dp, mask=m_s)
+    if DO_DV:
+        b_dv = tl.where(b_kv[:, None], b_dv, 0.)
+        tl.store(dv + o_s64[:, None] * (HKV * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_s[:, None] & m_v[None, :])
+    return b_dhs, b_dhc, b_dzs, b_dzc
 
 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
-                      'USE_DS', 'STORE_DS0', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
-@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'NSH', 'NV', 'eps'])
+                      'USE_DS', 'DO_DK', 'DO_DV', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
+@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'NSK', 'NV', 'eps'])
 def leap_bwd_kernel_dkv(
     q, k, v, pq, pk, kpm, cu_seqlens, dS, dz,
     do, den, delta,
-    dk, dv, dpk, dS0, dz0,
-    T, S, W, CL, L, NTH, NSH, NV, eps,
+    dk, dv, dpk,
+    T, S, W, CL, L, NTH, NSK, NV, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    USE_DS: tl.constexpr, STORE_DS0: tl.constexpr, NORMALIZE: tl.constexpr,
+    USE_DS: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, NORMALIZE: tl.constexpr,
     SEGMENTED: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    i_nh, i_v, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # B*H on axis 0 (CUDA: axes 1, 2 <= 65535)
-    i_n, i_h = i_nh // H, i_nh % H
+    # B*Hkv on axis 0 (CUDA: axes 1, 2 <= 65535); axis 1: key block (DO_DK only), value tile
+    # (DO_DV only) or 0 (both)
+    i_nhk, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HKV: tl.constexpr = H // G
-    i_hk = i_h // G
+    i_n, i_hk = i_nhk // HKV, i_nhk % HKV
+    if DO_DV:
+        i_k = i_b * 0
+        i_v = i_b
+    else:
+        i_k = i_b
+        i_v = i_b * 0
     bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
-    q += (bos * H + i_h) * K
-    pq += bos * H + i_h
-    do += (bos * H + i_h) * V
-    den += bos * H + i_h
-    delta += bos * H + i_h
+    h0 = i_hk * G  # the group's first query head
+    q += (bos * H + h0) * K
+    pq += bos * H + h0
+    do += (bos * H + h0) * V
+    den += bos * H + h0
+    delta += bos * H + h0
     k += (kbos * HKV + i_hk) * K
     pk += kbos * HKV + i_hk
     v += (kbos * HKV + i_hk) * V
     kpm += kbos
-    dk += (kbos * H + i_h) * K
-    dpk += kbos * H + i_h
-    dv += (kbos * H + i_h) * V
+    dk += (kbos * HKV + i_hk) * K
+    dpk += kbos * HKV + i_hk
+    dv += (kbos * HKV + i_hk) * V
 
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -98,21 +161,22 @@ def leap_bwd_kernel_dkv(
     b_dhc = tl.zeros([BK, BV], dtype=tl.float32)
     b_dzs = tl.zeros([BK], dtype=tl.float32)
     b_dzc = tl.zeros([BK], dtype=tl.float32)
-    # the state gradient this program starts from: dS row i_nh, or (SEGMENTED 1) that of the
-    # queries after segment i_s (the reverse exclusive scan), row i_nh * (segments) + i_s, or
-    # (SEGMENTED 2) the whole state gradient
-    st_row = i_nh.to(tl.int64)
-    if SEGMENTED == 1:
-        st_row = st_row * tl.num_programs(2) + i_s
+    # the state gradient this program starts from, summed over the group's query heads h: dS row
+    # (i_n, h), or (SEGMENTED 1) that of the queries after segment i_s (the reverse exclusive
+    # scan), row (i_n, h) * (segments) + i_s, or (SEGMENTED 2) the whole state gradient
     if USE_DS:
-        p_st = dS + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
         m_st = m_k[:, None] & m_v[None, :]
-        b_dhs += tl.load(p_st, mask=m_st, other=0.)
-        b_dhc += tl.load(p_st + K * V, mask=m_st, other=0.)
-        if i_v == 0:
-            p_z = dz + st_row * (2 * K) + o_k
-            b_dzs += tl.load(p_z, mask=m_k, other=0.)
-            b_dzc += tl.load(p_z + K, mask=m_k, other=0.)
+        for j in range(0, G):
+            st_row = (i_n * H + h0 + j).to(tl.int64)
+            if SEGMENTED == 1:
+                st_row = st_row * tl.num_programs(2) + i_s
+            p_st = dS + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+            b_dhs += tl.load(p_st, mask=m_st, other=0.)
+            b_dhc += tl.load(p_st + K * V, mask=m_st, other=0.)
+            if DO_DK:
+                p_z = dz + st_row * (2 * K) + o_k
+                b_dzs += tl.load(p_z, mask=m_k, other=0.)
+                b_dzc += tl.load(p_z + K, mask=m_k, other=0.)
 
     o_i = tl.arange(0, BT)
     r0 = i_s * L  # this program's rows: [r0, r1) (one segment; L >= T unsegmented)
@@ -124,50 +188,37 @@ def leap_bwd_kernel_dkv(
             c0 = r0 + (nc - 1 - j) * CL
             o_t = c0 + o_i
             m_t = (o_i < CL) & (o_t < r1)
-            b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
-            b_qs = _cvt(b_aq * b_sq[:, None], DOT_MODE, DT)
-            b_qc = _cvt(b_aq * b_cq[:, None], DOT_MODE, DT)
-            b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
-            _key_tile(k, pk, v, kpm, dk, dpk, dv, o_t, m_t, o_k, m_k, o_v, m_v,
-                      b_dhs, b_dhc, b_dzs, b_dzc, b_qs, b_qc, b_g, b_r, b_M, i_v, NSH,
-                      H, HKV, K, V, True, HAS_KPM, DOT_MODE, DT)
-            b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
-            b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
-            b_dzs += tl.sum(b_qs * b_r[:, None], 0)
-            b_dzc += tl.sum(b_qc * b_r[:, None], 0)
+            b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
+                q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_t, m_t, o_k, m_k, o_v, m_v,
+                b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+                H, G, HKV, K, V, True, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
     elif SEGMENTED == 2:  # one block holds every query: dS is the whole state gradient; keys [r0, r1)
         b_M = o_i[:, None] >= 0  # unused
         r1 = tl.minimum(r0 + L, Lk)
         for s0 in range(r0, r1, BT):
             o_s = s0 + o_i
-            _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, o_s < r1, o_k, m_k, o_v, m_v,
-                      b_dhs, b_dhc, b_dzs, b_dzc, b_dhs, b_dhs, b_dhs, b_dzs, b_M, i_v, NSH,
-                      H, HKV, K, V, False, HAS_KPM, DOT_MODE, DT)
+            b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
+                q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < r1, o_k, m_k, o_v, m_v,
+                b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+                H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
     else:
         b_M = o_i[:, None] >= 0  # unused
         # whole blocks from the segment's end back to r0 (a multiple of W when segmented)
         nb = tl.cdiv(tl.minimum(r0 + L, tl.maximum(Lq, Lk)) - r0, W)
-        for j in range(0, nb):
-            b0 = r0 + (nb - 1 - j) * W
+        for jb in range(0, nb):
+            b0 = r0 + (nb - 1 - jb) * W
             qe = tl.minimum(b0 + W, Lq)
-            for t0 in range(b0, qe, BT):
-                o_t = t0 + o_i
-                m_t = o_t < qe
-                b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
-                b_qs = _cvt(b_aq * b_sq[:, None], DOT_MODE, DT)
-                b_qc = _cvt(b_aq * b_cq[:, None], DOT_MODE, DT)
-                b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps,
-                                      NORMALIZE)
-                b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
-                b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
-                b_dzs += tl.sum(b_qs * b_r[:, None], 0)
-                b_dzc += tl.sum(b_qc * b_r[:, None], 0)
+            for j in range(0, G):  # every query of the block, of every head of the group
+                for t0 in range(b0, qe, BT):
+                    o_t = t0 + o_i
+                    b_dhs, b_dhc, b_dzs, b_dzc = _fold_query_grads(
+                        q + j * K, pq + j, do + j * V, den + j, delta + j, o_t, o_t < qe, o_k, m_k, o_v, m_v,
+                         b_dhs, b_dhc, b_dzs, b_dzc, NTH, NV, eps, H, K, V, DO_DK, NORMALIZE,
+                        DOT_MODE, DT)
             ke = tl.minimum(b0 + W, Lk)
             for s0 in range(b0, ke, BT):
                 o_s = s0 + o_i
-                m_s = o_s < ke
-                _key_tile(k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
-                          b_dhs, b_dhc, b_dzs, b_dzc, b_dhs, b_dhs, b_dhs, b_dzs, b_M, i_v, NSH,
-                          H, HKV, K, V, False, HAS_KPM, DOT_MODE, DT)
-    if STORE_DS0:
-        _store_state(dS0, dz0, i_nh.to(tl.int64), b_dhs, b_dhc, b_dzs, b_dzc, o_k, m_k, o_v, m_v, i_v, K, V)
+                b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
+                    q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < ke, o_k, m_k, o_v, m_v,
+                    b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+                    H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)

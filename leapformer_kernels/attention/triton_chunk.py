@@ -5,7 +5,9 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
 - ``triton_fwd.leap_fwd_kernel_sweep``: forward-order chunkwise sweep carrying the fp32
   state in registers; ``STAGE`` 0 = forward (o and the final state), 1 = the backward's
   recomputation of ``den`` and ``delta = do . num``, 2 = ``dq`` and ``dpq``.
-- ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``.
+- ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, one program per
+  key/value head (the group's state gradient summed, its query heads looped over): dk and dv
+  together (Dk, Dv <= 64), or a dk launch over key blocks and a dv launch over value tiles.
 - ``triton_step.leap_step_kernel``: the decode step (one launch per step).
 - ``triton_monotone.leap_monotone_kernel_q`` / ``leap_monotone_kernel_dkv``: monotone
   cross-attention (``num_visible_keys``): a forward-order sweep over query chunks (o; ``den`` /
@@ -20,19 +22,30 @@ segment's ``k~^T v`` and ``k~``, a scan here gives every segment its exclusive p
 sum of all keys, for non-causal / cross-attention / one block wider than the sequence), and the
 sweep kernels start from it (``SEGMENTED``). The backward does the same for ``dq`` (the forward's
 prefix states, recomputed) and mirrors it for ``dk``/``dv`` (query segment sums of ``q~^T g`` and
-``q~ r``, a reverse scan that also gives ``dS0``/``dz0``). Segments are whole chunks, or whole
+``q~ r``, a reverse scan that also gives ``dS0``/``dz0``; without segments but with an initial
+state the same with one segment per sequence). The backward plans its segments for the key side
+(sequences x key/value heads x key blocks: ``_bwd_plan``). Segments are whole chunks, or whole
 blocks for block-causal attention with blocks wider than a chunk, cut per sequence from its first
 row, so no block straddles a segment boundary (a block longer than the target segment is one
 segment: W=4096 at T=8192 runs 2 segments per sequence).
 The per-segment states are the only per-segment memory: ``[B*H*segments, 2Dk, Dv]`` fp32 (18 MiB
-at B=4, H=16, D=64, T=8192 and 132 SMs).
+at B=4, H=16, D=64, T=8192 and 132 SMs), one buffer: the scan runs in place, and the backward
+reuses the key states' buffer for the query gradient states once dq is done.
+
+Scratch memory: ``_scratch`` lists every tensor a ``fwd`` / ``bwd`` call allocates besides its
+outputs, ``workspace_bytes`` sums it (``tests/test_triton_workspace.py`` records an interpreted
+run and checks the two agree). At B=4, H=16, T=32768, 132 SMs: 34 MiB (D=64) and 128 MiB
+(D=128) for the backward, 81 / 153 MiB with GQA Hkv=4.
 
 Grid: (sequences x query heads, value tiles, segments) (``sweep_grid``, ``step_grid``): B*H on
 axis 0, whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
 must launch). The backward recomputes the chunk states on
-the fly (nothing per chunk is stored); the only extra memory is ``den`` and ``delta``
-(fp32, per query row and head) and, for Dv > BV or GQA, per-tile / per-head partial
-gradients summed here in a fixed order: deterministic, no atomics.
+the fly (nothing per chunk is stored); the extra memory is ``den`` and ``delta`` (fp32, per
+query row and head, delta per value tile) and, at Dk = 128, one fp32 per row and key block for
+``dpq`` / ``dpk`` (summed here in a fixed order). dq, dk, dv are written complete, in the input
+dtype: the dq and dk sweeps hold every value column and split the key columns (``_bwd_tiles``),
+the dv sweep splits the value columns; GQA sums over the group inside the key-side kernels.
+Deterministic, no atomics.
 
 Tiles: the features are ``2 * Dk`` wide (sin and cos halves, each a ``[BT, BK]`` tile with
 ``BK = next_pow2(Dk)``); ``BT = 64`` rows (every dot has M = 64: wgmma on sm_90, also at
@@ -53,6 +66,7 @@ is written. For example, with T = 9, [0, 4, 100000] reads as [0, 4, 9], [0, 4, 7
 """
 import contextlib
 import functools
+import math
 
 import torch
 import triton
@@ -142,64 +156,56 @@ def segment_length(T: int, programs: int, CL: int, sms: int, min_len: int = MIN_
 
 
 def key_states(k, pk, v, kpm, cu, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L, whole, dot_mode, dt,
-               S_fin=None, z_fin=None):
-    """The states the segmented sweep starts from, and the final state, from segment sums.
+               seg, zseg, S_whole=None, z_whole=None, S_fin=None, z_fin=None):
+    """The states the segmented sweep starts from (and the final state), from segment sums.
 
-    ``whole=False`` (causal / block-causal within chunks): the exclusive prefix state of each
-    segment, ``[N*H*NSEG, 2K, V]`` and ``[N*H*NSEG, 2K]``, NSEG = ceil(T / L). ``whole=True``
-    (one block holds every key: non-causal, cross-attention): the sum over all keys,
-    ``[N*H, 2K, V]`` and ``[N*H, 2K]``. The initial state (if any) is added in both. Returns
-    ``(S_start, z_start, S_final [N, H, 2K, V], z_final [N, H, 2K])``; deterministic (a scan in
-    a fixed order)."""
-    f32 = dict(dtype=torch.float32, device=k.device)
+    ``seg`` / ``zseg``: buffers of at least ``N*H*NSEG`` rows of ``[2K, V]`` / ``[2K]`` fp32 (NSEG =
+    ceil(S / L)): the segment sums, then (the scan runs in place) the start states. ``whole=False``
+    (causal / block-causal): the exclusive prefix state of each segment, rows ``nh * NSEG + j`` of
+    ``seg``; ``whole=True`` (one block holds every key: non-causal, cross-attention): the sum over
+    all keys, written to ``S_whole [N*H, 2K, V]``, ``z_whole [N*H, 2K]``. The initial state (if any)
+    is added in both. The final state ``[N, H, 2K, V]``, ``[N, H, 2K]`` goes to ``S_fin``/``z_fin``
+    when given. Returns ``(S_start, z_start)``; deterministic (a scan in a fixed order)."""
     nseg = triton.cdiv(S, L)
-    Sseg = torch.empty(N * H * nseg, 2 * K, V, **f32)
-    zseg = torch.empty(N * H * nseg, 2 * K, **f32)
     leap_segment_sums_kernel[(N * H, NV, nseg)](
-        k, pk, v, kpm if kpm is not None else pk, cu if cu is not None else pk, Sseg, zseg, T, S, L,
+        k, pk, v, kpm if kpm is not None else pk, cu if cu is not None else pk, seg, zseg, T, S, L,
         H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, HAS_KPM=kpm is not None,
         DOT_MODE=dot_mode, DT=dt, **LAUNCH)
-    return _scan(Sseg, zseg, S0, z0, N, H, K, V, nseg, whole, reverse=False, S_fin=S_fin, z_fin=z_fin)
+    return _scan(seg, zseg, S0, z0, N, H, K, V, nseg, whole, False, S_whole, z_whole, S_fin, z_fin)
 
 
-def _scan(Sseg, zseg, S_init, z_init, N, H, K, V, nseg, whole, reverse, S_fin=None, z_fin=None):
-    """One launch of ``leap_segment_scan_kernel``; returns (start states, start normalisers,
-    final state [N, H, 2K, V], final normaliser [N, H, 2K]), the finals written into ``S_fin`` /
-    ``z_fin`` when given (the op's own output buffers: no copy)."""
-    f32 = dict(dtype=torch.float32, device=Sseg.device)
-    rows = N * H if whole else N * H * nseg
-    S_start = torch.empty(rows, 2 * K, V, **f32)
-    z_start = torch.empty(rows, 2 * K, **f32)
-    if S_fin is None:
-        S_fin = S_start.view(N, H, 2 * K, V) if whole else torch.empty(N, H, 2 * K, V, **f32)
-        z_fin = z_start.view(N, H, 2 * K) if whole else torch.empty(N, H, 2 * K, **f32)
+def _scan(seg, zseg, S_init, z_init, N, H, K, V, nseg, whole, reverse, S_whole, z_whole, S_fin, z_fin):
+    """One launch of ``leap_segment_scan_kernel``, in place in ``seg`` / ``zseg`` (or into
+    ``S_whole`` / ``z_whole`` when ``whole``); the finals written into ``S_fin`` / ``z_fin`` when
+    given (the op's own output buffers: no copy). Returns (start states, start normalisers)."""
+    S_start, z_start = (S_whole, z_whole) if whole else (seg, zseg)
     SK = 2 * K * V
     BLOCK = min(1024, triton.next_power_of_2(SK))
     has_init = S_init is not None
+    fin = S_fin is not None
     leap_segment_scan_kernel[(N * H, triton.cdiv(SK, BLOCK))](
-        Sseg, zseg, S_init if has_init else Sseg, z_init if has_init else zseg, S_start, z_start, S_fin, z_fin,
+        seg, zseg, S_init if has_init else seg, z_init if has_init else zseg, S_start, z_start,
+        S_fin if fin else seg, z_fin if fin else zseg,
         nseg, SK=SK, ZK=2 * K, BLOCK=BLOCK, BLOCK_Z=triton.next_power_of_2(2 * K),
-        HAS_INIT=has_init, REVERSE=reverse, WHOLE=whole, **LAUNCH)
-    return S_start, z_start, S_fin, z_fin
+        HAS_INIT=has_init, REVERSE=reverse, WHOLE=whole, STORE_FIN=fin, **LAUNCH)
+    return S_start, z_start
 
 
 def query_grad_states(q, pq, do, den, delta, cu, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
-                      normalize, dot_mode, dt, dS0=None, dz0=None):
-    """The state gradients the segmented reverse sweep starts from, and ``dS0``, ``dz0``.
+                      normalize, dot_mode, dt, seg, zseg, S_whole=None, z_whole=None, dS0=None, dz0=None):
+    """The state gradients the segmented reverse sweep starts from (and ``dS0``, ``dz0``).
 
-    ``whole=False``: for each segment, ``dS`` plus the sums of the segments after it (a reverse
-    exclusive scan), ``[N*H*NSEG, 2K, V]`` and ``[N*H*NSEG, 2K]``; ``whole=True``: ``dS`` plus
-    the sum over every query, ``[N*H, 2K, V]`` and ``[N*H, 2K]``. Returns ``(dS_start, dz_start,
-    dS0 [N, H, 2K, V], dz0 [N, H, 2K])``; deterministic."""
-    f32 = dict(dtype=torch.float32, device=q.device)
+    Buffers as in ``key_states`` (NSEG = ceil(T / L) here). ``whole=False``: for each segment,
+    ``dS`` plus the sums of the segments after it (a reverse exclusive scan, in place in ``seg``);
+    ``whole=True``: ``dS`` plus the sum over every query, into ``S_whole``. Per query head (the
+    key side sums a GQA group). ``dS0``/``dz0`` are written when given. Returns ``(dS_start,
+    dz_start)``; deterministic."""
     nseg = triton.cdiv(T, L)
-    dHseg = torch.empty(N * H * nseg, 2 * K, V, **f32)
-    dzseg = torch.empty(N * H * nseg, 2 * K, **f32)  # value tile 0 writes it (zeros without normalisation)
     leap_segment_grad_sums_kernel[(N * H, NV, nseg)](
-        q, pq, do, den, delta, cu if cu is not None else pq, dHseg, dzseg, T, S, L, NTH, NV, eps,
+        q, pq, do, den, delta, cu if cu is not None else pq, seg, zseg, T, S, L, NTH, NV, eps,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, NORMALIZE=normalize, DOT_MODE=dot_mode, DT=dt,
         **LAUNCH)
-    return _scan(dHseg, dzseg, dS, dz, N, H, K, V, nseg, whole, reverse=True, S_fin=dS0, z_fin=dz0)
+    return _scan(seg, zseg, dS, dz, N, H, K, V, nseg, whole, True, S_whole, z_whole, dS0, dz0)
 
 
 def sweep_grid(N: int, H: int, NV: int):
@@ -217,8 +223,8 @@ def _safe_cu_seqlens(cu: torch.Tensor, T: int) -> torch.Tensor:
     """Offsets the kernels can always follow (no host sync): clamped into [0, T], non-decreasing,
     first 0, last T. A valid ``cu_seqlens`` comes back equal."""
     c = torch.cummax(cu.clamp(0, T), dim=0).values
-    c[0] = 0
-    c[-1] = T
+    c[0].zero_()  # in place (an item assignment would allocate a scalar tensor)
+    c[-1].fill_(T)
     return c
 
 
@@ -240,6 +246,97 @@ def _c(t, dtype=None):
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     return t.contiguous()
+
+
+def _bwd_tiles(K: int, V: int):
+    """(BKq, NK, BVf, merged) of the backward's dq and dk/dv sweeps. ``BVf`` covers every value
+    column (complete dq and dk rows need all of them); the fp32 state a program carries is
+    ``2 x [BKq, BVf]``, held to ``BKq * BVf <= 64 * 64`` (the forward's budget), so ``BKq`` key
+    columns per program and ``NK`` key blocks. ``merged``: one program holds every key and value
+    column (Dk, Dv <= 64): dk and dv in one kernel; otherwise a dk kernel split over key blocks
+    and a dv kernel split over the forward's value tiles (``_tiles``), as FLA does."""
+    BK = _tiles(K, V)[1]
+    BVf = max(16, triton.next_power_of_2(V))
+    BKq = max(16, min(BK, 64 * 64 // BVf))
+    return BKq, triton.cdiv(K, BKq), BVf, BKq >= K
+
+
+def _bwd_plan(device, T, S, N, H, Hkv, K, V, INTRA, W, CL):
+    """The backward's segment plan: sized so that the key side (one program per sequence x key/value
+    head x key block or value tile) fills the GPU."""
+    NV = _tiles(K, V)[3]
+    BKq, NK, BVf, merged = _bwd_tiles(K, V)
+    return _plan(device, T, S, N, Hkv, 1 if merged else min(NK, NV), INTRA, W, CL)
+
+
+def _state_rows(N, H, K, V, rows):
+    """A state buffer pair of ``rows`` rows: ([rows, 2K, V], [rows, 2K]) fp32."""
+    return {"S": ((rows, 2 * K, V), torch.float32), "z": ((rows, 2 * K), torch.float32)}
+
+
+def _scratch(backward, B, T, S, H, Hkv, K, V, N, plan, *, normalize=True, initial_state=False,
+             output_final_state=False, dS_given=False, dz_given=False, varlen=False):
+    """Every scratch tensor one ``fwd`` / ``bwd`` call allocates (besides its outputs):
+    {name: (shape, dtype)}. The launchers allocate exactly these; ``workspace_bytes`` sums them."""
+    f32 = torch.float32
+    out = {}
+    if varlen:  # _safe_cu_seqlens: clamp, cummax (values and indices)
+        out["cu"] = ((3 * (N + 1),), torch.int64)
+    if plan:
+        L, nseg, whole = plan
+        rows = triton.cdiv(S, L)
+        if backward:
+            rows = max(rows, triton.cdiv(T, L))  # the key states, then the query gradient states
+        for n, v in _state_rows(N, H, K, V, N * H * rows).items():
+            out["seg_" + n] = v
+        if whole and (backward or not output_final_state):  # forward: the whole state is S_final
+            for n, v in _state_rows(N, H, K, V, N * H).items():
+                out["whole_" + n] = v
+    elif backward and initial_state:  # dS0: one query segment per sequence, a reverse scan
+        for n, v in _state_rows(N, H, K, V, N * H).items():
+            out["seg_" + n] = v
+    if not backward:
+        return out
+    NV = _tiles(K, V)[3]
+    BKq, NK, BVf, merged = _bwd_tiles(K, V)
+    if normalize:
+        out["den"] = ((B, T, H), f32)
+        out["delta"] = ((NV, B, T, H), f32)
+    if NK > 1:  # one fp32 per row and key block, summed into dpq / dpk
+        out["dpq_part"] = ((NK, B, T, H), f32)
+        out["dpk_part"] = ((NK, B, S, Hkv), f32)
+    if dS_given != dz_given:  # zeros for the missing half of the final-state gradient
+        out["dS_zero" if dz_given else "dz_zero"] = ((N, H, 2 * K, V) if dz_given else (N, H, 2 * K), f32)
+    return out
+
+
+def workspace_bytes(B, T, H, Hkv, Dk, Dv, sm_count, *, S=None, causal=True, block_size=None, normalize=True,
+                    initial_state=False, output_final_state=False, final_state_grad=False, cu_seqlens=None,
+                    min_segment=MIN_SEGMENT, backward=True):
+    """Scratch bytes of one triton ``bwd`` call (``backward=False``: ``fwd``) on a GPU with
+    ``sm_count`` SMs, beyond its inputs and outputs: what ``_scratch`` lists, which is exactly what
+    the launcher allocates (``tests/test_triton_workspace.py`` records it). ``cu_seqlens``: the
+    number of sequences N (varlen, B == 1), or None. ``min_segment``: the shortest segment (None:
+    one chunk, as under the interpreter). ``final_state_grad``: dS and dz both given (or neither:
+    False); the forward's ``output_final_state``. The monotone mode (``num_visible_keys``) is not
+    covered."""
+    S = T if S is None else S
+    N = B if cu_seqlens is None else cu_seqlens
+    BT = _tiles(Dk, Dv)[0]
+    INTRA, W, CL = _sweep(T, S, causal, block_size or 0, BT)
+    policy = lambda dev: (sm_count, min_segment)  # noqa: E731
+    if backward:
+        plan = _bwd_plan(policy, T, S, N, H, Hkv, Dk, Dv, INTRA, W, CL)
+    else:
+        plan = _plan(policy, T, S, N, H, _tiles(Dk, Dv)[3], INTRA, W, CL)
+    sc = _scratch(backward, B, T, S, H, Hkv, Dk, Dv, N, plan, normalize=normalize, initial_state=initial_state,
+                  output_final_state=output_final_state, dS_given=final_state_grad, dz_given=final_state_grad,
+                  varlen=cu_seqlens is not None)
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in sc.values())
+
+
+def _alloc(scratch, device):
+    return {n: torch.empty(shape, dtype=dt, device=device) for n, (shape, dt) in scratch.items()}
 
 
 def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size, eps,
@@ -269,10 +366,15 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
     dummy = pq
     with _guard(q):
         plan = _plan(q.device, T, S, N, H, NV, INTRA, W, CL)
+        ws = _alloc({n: v for n, v in _scratch(False, B, T, S, H, Hkv, K, V, N, plan,
+                                                output_final_state=output_final_state).items() if n != "cu"},
+                    q.device)
         if plan:  # segment-parallel: segment sums, a scan, then every segment at once
             L, nseg, whole = plan
+            S_whole, z_whole = (ws["whole_S"], ws["whole_z"]) if "whole_S" in ws else (Sf, zf)
             S0, z0 = key_states(k, pk, v, kpm, cu_seqlens, S0, z0, T, S, N, H, H // Hkv, K, V, BT, BK, BV, NV, L,
-                                whole, _dot_mode(q.dtype), _DT[q.dtype], S_fin=Sf, z_fin=zf)[:2]
+                                whole, _dot_mode(q.dtype), _DT[q.dtype], ws["seg_S"], ws["seg_z"],
+                                S_whole, z_whole, None if whole else Sf, None if whole else zf)
         else:
             L, nseg = max(T, S, 1), 1
         leap_fwd_kernel_sweep[(N * H, NV, nseg)](
@@ -294,9 +396,10 @@ def _plan(device, T, S, N, H, NV, INTRA, W, CL):
     (non-causal, cross-attention, a block at least as long as the sequences), so every query
     reads the sum of all keys. Otherwise segments are whole chunks (causal, blocks within a
     chunk) or whole blocks (block-causal with blocks wider than a chunk: L a multiple of W, at
-    least one block), so no block straddles a segment boundary."""
+    least one block), so no block straddles a segment boundary. ``device`` may also be a
+    function standing for ``segment_policy`` (``workspace_bytes``)."""
     whole = not INTRA and W >= max(T, S)
-    sms, min_len = segment_policy(device)
+    sms, min_len = device(None) if callable(device) else segment_policy(device)
     unit = CL if INTRA or whole else W
     L = segment_length(max(T, S), N * H * NV, unit, sms, min_len or unit)
     return (L, triton.cdiv(T, L), whole) if L else None
@@ -320,79 +423,74 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
     if cu_seqlens is not None:
         cu_seqlens = _safe_cu_seqlens(cu_seqlens, T)
     BT, BK, BV, NV = _tiles(K, V)
+    BKq, NK, BVf, merged = _bwd_tiles(K, V)
     INTRA, W, CL = _sweep(T, S, causal, block_size, BT)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
-    NTH, NSH = B * T * H, B * S * H
+    NTH, NSK = B * T * H, B * S * Hkv
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     dummy = pq
+    plan = _bwd_plan(dev, T, S, N, H, Hkv, K, V, INTRA, W, CL)
+    sc = _scratch(True, B, T, S, H, Hkv, K, V, N, plan, normalize=normalize, initial_state=S0 is not None,
+                  dS_given=dS is not None, dz_given=dz is not None)
+    ws = _alloc({n: v for n, v in sc.items() if n not in ("cu", "dS_zero", "dz_zero")}, dev)
     if dS is None and dz is not None:
-        dS = torch.zeros(N, H, 2 * K, V, **f32)
+        dS = torch.zeros(sc["dS_zero"][0], **f32)
     if dz is None and dS is not None:
-        dz = torch.zeros(N, H, 2 * K, **f32)
-    common = dict(H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, INTRA=INTRA, IS_VARLEN=cu_seqlens is not None,
+        dz = torch.zeros(sc["dz_zero"][0], **f32)
+    common = dict(H=H, G=G, K=K, V=V, BT=BT, INTRA=INTRA, IS_VARLEN=cu_seqlens is not None,
                   HAS_KPM=kpm is not None, NORMALIZE=normalize, DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype],
                   **LAUNCH)
     cu = cu_seqlens if cu_seqlens is not None else dummy
     kp = kpm if kpm is not None else dummy
-    s0 = S0 if S0 is not None else dummy
-    z0_ = z0 if z0 is not None else dummy
-    if normalize:
-        den = torch.empty(B, T, H, **f32)
-        delta = torch.empty(NV, B, T, H, **f32)
-    else:
-        den = delta = dummy
-    dq = torch.empty(NV, B, T, H, K, dtype=q.dtype if NV == 1 else torch.float32, device=dev)
-    dpq = torch.empty(NV, B, T, H, **f32)
-    part_k = NV > 1 or G > 1
-    dk = torch.empty(NV, B, S, H, K, dtype=torch.float32 if part_k else q.dtype, device=dev)
-    dpk = torch.empty(NV, B, S, H, **f32)
-    dv = torch.empty(B, S, H, V, dtype=torch.float32 if G > 1 else q.dtype, device=dev)
+    den, delta = (ws["den"], ws["delta"]) if normalize else (dummy, dummy)
+    dq = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
+    dpq = ws["dpq_part"] if NK > 1 else torch.empty(B, T, H, **f32)
+    dk = torch.empty(B, S, Hkv, K, dtype=q.dtype, device=dev)
+    dv = torch.empty(B, S, Hkv, V, dtype=q.dtype, device=dev)
+    dpk = ws["dpk_part"] if NK > 1 else torch.empty(B, S, Hkv, **f32)
     dS0 = torch.empty(N, H, 2 * K, V, **f32) if S0 is not None else None
     dz0 = torch.empty(N, H, 2 * K, **f32) if S0 is not None else None
-    grid = sweep_grid(N, H, NV)
+    whole_bufs = (ws.get("whole_S"), ws.get("whole_z"))
     with _guard(q):
-        plan = _plan(dev, T, S, N, H, NV, INTRA, W, CL)
+        s0, z0_ = S0, z0
         if plan:  # the query-side stages run segment-parallel from the forward's prefix states
             L, nseg, whole = plan
             s0, z0_ = key_states(k, pk, v, kpm, cu_seqlens, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L, whole,
-                                 common["DOT_MODE"], common["DT"])[:2]
+                                 common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], *whole_bufs)
         else:
             L, nseg = max(T, S, 1), 1
         qgrid = (N * H, NV, nseg)
-        if normalize:
-            leap_fwd_kernel_sweep[qgrid](
-                q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
-                do, den, delta, dummy, dummy,
-                T, S, W, CL, L, NTH, NV, eps,
-                STAGE=1, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
-        leap_fwd_kernel_sweep[qgrid](
-            q, k, v, pq, pk, kp, cu, s0, z0_, dummy, dummy, dummy,
-            do, den, delta, dq, dpq,
-            T, S, W, CL, L, NTH, NV, eps,
-            STAGE=2, USE_S0=S0 is not None or bool(plan), STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
+        qargs = (q, k, v, pq, pk, kp, cu, s0 if s0 is not None else dummy, z0_ if z0_ is not None else dummy,
+                 dummy, dummy, dummy, do, den, delta, dq, dpq, T, S, W, CL, L, NTH, NV, eps)
+        qflags = dict(USE_S0=s0 is not None, STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
+        if normalize:  # den and per-value-tile delta = do . num
+            leap_fwd_kernel_sweep[qgrid](*qargs, BK=BK, BV=BV, STAGE=1, **qflags)
+        # dq, dpq: key blocks of BKq columns, every value column in one tile: complete dq rows
+        leap_fwd_kernel_sweep[(N * H, NK, nseg)](*qargs, BK=BKq, BV=BVf, STAGE=2, SPLIT_K=True, **qflags)
+        kseg = _seg_mode(plan)
         if plan:  # the key side too: query segment sums, a reverse scan, every key segment at once
             dS, dz = query_grad_states(
                 q, pq, do, den, delta, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
-                normalize, common["DOT_MODE"], common["DT"], dS0=dS0, dz0=dz0)[:2]
-            kgrid = (N * H, NV, triton.cdiv(S, L))
+                normalize, common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], *whole_bufs, dS0, dz0)
+            kseg_n = triton.cdiv(S, L)
+        elif S0 is not None:  # dS0, dz0: one query segment per sequence (its start: dS, dz)
+            dS, dz = query_grad_states(
+                q, pq, do, den, delta, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, False, eps,
+                normalize, common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], None, None, dS0, dz0)
+            kseg, kseg_n = 1, 1
         else:
-            kgrid = grid
-        leap_bwd_kernel_dkv[kgrid](
-            q, k, v, pq, pk, kp, cu, dS if dS is not None else dummy, dz if dz is not None else dummy,
-            do, den, delta,
-            dk, dv, dpk, dS0 if dS0 is not None and not plan else dummy, dz0 if dz0 is not None and not plan else dummy,
-            T, S, W, CL, L, NTH, NSH, NV, eps,
-            USE_DS=dS is not None, STORE_DS0=S0 is not None and not plan, SEGMENTED=_seg_mode(plan), **common)
-    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
-    dpq = dpq[0] if NV == 1 else dpq.sum(0)
-    if part_k:
-        dk = dk.view(NV, B, S, Hkv, G, K).sum((0, 4)).to(q.dtype)
-        dpk = dpk.view(NV, B, S, Hkv, G).sum((0, 4))
-    else:
-        dk, dpk = dk[0], dpk[0]
-    if G > 1:
-        dv = dv.view(B, S, Hkv, G, V).sum(3).to(q.dtype)
+            kseg_n = 1
+        kargs = (q, k, v, pq, pk, kp, cu, dS if dS is not None else dummy, dz if dz is not None else dummy,
+                 do, den, delta, dk, dv, dpk, T, S, W, CL, L, NTH, NSK, NV, eps)
+        kflags = dict(USE_DS=dS is not None, SEGMENTED=kseg, **common)
+        if merged:  # one program holds every key and value column: dk and dv together
+            leap_bwd_kernel_dkv[(N * Hkv, 1, kseg_n)](*kargs, BK=BK, BV=BVf, DO_DK=True, DO_DV=True, **kflags)
+        else:  # dk over key blocks (all value columns), dv over value tiles (all key columns)
+            leap_bwd_kernel_dkv[(N * Hkv, NK, kseg_n)](*kargs, BK=BKq, BV=BVf, DO_DK=True, DO_DV=False, **kflags)
+            leap_bwd_kernel_dkv[(N * Hkv, NV, kseg_n)](*kargs, BK=BK, BV=BV, DO_DK=False, DO_DV=True, **kflags)
+    if NK > 1:
+        dpq, dpk = dpq.sum(0), dpk.sum(0)
     return dq, dk, dv, dpq.to(pq_dtype), dpk.to(pk_dtype), dS0, dz0
 
 

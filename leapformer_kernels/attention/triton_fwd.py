@@ -18,7 +18,10 @@ Two sweep shapes (constexpr ``INTRA``):
 ``STAGE`` picks what a query tile produces:
   0: forward, ``o = num / max(den, eps)`` (or ``num``), and the final state;
   1: backward preparation: ``den`` and per-value-tile ``delta = sum(do * num)``;
-  2: backward ``dq``/``dpq`` (per value tile partials when ``NV > 1``).
+  2: backward ``dq``/``dpq``, launched with ``SPLIT_K``: grid axis 1 is then a block of ``BK``
+     key columns and one tile holds every value column (``BV >= V``), so each program writes
+     complete ``dq`` rows for its columns (no fp32 partials; Dk = 128 runs 4 blocks of 32) and
+     a ``dpq`` partial per key block (one fp32 per row, summed on the host).
 The reverse sweep (``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``) is in ``triton_bwd.py``.
 
 Grid: ``(sequences x query heads, value tiles)`` (``triton_chunk.sweep_grid``): B*H on axis 0,
@@ -189,7 +192,7 @@ def _grad_rows(do, den, delta, o_r, m_r, o_v, m_v, stride_do, stride_h, NTH, NV,
 
 @triton.jit
 def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_v, eps, NTH, NV,
+                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH, NV,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, STAGE: tl.constexpr,
                 HAS_A: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """One query tile of the forward-order sweep against the exclusive state, plus (HAS_A) the
@@ -233,14 +236,16 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
             b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
         b_dq = tl.where(b_a > 0, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None], 0.)
         b_dp = HALF_PI * tl.sum(b_a * (b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None]), 1)
-        tl.store(dq + i_v * NTH * K + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+        # complete dq rows for this program's key columns o_k (all value columns are here);
+        # dpq sums over every key column: one partial per key block (i_k), summed on the host
+        tl.store(dq + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
                  mask=m_t[:, None] & m_k[None, :])
-        tl.store(dpq + i_v * NTH + o_t64 * H, b_dp, mask=m_t)
+        tl.store(dpq + i_k * NTH + o_t64 * H, b_dp, mask=m_t)
 
 
 @triton.jit
 def _query_rows(q, pq, o, do, den, delta, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_v,
-                b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV,
+                b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, NV,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, STAGE: tl.constexpr,
                 NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """Query rows [t0, t1) in tiles of BT, all reading the same (inclusive) state: no intra-chunk
@@ -249,13 +254,13 @@ def _query_rows(q, pq, o, do, den, delta, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m
     for r0 in range(t0, t1, BT):
         o_t = r0 + o_i
         _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, o_t < t1, o_k, m_k, o_v, m_v,
-                    b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_v, eps, NTH, NV,
+                    b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_k, i_v, eps, NTH, NV,
                     H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
 
 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'STAGE', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
-                      'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
+                      'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'SPLIT_K', 'DOT_MODE'])
 @triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'NV', 'eps'])
 def leap_fwd_kernel_sweep(
     q, k, v, pq, pk, kpm, cu_seqlens, S0, z0,
@@ -266,9 +271,15 @@ def leap_fwd_kernel_sweep(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STAGE: tl.constexpr, INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     USE_S0: tl.constexpr, STORE_STATE: tl.constexpr, NORMALIZE: tl.constexpr,
-    SEGMENTED: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
+    SEGMENTED: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr, SPLIT_K: tl.constexpr = False,
 ):
-    i_nh, i_v, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if SPLIT_K:  # axis 1 = key block (BK of the K columns, all V in one tile: STAGE 2's dq)
+        i_k = i_b
+        i_v = i_b * 0
+    else:  # axis 1 = value tile (BK covers every key column)
+        i_k = i_b * 0
+        i_v = i_b
     i_n, i_h = i_nh // H, i_nh % H
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
@@ -287,7 +298,7 @@ def leap_fwd_kernel_sweep(
     dq += (bos * H + i_h) * K
     dpq += bos * H + i_h
 
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -325,7 +336,7 @@ def leap_fwd_kernel_sweep(
             b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :],
                           other=0.)
             _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_v, eps, NTH, NV,
+                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH, NV,
                         H, K, V, STAGE, True, NORMALIZE, DOT_MODE, DT)
             b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
             b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
@@ -333,7 +344,7 @@ def leap_fwd_kernel_sweep(
             b_zc += tl.sum(b_kc.to(tl.float32), 0)
     elif SEGMENTED == 2:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
         _query_rows(q, pq, o, do, den, delta, dq, dpq, q0, q1, o_i, o_k, m_k, o_v, m_v,
-                    b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
+                    b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
     else:
         # whole blocks [b0, b0 + W) from q0 (a multiple of W when segmented) to the segment's end
         b_end = tl.minimum(q0 + L, tl.maximum(Lq, Lk))
@@ -341,6 +352,6 @@ def leap_fwd_kernel_sweep(
             b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, b0, tl.minimum(b0 + W, Lk), o_i, o_k, m_k, o_v, m_v,
                                                 b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM, DOT_MODE, DT)
             _query_rows(q, pq, o, do, den, delta, dq, dpq, b0, tl.minimum(b0 + W, Lq), o_i, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
+                        b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:
         _store_state(Sf, zf, i_nh.to(tl.int64), b_hs, b_hc, b_zs, b_zc, o_k, m_k, o_v, m_v, i_v, K, V)

@@ -6,8 +6,8 @@ sums its segment's ``k~^T v`` (``[2Dk, BV]``) and ``k~`` (``[2Dk]``, value tile 
 writes them to row ``i_nh * NSEG + i_s`` of ``Sseg`` ``[N*H*NSEG, 2Dk, Dv]`` and ``zseg``
 ``[N*H*NSEG, 2Dk]``. A segment past its sequence's end (varlen: the grid is sized for the
 longest possible sequence, no host sync) writes zeros. ``triton_chunk`` then scans the segment
-sums in PyTorch (exclusive prefix per segment, the final state) and the sweep kernel runs every
-segment in parallel from its prefix state. The re-weighted features live in registers only.
+sums (``leap_segment_scan_kernel``, in place: exclusive prefix per segment, the final state) and
+the sweep kernel runs every segment in parallel from its prefix state. The re-weighted features live in registers only.
 """
 import triton
 import triton.language as tl
@@ -99,7 +99,7 @@ def leap_segment_grad_sums_kernel(
 
 @triton.jit
 def _scan_rows(seg, init, start, fin, i_nh, NSEG, offs, m, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-               WHOLE: tl.constexpr, N_EL: tl.constexpr):
+               WHOLE: tl.constexpr, STORE_FIN: tl.constexpr, N_EL: tl.constexpr):
     """One column block of the scan over the NSEG segment rows of sequence x head i_nh."""
     if HAS_INIT:
         acc = tl.load(init + i_nh.to(tl.int64) * N_EL + offs, mask=m, other=0.)
@@ -111,19 +111,22 @@ def _scan_rows(seg, init, start, fin, i_nh, NSEG, offs, m, HAS_INIT: tl.constexp
             jj = NSEG - 1 - j
         else:
             jj = j
+        # loaded before the store: ``start`` may be ``seg`` itself (the scan runs in place)
+        x = tl.load(seg + (base + jj) * N_EL + offs, mask=m, other=0.)
         if not WHOLE:  # the state before segment jj (after it, in reverse)
             tl.store(start + (base + jj) * N_EL + offs, acc, mask=m)
-        acc += tl.load(seg + (base + jj) * N_EL + offs, mask=m, other=0.)
+        acc += x
     if WHOLE:
         tl.store(start + i_nh.to(tl.int64) * N_EL + offs, acc, mask=m)
-    tl.store(fin + i_nh.to(tl.int64) * N_EL + offs, acc, mask=m)
+    if STORE_FIN:
+        tl.store(fin + i_nh.to(tl.int64) * N_EL + offs, acc, mask=m)
 
 
 @triton.jit(do_not_specialize=['NSEG'])
 def leap_segment_scan_kernel(
     Sseg, zseg, S_init, z_init, S_start, z_start, S_fin, z_fin, NSEG,
     SK: tl.constexpr, ZK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Z: tl.constexpr,
-    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, WHOLE: tl.constexpr,
+    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, WHOLE: tl.constexpr, STORE_FIN: tl.constexpr = True,
 ):
     """The scan over segments, one launch: for each sequence x head (axis 0) and block of the
     ``SK = 2Dk*Dv`` state elements (axis 1; block 0 also does the ``ZK = 2Dk`` normaliser), in a
@@ -131,12 +134,17 @@ def leap_segment_scan_kernel(
     final-state gradient when ``REVERSE``) or zero:
 
     - ``WHOLE=False``: ``S_start[nh * NSEG + j]`` = init + the segments before j (after j when
-      ``REVERSE``); ``S_fin[nh]`` = init + every segment (the final state, or dS0);
+      ``REVERSE``); ``S_fin[nh]`` = init + every segment (the final state, or dS0). ``S_start``
+      may be ``Sseg`` itself (in place: each element is read before it is overwritten, by the
+      same program);
     - ``WHOLE=True``: ``S_start[nh]`` = ``S_fin[nh]`` = init + every segment.
+
+    ``STORE_FIN=False``: no ``S_fin`` (the caller needs no final state / ``dS0``).
     """
     i_nh, i_b = tl.program_id(0), tl.program_id(1)
     offs = i_b * BLOCK + tl.arange(0, BLOCK)
-    _scan_rows(Sseg, S_init, S_start, S_fin, i_nh, NSEG, offs, offs < SK, HAS_INIT, REVERSE, WHOLE, SK)
+    _scan_rows(Sseg, S_init, S_start, S_fin, i_nh, NSEG, offs, offs < SK, HAS_INIT, REVERSE, WHOLE, STORE_FIN, SK)
     if i_b == 0:
         offz = tl.arange(0, BLOCK_Z)
-        _scan_rows(zseg, z_init, z_start, z_fin, i_nh, NSEG, offz, offz < ZK, HAS_INIT, REVERSE, WHOLE, ZK)
+        _scan_rows(zseg, z_init, z_start, z_fin, i_nh, NSEG, offz, offz < ZK, HAS_INIT, REVERSE, WHOLE, STORE_FIN,
+                   ZK)
