@@ -38,7 +38,8 @@ def test_missing_extra_is_one_line():
 
 try:  # the tests below need the [hf] extra; the two above run without it
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 except ImportError:
     transformers = None
@@ -70,7 +71,15 @@ def qwen2(seed=0, layers=2):  # q/k/v biases, MQA
     return Qwen2ForCausalLM(cfg).eval()
 
 
-MODELS = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
+def mistral(seed=0, layers=2):  # a sliding window shorter than the prompt: LeaP layers attend to all of it
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=4,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return MistralForCausalLM(cfg).eval()
+
+
+MODELS = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2, "mistral": mistral}
 
 
 def attn_modules(model):
@@ -117,7 +126,7 @@ def capture(modules):
 
 
 @needs_hf
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "mistral"])
 def test_forward_equals_reference(name):
     model = MODELS[name]()
     ref = copy.deepcopy(model)
