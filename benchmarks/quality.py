@@ -308,7 +308,7 @@ def verdicts(rows):
 def markdown(payload) -> str:
     m = payload["meta"]
     rows = payload["rows"]
-    L = [f"# LeaP against softmax, relu-linear and cosFormer at the same budget", "",
+    L = ["# LeaP against softmax, relu-linear and cosFormer at the same budget", "",
          f"Device: {m['device']}, {m['device_note']}; torch {m['torch']}, LeaP backend {m['leap_backend']}. "
          f"Command: `python -m benchmarks.quality {' '.join(m['argv'])}` on {m['date']}, total wall time "
          f"{m.get('wall_s', 0) / 60:.1f} min{' (INTERRUPTED)' if m['interrupted'] else ''}.", "",
