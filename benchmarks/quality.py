@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .lm_speed import cpu_model, device_label  # one device label for the CPU benchmarks
+
 RESULTS = "benchmarks/results"
 SCRATCH = str(Path(tempfile.gettempdir()) / "leapformer-benchmarks")
 ATTENTIONS = ("leap", "softmax", "linear", "cosformer")
@@ -84,23 +86,6 @@ TASKS = [
      "quick": {"over": {"n_embd": 32, "n_head": 2, "seq_len": 256}, "train": {"batch_size": 1},
                "eval_batches": 1}},
 ]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_label(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} cores), {threads} thread(s)"
 
 
 def parse(argv=None):
