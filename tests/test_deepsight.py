@@ -9,10 +9,9 @@ import torch
 import leapformer_models as lm
 from leapformer_models.deepsight import plan_target, plan_windows
 from leapformer_models.train import TrainConfig, train
+from utils import TINY_TEXT as TEXT
 
 TINY = dict(n_encoder_layer=1, n_decoder_layer=2, n_head=2, n_embd=32, seq_len=32, plan_horizon=5)
-TEXT = ("The quick brown fox jumps over the lazy dog. A def statement defines a function; "
-        "a class statement defines a class. ") * 12
 
 
 def tiny(**kw):

@@ -10,10 +10,9 @@ import torch
 import leapformer_models as lm
 from leapformer_models.futureformer import FS_TARGETS, future_targets, future_windows
 from leapformer_models.train import TrainConfig, train
+from utils import TINY_TEXT as TEXT
 
 TINY = dict(n_layer=4, fs_periods=2, n_head=2, n_embd=32, seq_len=32)
-TEXT = ("The quick brown fox jumps over the lazy dog. A def statement defines a function; "
-        "a class statement defines a class. ") * 12
 
 
 def tiny(**kw):

@@ -11,6 +11,7 @@ import leapformer_models as lm
 from leapformer_models.blocks import left_pad
 from leapformer_models.leap import LeapLSTMConfig, LeapTransformerConfig
 from leapformer_models.lm import LMConfig
+from utils import TINY_TEXT as TEXT
 
 CONFIGS = [LMConfig, LeapLSTMConfig, LeapTransformerConfig]
 TINY = {
@@ -18,8 +19,6 @@ TINY = {
     "leap-lstm": dict(embed_dim=16, hidden_dim=32),
     "leap-transformer": dict(embed_dim=32, num_heads=4, num_layers=2),
 }
-TEXT = ("The quick brown fox jumps over the lazy dog. A def statement defines a function; "
-        "a class statement defines a class. ") * 12
 
 INT_SIZES = {
     LMConfig: ["vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "max_positions"],

@@ -10,6 +10,7 @@ import leapformer_models as lm
 from leapformer_models.blocks import MLP, Block, RMSNorm, left_pad, sample_logits
 from leapformer_models.leap import sample_leap_batch
 from leapformer_models.train import TrainConfig, load_model, train
+from utils import TINY_TEXT as TEXT
 
 TINY = {
     "leapformer-lm": dict(n_layer=2, n_head=2, n_embd=32, seq_len=32),
@@ -21,8 +22,6 @@ CASES = [("leapformer-lm", "leap"), ("leapformer-lm", "softmax"), ("leap-lstm", 
          ("leap-transformer", "leap"), ("leap-transformer", "softmax")]
 IDS = [f"{m}-{a}" if a else m for m, a in CASES]
 
-TEXT = ("The quick brown fox jumps over the lazy dog. A def statement defines a function; "
-        "a class statement defines a class. ") * 12
 
 
 def tiny(name, attention=None, **kw):

@@ -11,14 +11,13 @@ import leapformer_models as lm
 from leapformer_models.cli import main as cli_main
 from leapformer_models.softar import HistorySums, history_summaries
 from leapformer_models.train import TrainConfig, train
+from utils import TINY_TEXT as TEXT
 
 # one intra-op thread everywhere: tiny models, and on a shared 2-core runner two OpenMP threads waiting for
 # descheduled peers made these tests tens of times slower
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, window=8)
-TEXT = ("The quick brown fox jumps over the lazy dog. A def statement defines a function; "
-        "a class statement defines a class. ") * 12
 
 
 def tiny(**kw):

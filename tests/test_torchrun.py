@@ -18,11 +18,10 @@ import torch.multiprocessing as mp
 from leapformer_models import distributed
 from leapformer_models.errors import UsageError
 from leapformer_models.train import TrainConfig, train
+from utils import TINY_TEXT as TEXT
 
 SPAWN_TIMEOUT = 150
 TINY = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32)
-TEXT = ("The quick brown fox jumps over the lazy dog. A def statement defines a function; "
-        "a class statement defines a class. ") * 12
 STEPS = 5
 
 

@@ -19,6 +19,9 @@ FLOOR = 1e-3
 
 
 HALF = (torch.float16, torch.bfloat16)
+# a small English text for the zoo's model tests (train a few steps, checkpoints, resume)
+TINY_TEXT = ("The quick brown fox jumps over the lazy dog. A def statement defines a function; "
+             "a class statement defines a class. ") * 12
 # flash-attn's rule compares against 2x the baseline's error, but never asks for less than this
 BASELINE_FLOOR = 1e-6
 
