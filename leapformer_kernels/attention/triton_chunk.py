@@ -52,7 +52,7 @@ Tiles: the features are ``2 * Dk`` wide (sin and cos halves, each a ``[BT, BK]``
 Dk = 128, where BT = 32 left 136 mma.sync per kernel), ``BV <= 64`` value columns for Dk <= 64 and
 ``BV <= 32`` for Dk = 128, so that the two ``[BK, BV]`` fp32 states fit in registers (sm_90,
 Dk = 128, 8 warps: 0.7-1.8 KB of spills per thread, against 1.4-2.5 KB with BT = 32;
-``benchmarks/triton_report``). The autotuner varies num_warps (4, 8) / num_stages keyed on head
+``benchmarks/triton_report``). The autotuner varies num_stages (num_warps 8, ``autotune_configs``) keyed on head
 sizes and flags, never on T (``do_not_specialize``), so a new length does not re-tune.
 
 Unchecked ``cu_seqlens`` (its values are not validated under torch.compile): the kernels never

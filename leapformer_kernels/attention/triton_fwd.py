@@ -47,8 +47,11 @@ def interpreting() -> bool:
 def autotune_configs():
     """num_warps / num_stages candidates; a single config under the interpreter (the
     autotuner cannot benchmark without a GPU driver). No num_warps=2: it spilled 5-34 KB per
-    thread at sm_90 (``benchmarks/results/triton_report_3.9.0.md``) and ran no wgmma."""
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 1, 3)]
+    thread at sm_90 (``benchmarks/results/triton_report_3.9.0.md``) and ran no wgmma. No num_warps=4:
+    at sm_90 bf16 it spilled more than 8 warps (2-4x, or where 8 warps spilled nothing) in every kernel
+    and head size that spills (forward, backward, segment sums; ``triton_report_3.9.0_v2_sm90_bf16*.md``). No 16 warps:
+    capped at 128 registers, it spilled more (fwd D=64: 0.9 KB, bwd.dkv: 2.3 KB)."""
+    configs = [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 1, 3)]
     return configs[:1] if interpreting() else configs
 
 
