@@ -277,22 +277,29 @@ def write(payload, out: Path, stem: str):
         os.replace(tmp, out / f"{stem}.{ext}")
 
 
-def main(argv=None):
+def setup(prog: str, device_arg: str) -> torch.device:
+    """What the LM benchmarks do first: the [zoo] extra present (one line and exit 1 if not), then the
+    device resolved (``auto``: CUDA when available; one line and exit 2 for an absent CUDA)."""
     try:
         import matplotlib  # noqa: F401
         import tqdm  # noqa: F401
     except ImportError as e:
-        print(f'python -m benchmarks.lm_speed needs {e.name}: pip install "leapformer-kernels[zoo]"', file=sys.stderr)
+        print(f'python -m {prog} needs {e.name}: pip install "leapformer-kernels[zoo]"', file=sys.stderr)
         sys.exit(1)
+    device = torch.device("cuda" if device_arg == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device_arg == "auto" else device_arg))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"python -m {prog}: --device cuda, but CUDA is not available here", file=sys.stderr)
+        sys.exit(2)
+    return device
+
+
+def main(argv=None):
+    a = parse(argv)
+    device = setup("benchmarks.lm_speed", a.device)
     from tqdm import tqdm
 
     from leapformer_models.train import attention_backend
-    a = parse(argv)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("python -m benchmarks.lm_speed: --device cuda, but CUDA is not available here", file=sys.stderr)
-        sys.exit(2)
     before = torch.get_num_threads()
     torch.set_num_threads(a.threads)
     probe = build_models(a, 16, device)["leap"].config

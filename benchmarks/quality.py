@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .lm_speed import cpu_model, device_label  # one device label for the CPU benchmarks
+from .lm_speed import cpu_model, device_label, setup  # one device label for the CPU benchmarks
 
 RESULTS = "benchmarks/results"
 SCRATCH = str(Path(tempfile.gettempdir()) / "leapformer-benchmarks")
@@ -401,21 +401,11 @@ def task_notes(specs):
 
 
 def main(argv=None):
-    try:
-        import matplotlib  # noqa: F401
-        import tqdm  # noqa: F401
-    except ImportError as e:
-        print(f'python -m benchmarks.quality needs {e.name}: pip install "leapformer-kernels[zoo]"', file=sys.stderr)
-        sys.exit(1)
+    a = parse(argv)
+    device = setup("benchmarks.quality", a.device)
     from tqdm import tqdm
 
     from leapformer_models.train import attention_backend
-    a = parse(argv)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("python -m benchmarks.quality: --device cuda, but CUDA is not available here", file=sys.stderr)
-        sys.exit(2)
     a.device = str(device)
     before = torch.get_num_threads()
     specs, share_s = plan(a)

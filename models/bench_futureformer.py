@@ -19,26 +19,17 @@ import platform
 import torch
 from tqdm.auto import tqdm
 
-from .bench_util import LN2, plot_curves, train_with_curve
+from .bench_util import LN2, add_run_args, plot_curves, train_with_curve
 from .futureformer import future_windows
 from .train import TrainConfig
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-interval", type=int, default=20)
+    add_run_args(p, steps=100, eval_interval=20, final_batches=24, curve_batches=6, runs="runs/bench-futureformer")
     p.add_argument("--fs-lambda", type=float, default=0.5)
     p.add_argument("--fs-target", default="mean")
     p.add_argument("--fs-windows", default="nested")
-    p.add_argument("--final-eval-batches", type=int, default=24)
-    p.add_argument("--curve-eval-batches", type=int, default=6)
-    p.add_argument("--device-label", default="2-core CPU, shared with other jobs")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--runs", default="runs/bench-futureformer")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     results, curves = {}, {}

@@ -32,6 +32,20 @@ def train_with_curve(cfg, overrides: dict, interval: int, curve_batches: int, fi
     return summary, steps, vals, final
 
 
+def add_run_args(p, *, steps: int, eval_interval: int, final_batches: int, curve_batches: int, runs: str):
+    """The flags every same-budget bench takes (the budget, the scoring and where things go)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-interval", type=int, default=eval_interval)
+    p.add_argument("--final-eval-batches", type=int, default=final_batches)
+    p.add_argument("--curve-eval-batches", type=int, default=curve_batches)
+    p.add_argument("--device-label", default="2-core CPU, shared with other jobs")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--runs", default=runs)
+
+
 def plot_curves(curves: dict, path: str, title: str, ylabel: str = "validation next-token loss (nats/byte)"):
     """curves {label: (steps, values)} -> a PNG at ``path``."""
     import matplotlib
