@@ -1,15 +1,13 @@
 """DeepSight (issue #26): shapes, the window-pooled planning target against a direct loop, no
 future leak (logits and the planning head), generation through the state of both stacks equals
 recomputation (every attention, rope too), learning, checkpoints and exact resume."""
-import os
 
 import pytest
 import torch
 
 import leapformer_models as lm
 from leapformer_models.deepsight import plan_target, plan_windows
-from leapformer_models.train import TrainConfig, train
-from utils import TINY_TEXT as TEXT
+from utils import TINY_TEXT as TEXT, check_roundtrip_and_exact_resume
 
 TINY = dict(n_encoder_layer=1, n_decoder_layer=2, n_head=2, n_embd=32, seq_len=32, plan_horizon=5)
 
@@ -110,21 +108,4 @@ def test_config_checks(kw, match):
 
 @pytest.mark.usefixtures("one_thread")
 def test_checkpoint_roundtrip_and_exact_resume(tmp_path, corpus):
-    p = tmp_path / "tiny.txt"
-    p.write_text(TEXT)
-
-    def cfg(out, **kw):
-        return TrainConfig(model="deepsight", data=str(p), steps=6, batch_size=4, warmup=2, eval_interval=3,
-                           eval_batches=1, ckpt_interval=100, threads=1, time_limit=None, out=str(out),
-                           progress=False, **kw)
-
-    over = dict(TINY, plan_loss="cosine")
-    summary, model = train(cfg(tmp_path / "full"), over, return_model=True)
-    loaded = lm.load_checkpoint(summary["checkpoint"])
-    x, _ = model.get_batch(corpus, 2, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
-    train(cfg(tmp_path / "cut", stop_after=3), over)
-    resumed = train(cfg(tmp_path / "cut"), over, resume=True)
-    assert resumed["final_val_loss"] == summary["final_val_loss"]
-    assert os.path.exists(tmp_path / "full" / "loss.png")
+    check_roundtrip_and_exact_resume("deepsight", dict(TINY, plan_loss="cosine"), corpus, tmp_path)

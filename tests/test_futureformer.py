@@ -2,7 +2,6 @@
 future leak (the logits and every future prediction and context, for both window schemes x every
 target x leap/softmax), generation through the state equals recomputation (future predictions
 included), learning, configuration checks, checkpoints and exact resume."""
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 import leapformer_models as lm
 from leapformer_models.futureformer import FS_TARGETS, future_targets, future_windows
 from leapformer_models.train import TrainConfig, train
-from utils import TINY_TEXT as TEXT
+from utils import TINY_TEXT as TEXT, check_roundtrip_and_exact_resume
 
 TINY = dict(n_layer=4, fs_periods=2, n_head=2, n_embd=32, seq_len=32)
 
@@ -205,22 +204,6 @@ def test_refuses_generated_tasks(tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_checkpoint_roundtrip_and_exact_resume(tmp_path, corpus):
-    p = tmp_path / "tiny.txt"
-    p.write_text(TEXT)
-
-    def cfg(out, **kw):
-        return TrainConfig(model="futureformer", data=str(p), steps=6, batch_size=4, warmup=2, eval_interval=3,
-                           eval_batches=1, ckpt_interval=100, threads=1, time_limit=None, out=str(out),
-                           progress=False, **kw)
-
     over = dict(TINY, fs_target="bce", fs_windows="dyadic")
-    summary, model = train(cfg(tmp_path / "full"), over, return_model=True)
-    loaded = lm.load_checkpoint(summary["checkpoint"])
+    _, loaded, _ = check_roundtrip_and_exact_resume("futureformer", over, corpus, tmp_path)
     assert loaded.config.fs_target == "bce" and loaded.windows == [(2, 3), (4, 7)]
-    x, _ = model.get_batch(corpus, 2, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
-    train(cfg(tmp_path / "cut", stop_after=3), over)
-    resumed = train(cfg(tmp_path / "cut"), over, resume=True)
-    assert resumed["final_val_loss"] == summary["final_val_loss"]
-    assert os.path.exists(tmp_path / "full" / "loss.png")

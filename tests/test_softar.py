@@ -2,7 +2,6 @@
 the running sums of the state against window_pool over the whole sequence, collapse, no future leak,
 generation through the state equals recomputation for every collapse policy, learning, checkpoints
 and exact resume, config checks and the generate flags."""
-import os
 
 import pytest
 import torch
@@ -10,8 +9,8 @@ import torch
 import leapformer_models as lm
 from leapformer_models.cli import main as cli_main
 from leapformer_models.softar import HistorySums, history_summaries
-from leapformer_models.train import TrainConfig, train
-from utils import TINY_TEXT as TEXT
+from leapformer_models.train import train
+from utils import TINY_TEXT as TEXT, check_roundtrip_and_exact_resume, tiny_run_config
 
 # one intra-op thread everywhere: tiny models, and on a shared 2-core runner two OpenMP threads waiting for
 # descheduled peers made these tests tens of times slower
@@ -181,23 +180,10 @@ def test_policy_checks():
 
 
 def test_checkpoint_roundtrip_exact_resume_and_generate_flags(tmp_path, corpus, capsys):
-    p = tmp_path / "tiny.txt"
-    p.write_text(TEXT)
+    summary, _, p = check_roundtrip_and_exact_resume("softar", TINY, corpus, tmp_path)
 
     def cfg(out, model="softar", **kw):
-        return TrainConfig(**{**dict(model=model, data=str(p), steps=6, batch_size=4, warmup=2, eval_interval=3,
-                                     eval_batches=1, ckpt_interval=100, threads=1, time_limit=None, out=str(out),
-                                     progress=False), **kw})
-
-    summary, model = train(cfg(tmp_path / "full"), TINY, return_model=True)
-    loaded = lm.load_checkpoint(summary["checkpoint"])
-    x, _ = model.get_batch(corpus, 2, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
-    train(cfg(tmp_path / "cut", stop_after=3), TINY)
-    resumed = train(cfg(tmp_path / "cut"), TINY, resume=True)
-    assert resumed["final_val_loss"] == summary["final_val_loss"]
-    assert os.path.exists(tmp_path / "full" / "loss.png")
+        return tiny_run_config(p, out, model, **kw)
 
     ck = summary["checkpoint"]
     capsys.readouterr()

@@ -184,3 +184,33 @@ def reference(*tensors, **kw):
     """The float64 quadratic oracle on float64 copies of the inputs."""
     return lk.reference.leap_attention(*[t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point()
                                           else t for t in tensors], **kw)
+
+
+def tiny_run_config(data, out, model, **kw):
+    """A TrainConfig of a few steps for the zoo's checkpoint tests (6 steps, batch 4, one thread)."""
+    from leapformer_models.train import TrainConfig
+
+    return TrainConfig(**{**dict(model=model, data=str(data), steps=6, batch_size=4, warmup=2, eval_interval=3,
+                                 eval_batches=1, ckpt_interval=100, threads=1, time_limit=None, out=str(out),
+                                 progress=False), **kw})
+
+
+def check_roundtrip_and_exact_resume(model_name, overrides, corpus, tmp_path):
+    """Train ``model_name`` a few steps on TINY_TEXT: the loaded checkpoint gives the trained model's logits
+    bitwise, and a run stopped at step 3 then resumed ends with the uninterrupted run's validation loss.
+    Returns (summary, loaded model, data path)."""
+    import leapformer_models as lm
+    from leapformer_models.train import train
+
+    data = tmp_path / "tiny.txt"
+    data.write_text(TINY_TEXT)
+    summary, model = train(tiny_run_config(data, tmp_path / "full", model_name), overrides, return_model=True)
+    loaded = lm.load_checkpoint(summary["checkpoint"])
+    x, _ = model.get_batch(corpus, 2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    train(tiny_run_config(data, tmp_path / "cut", model_name, stop_after=3), overrides)
+    resumed = train(tiny_run_config(data, tmp_path / "cut", model_name), overrides, resume=True)
+    assert resumed["final_val_loss"] == summary["final_val_loss"]
+    assert (tmp_path / "full" / "loss.png").exists()
+    return summary, loaded, data
