@@ -5,6 +5,8 @@ attention and generate with an O(1) state per layer. Needs the ``[hf]`` extra (t
     model = lk.hf.linearize(model, attention="leap", layers=None)   # in place
     model.generate(ids, max_new_tokens=50)                            # (S, z) per LeaP layer
     model.save_pretrained(path); model = lk.hf.load(path)
+    lk.hf.transfer_attention(model, batches, steps)                  # LeaP output -> softmax output, per layer
+    model = lk.hf.finetune(model, batches, steps, lora=True).model   # next-token loss, LoRA merged back
 """
 try:
     import transformers  # noqa: F401
@@ -14,5 +16,7 @@ except ImportError:
 from .attention import LeapSelfAttention
 from .cache import LeapCacheLayer
 from .linearize import leap_parameters, linearize, load
+from .transfer import TrainLog, evaluate_loss, finetune, token_batches, transfer_attention
 
-__all__ = ["linearize", "load", "leap_parameters", "LeapSelfAttention", "LeapCacheLayer"]
+__all__ = ["linearize", "load", "leap_parameters", "transfer_attention", "finetune", "evaluate_loss",
+           "token_batches", "TrainLog", "LeapSelfAttention", "LeapCacheLayer"]

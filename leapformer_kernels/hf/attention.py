@@ -3,6 +3,7 @@ import inspect
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers.leap import LeaP
@@ -62,6 +63,12 @@ class LeapSelfAttention(nn.Module):
     q is scaled by the model's own ``scaling`` (head_dim^-0.5), the proportions are predicted from
     the unrotated relu(q), relu(k); RoPE models then rotate q and k with the model's own cos / sin
     (its rotary embedding at its position ids) before the feature map, as ``LeapAttention(rope=True)``.
+
+    Attention transfer (``lk.hf.transfer_attention``) sets ``transfer = True``: the layer then also
+    computes the softmax attention it replaced on the same q, k, v (causal, the model's scaling,
+    RoPE, GQA, padding and sliding window; without gradient), stores the MSE between the two
+    outputs (after the output projection, [B, T, hidden] averaged over unpadded positions) in
+    ``transfer_loss``, and returns the softmax output, which is what flows downstream.
     """
 
     def __init__(self, original: nn.Module, family: str, config, *, attention: str, leap_hidden: Optional[int],
@@ -70,6 +77,10 @@ class LeapSelfAttention(nn.Module):
         self.family, self.attention, self.eps, self.backend = family, attention, float(eps), backend
         self.layer_idx = original.layer_idx
         self.is_causal = True
+        self.transfer, self.transfer_loss = False, None  # attention transfer (see the class docstring)
+        window = getattr(original, "sliding_window", None) if hasattr(original, "sliding_window") else \
+            (getattr(config, "sliding_window", None) if getattr(config, "model_type", None) == "mistral" else None)
+        self.sliding_window = int(window) if window else None  # of the softmax teacher in transfer mode only
         scaling = getattr(original, "scaling", None)
         if scaling is None:  # GPT-2 before transformers 5.2 kept the rule, not the factor
             scaling = original.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
@@ -144,6 +155,10 @@ class LeapSelfAttention(nn.Module):
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         pad = self._padding.key_padding(T, B)
         kw = dict(eps=self.eps, backend=self.backend)
+        if self.transfer:
+            if cache is not None:
+                raise ValueError("attention transfer runs without a cache: call the model with use_cache=False")
+            return self._transfer_forward(q, k, v, pq, pk, pad, kw)
         if cache is None:
             o = leap_attention(q, k, v, pq, pk, causal=True, key_padding_mask=pad, **kw)
         else:
@@ -161,3 +176,41 @@ class LeapSelfAttention(nn.Module):
         if self.family == "gpt2":
             return self.resid_dropout(self.c_proj(o)), None
         return self.o_proj(o), None
+
+    def _out(self, o):
+        o = o.reshape(o.shape[0], o.shape[1], self.num_heads * self.head_dim)
+        return self.c_proj(o) if self.family == "gpt2" else self.o_proj(o)
+
+    def softmax_attention(self, q, k, v, pad=None):
+        """The softmax attention this layer replaced, on q [B, T, H, D] (scaled, rotated), k, v
+        [B, T, H_kv, D]: causal, the layer's sliding window if any, key padding [B, T] (True =
+        padded); -> [B, T, H, D] in q's dtype."""
+        B, T = q.shape[:2]
+        rep = self.num_heads // self.num_kv_heads
+        qh = q.transpose(1, 2)
+        kh = k.transpose(1, 2).repeat_interleave(rep, dim=1)
+        vh = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        i = torch.arange(T, device=q.device)
+        allowed = i[:, None] >= i[None, :]
+        if self.sliding_window is not None:
+            allowed = allowed & (i[:, None] - i[None, :] < self.sliding_window)
+        mask = allowed[None, None]
+        if pad is not None:  # a padded query row keeps its own key (its output is not scored)
+            mask = (mask & ~pad[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=q.device)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=1.0)
+        return o.transpose(1, 2)
+
+    def _transfer_forward(self, q, k, v, pq, pk, pad, kw):
+        o = leap_attention(q, k, v, pq, pk, causal=True, key_padding_mask=pad, **kw)
+        y = self._out(o)
+        with torch.no_grad():
+            target = self._out(self.softmax_attention(q, k, v, pad))
+        err = (y.float() - target.float()).pow(2).mean(-1)  # [B, T]
+        if pad is not None:
+            keep = (~pad).to(err.dtype)
+            self.transfer_loss = (err * keep).sum() / keep.sum().clamp_min(1)
+        else:
+            self.transfer_loss = err.mean()
+        if self.family == "gpt2":
+            return self.resid_dropout(target), None
+        return target, None
