@@ -1,4 +1,4 @@
-"""The ``leapformer`` console command: train, generate, eval, compare, list, build.
+"""The ``leapformer`` console command: train, generate, eval, compare, linearize, list, build.
 
     leapformer list
     leapformer train --model leapformer-lm [--attention leap|softmax] [--data FILE] [--steps N]
@@ -7,6 +7,8 @@
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     leapformer eval --ckpt runs/leapformer-lm-leap/ckpt.pt [--window W] [--stride S] [--carry-state]
     leapformer compare RUN_DIR [RUN_DIR ...] [--out DIR] [--data FILE] [--topk 1 5] [--log]
+    leapformer linearize --model HF_DIR --data FILE --out DIR [--layers I ...] [--transfer-steps N]
+                     [--finetune-steps N] [--lora | --no-lora] [--train-qk] [--seq-len T] [--batch-size B]
     leapformer build                      # build the C++ CPU kernels ahead of time
     leapformer --version
 
@@ -20,6 +22,7 @@ run) ends with exit code 2 (usage) or 1 and one line on stderr; ``--debug`` (or
 saves a checkpoint of the last finished step, prints the command that resumes it and exits 130.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -30,7 +33,7 @@ from dataclasses import MISSING, fields
 
 from .errors import UsageError, UserError
 
-COMMANDS = ("train", "generate", "eval", "compare", "list", "build")
+COMMANDS = ("train", "generate", "eval", "compare", "linearize", "list", "build")
 
 
 class Parser(argparse.ArgumentParser):
@@ -426,6 +429,289 @@ def cmd_compare(argv):
     return 0
 
 
+LINEARIZE_DESCRIPTION = """linearise a Hugging Face causal LM (a save_pretrained folder of GPT-2, Llama, Mistral or
+Qwen2) with LeaP attention and train it back, LoLCATs-style, on a text file:
+
+  1. lk.hf.linearize: the chosen layers' self-attention becomes LeaP attention (same projections,
+     new LeaP predictors);
+  2. attention transfer (--transfer-steps): only the LeaP predictors train (and the q, k
+     projections with --train-qk), so that each layer's LeaP output matches the softmax output of
+     the same layer on the same q, k, v (MSE); the softmax output flows downstream meanwhile;
+  3. fine-tuning (--finetune-steps) on next-token loss: LoRA adapters on the LeaP layers' q, k, v, o
+     projections plus the LeaP predictors (merged into the weights at the end), or every
+     parameter with --no-lora.
+
+The held-out loss (the last --val-fraction of the text) is measured for the softmax model, then
+after each stage. Writes to --out: the linearised model (save_pretrained; load it with
+lk.hf.load), linearize.json (losses, per-layer transfer MSE, timings) and linearize_loss.png.
+Ctrl-C saves what was trained so far and exits 130.
+"""
+
+
+def _linearize_parser():
+    p = Parser(prog="leapformer linearize", description=LINEARIZE_DESCRIPTION,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="folder written by save_pretrained (config.json + weights)")
+    p.add_argument("--data", required=True, help="UTF-8 text file to train and evaluate on")
+    p.add_argument("--out", required=True, help="folder for the linearised model, linearize.json and .png")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--attention", choices=["leap", "linear"], default="leap", help="the attention that replaces "
+                   "softmax (default: leap)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="I",
+                   help="layer indices to linearise (default: all; negative from the end)")
+    p.add_argument("--leap-hidden", type=int, default=None, help="hidden width of the LeaP predictors "
+                   "(default: head_dim // 4)")
+    p.add_argument("--transfer-steps", type=int, default=200, help="attention-transfer steps (>= 0; default 200)")
+    p.add_argument("--transfer-lr", type=float, default=1e-2, help="attention-transfer learning rate (default 1e-2)")
+    p.add_argument("--train-qk", action="store_true", help="attention transfer also trains the q and k projections")
+    p.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning steps (>= 0; default 200)")
+    p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default: 1e-3 "
+                   "with LoRA, 1e-4 full)")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune LoRA adapters + the LeaP predictors (--no-lora: every parameter; default: lora)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training / evaluation sequence (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per loss (default 8)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the text, from its end, "
+                   "in (0, 1) (default 0.1)")
+    p.add_argument("--tokenizer", choices=["auto", "byte"], default="auto", help="auto: the model folder's "
+                   "tokenizer, else UTF-8 bytes (ids 0-255); byte: UTF-8 bytes (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the batches (>= 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the idle cores)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    _add_debug(p)
+    return p
+
+
+def _check_linearize_args(a):
+    for name, lo in (("transfer_steps", 0), ("finetune_steps", 0), ("lora_r", 1), ("seq_len", 2), ("batch_size", 1),
+                     ("eval_batches", 1), ("seed", 0)):
+        if getattr(a, name) < lo:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(a, name)}")
+    for name in ("leap_hidden", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for name in ("transfer_lr", "finetune_lr"):
+        v = getattr(a, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+    if not 0 < a.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in (0, 1), got {a.val_fraction}")
+
+
+class _Bytes:
+    """UTF-8 bytes as token ids (for models trained on bytes, e.g. the linearize demo's teacher)."""
+    kind = "byte"
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+def _linearize_tokenizer(a, config):
+    names = set(os.listdir(a.model))
+    if a.tokenizer == "auto" and names & {"tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"}:
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(a.model)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {a.model}: its tokenizer does not load ({str(e).splitlines()[0][:160]}); "
+                            "pass --tokenizer byte for a byte-level model") from None
+    vocab = getattr(config, "vocab_size", 0) or 0
+    if vocab < 256:
+        raise UsageError(f"--model {a.model} has no tokenizer files and a vocabulary of {vocab} < 256: UTF-8 bytes "
+                         "do not fit; save the tokenizer into the folder (tokenizer.save_pretrained)")
+    if a.tokenizer == "auto":
+        print(f"leapformer linearize: no tokenizer in {a.model}: UTF-8 bytes as token ids", file=sys.stderr)
+    return _Bytes()
+
+
+def plot_linearize(res, path, title="", teacher_history=None):
+    """PNG: (teacher training,) attention-transfer MSE per layer, fine-tuning loss with the held-out losses."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    panels = (["teacher"] if teacher_history else []) + ["transfer", "finetune"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4))
+    axes = dict(zip(panels, np.atleast_1d(axes)))
+    held = res["held_out_loss"]
+    if teacher_history:
+        ax = axes["teacher"]
+        tr = [(r["step"], r["train_loss"]) for r in teacher_history if r.get("train_loss") is not None]
+        va = [(r["step"], r["val_loss"]) for r in teacher_history if r.get("val_loss") is not None]
+        if tr:
+            s, l = zip(*tr)
+            k = max(1, len(l) // 50)
+            ax.plot(s[k - 1:], np.convolve(l, np.ones(k) / k, mode="valid"), lw=1, alpha=0.7, label="train")
+        if va:
+            ax.plot(*zip(*va), "o-", ms=3, label="held out")
+        ax.set(title="softmax teacher", xlabel="step", ylabel="loss (nats / token)")
+        ax.legend()
+    ax = axes["transfer"]
+    rows = [r for r in res["transfer"]["history"] if "layers" in r]
+    if rows:
+        for layer in sorted({int(i) for r in rows for i in r["layers"]}):
+            pts = [(r["step"], r["layers"].get(layer, r["layers"].get(str(layer)))) for r in rows]
+            ax.plot(*zip(*[p for p in pts if p[1] is not None]), lw=1, label=f"layer {layer}")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set(title="attention transfer: MSE(LeaP, softmax)", xlabel="step", ylabel="MSE")
+    ax = axes["finetune"]
+    hist = res["finetune"]["history"]
+    if hist:
+        s, l = zip(*[(r["step"], r["loss"]) for r in hist])
+        k = max(1, len(l) // 50)
+        ax.plot(s[k - 1:], np.convolve(l, np.ones(k) / k, mode="valid"), lw=1, label="train (smoothed)")
+    for (key, label), col in zip((("softmax", "softmax model"), ("before_transfer", "before transfer"),
+                                  ("after_transfer", "after transfer"), ("after_finetune", "after fine-tuning")),
+                                 ("k", "C3", "C2", "C1")):
+        if held.get(key) is not None:
+            ax.axhline(held[key], color=col, ls="--", lw=1, label=f"held out: {label} {held[key]:.3f}")
+    ax.set(title="fine-tuning (next-token loss)", xlabel="step", ylabel="loss (nats / token)")
+    ax.legend(fontsize=8)
+    for a in axes.values():
+        a.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_linearize(argv, teacher_history=None):
+    """``leapformer linearize`` (``teacher_history``: the demo's teacher curve, for the plot); returns
+    (exit code, the result dict)."""
+    import time
+
+    from .errors import require
+    a = _linearize_parser().parse_args(argv)
+    _check_linearize_args(a)
+    require("leapformer linearize", "transformers", "peft", extra="hf")
+    require("leapformer linearize", "matplotlib", *(["tqdm"] if a.progress else []))
+    import torch
+    import transformers
+
+    import leapformer_kernels as lk
+    from .data import load_text, split_text
+    from .train import auto_threads, resolve_device
+    if not os.path.isdir(a.model) or not os.path.isfile(os.path.join(a.model, "config.json")):
+        raise UserError(f"--model {a.model} is not a save_pretrained folder (no config.json in it)")
+    text = load_text(a.data)
+    if os.path.exists(os.path.join(a.out, "config.json")) and not a.overwrite:
+        raise UsageError(f"--out {a.out} already holds a model: pass --overwrite to replace it, or another --out")
+    dev = resolve_device(a.device)
+    torch.set_num_threads(a.threads or auto_threads())
+    config = transformers.AutoConfig.from_pretrained(a.model)
+    if getattr(config, "leapformer", None):
+        raise UsageError(f"--model {a.model} is already linearised (config.json has 'leapformer'): load it with "
+                         "lk.hf.load, or start from the softmax model")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(a.model).to(dev)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--model {a.model} does not load as a causal LM ({str(e).splitlines()[0][:160]})") from None
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit and a.seq_len > limit:
+        raise UsageError(f"--seq-len {a.seq_len} is longer than the model's {limit} positions")
+    tok = _linearize_tokenizer(a, config)
+    train_text, val_text = split_text(text, a.val_fraction)
+    train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
+    val_ids = torch.tensor(tok.encode(val_text), dtype=torch.long)
+    for split, ids in (("training", train_ids), ("held-out", val_ids)):
+        if len(ids) <= a.seq_len:
+            raise UsageError(f"the {split} part of --data has {len(ids)} tokens, not more than --seq-len {a.seq_len}: "
+                             "use a longer text or a smaller --seq-len")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(train_ids.max()) >= vocab or int(val_ids.max()) >= vocab:
+        raise UsageError(f"the tokenizer's ids go past the model's vocabulary of {vocab}")
+    val_batches = list(itertools.islice(lk.hf.token_batches(val_ids, a.seq_len, a.batch_size, seed=a.seed + 1),
+                                        a.eval_batches))
+    os.makedirs(a.out, exist_ok=True)
+    res = {"model": os.path.abspath(a.model), "data": os.path.abspath(a.data), "out": os.path.abspath(a.out),
+           "architecture": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+           "attention": a.attention, "tokenizer": getattr(tok, "kind", type(tok).__name__), "seq_len": a.seq_len,
+           "batch_size": a.batch_size, "eval_batches": a.eval_batches, "device": str(dev),
+           "threads": torch.get_num_threads(), "held_out_loss": {}, "seconds": {},
+           "transfer": {"steps": a.transfer_steps, "history": []}, "finetune": {"steps": a.finetune_steps,
+                                                                               "lora": a.lora, "history": []},
+           "interrupted": None}
+    held = res["held_out_loss"]
+    json_path, png_path = os.path.join(a.out, "linearize.json"), os.path.join(a.out, "linearize_loss.png")
+
+    def write():
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, json_path)
+        plot_linearize(res, png_path, f"{res['architecture']} linearised ({a.attention})", teacher_history)
+
+    def save(model):
+        model.save_pretrained(a.out)
+        if hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(a.out)
+
+    def timed(key, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        res["seconds"][key] = time.perf_counter() - t0
+        return out
+
+    held["softmax"] = timed("eval_softmax", lk.hf.evaluate_loss, model, val_batches)
+    try:
+        lk.hf.linearize(model, attention=a.attention, layers=a.layers, leap_hidden=a.leap_hidden)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    res["layers"] = model.config.leapformer["layers"]
+    res["trainable"] = {}
+    held["before_transfer"] = timed("eval_before_transfer", lk.hf.evaluate_loss, model, val_batches)
+    batches = lk.hf.token_batches(train_ids, a.seq_len, a.batch_size, seed=a.seed)
+    if a.transfer_steps:
+        try:
+            log = lk.hf.transfer_attention(model, batches, a.transfer_steps, lr=a.transfer_lr, train_qk=a.train_qk,
+                                           progress=a.progress)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        res["transfer"].update(history=log.history, steps_done=log.steps_done, seconds=log.seconds)
+        res["trainable"]["transfer"] = log.trainable
+        save(model)  # nothing trained is lost from here on
+        if log.interrupted:
+            res["interrupted"] = f"attention transfer, after step {log.steps_done}"
+            write()
+            print(f"\ninterrupted: attention transfer stopped after step {log.steps_done} of {a.transfer_steps}; the "
+                  f"model so far is saved in {a.out} (lk.hf.load)", file=sys.stderr)
+            return 130, res
+        held["after_transfer"] = timed("eval_after_transfer", lk.hf.evaluate_loss, model, val_batches)
+    if a.finetune_steps:
+        log = lk.hf.finetune(model, batches, a.finetune_steps, lora=a.lora, lr=a.finetune_lr, lora_r=a.lora_r,
+                             progress=a.progress)
+        model = log.model
+        res["finetune"].update(history=log.history, steps_done=log.steps_done, seconds=log.seconds)
+        res["trainable"]["finetune"] = log.trainable
+        save(model)
+        if log.interrupted:
+            res["interrupted"] = f"fine-tuning, after step {log.steps_done}"
+            write()
+            print(f"\ninterrupted: fine-tuning stopped after step {log.steps_done} of {a.finetune_steps}; the model "
+                  f"so far (LoRA merged) is saved in {a.out} (lk.hf.load)", file=sys.stderr)
+            return 130, res
+        held["after_finetune"] = timed("eval_after_finetune", lk.hf.evaluate_loss, model, val_batches)
+    if not (a.transfer_steps or a.finetune_steps):
+        save(model)
+    write()
+    return 0, res
+
+
+def cmd_linearize(argv):
+    code, res = run_linearize(argv)
+    if code == 0:
+        summary = {k: res[k] for k in ("architecture", "params", "layers", "attention", "held_out_loss", "seconds",
+                                       "out")}
+        print(json.dumps(summary, indent=1))
+        print(f"wrote {res['out']} (lk.hf.load), linearize.json and linearize_loss.png", file=sys.stderr)
+    return code
+
+
 def cmd_list(argv):
     from . import list_models
     p = Parser(prog="leapformer list", description="the models of the zoo")
@@ -457,7 +743,7 @@ def cmd_build(argv):
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare,
-            "list": cmd_list, "build": cmd_build}
+            "linearize": cmd_linearize, "list": cmd_list, "build": cmd_build}
 
 
 def _version() -> str:

@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
@@ -438,7 +439,9 @@ def finetune(model, batches, steps: int, lora: bool = True, *, lr: Optional[floa
                               lora_dropout=lora_dropout, target_modules=target_modules, fan_in_fan_out=fan_in_fan_out,
                               bias="none")
         try:
-            model = peft.get_peft_model(model, cfg)
+            with warnings.catch_warnings():  # peft's own deprecation notes about transformers
+                warnings.simplefilter("ignore", FutureWarning)
+                model = peft.get_peft_model(model, cfg)
         except ValueError as e:
             raise ValueError(f"{fn}: target_modules {target_modules!r}: {str(e).splitlines()[0]}") from None
         for _, m in mods:
