@@ -63,46 +63,95 @@ void Leap<scalar_t>::out_group(const Item& it, int64_t h, int64_t j, int64_t ta,
 
 // ---------------- backward pieces ----------------
 // Workspace of dL/dnum (Dv) and dL/dden per query: index ((b*H + h)*T + t).
-// Queries of group j: recompute num/den, store dnum/dden, write dq and dpq.
+//
+// The query pass of group j, from the state at its chunk boundary held transposed (ST = S^T,
+// Dv x F) and z. num and den are not recomputed as such: with g = dL/do,
+//   U = g S^T (the inter-chunk part of dL/dq~ before normalisation),   W = g V^T (masked)
+//   den = q~ . z + sum_s A_s,   g . num = q~ . U + sum_s A_s W_s
+// give dnum = g / dd and dden = -(g . num) / dd^2 (dd = max(den, eps); 0 where clamped). Writes
+// dq, dpq, the workspace, and, for j < NK, the intra-chunk part of the key gradients of chunk j
+// (only group-j queries see a part of it): raw (unmasked, without pi/2) into the rows of dkh, dvh,
+// dpkh, which kv_chunk completes.
 template <typename scalar_t>
-void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t ta, int64_t tb, const acc_t* S_, const acc_t* z_,
-    const acc_t* ST, Scratch& sc, const scalar_t* dout, acc_t* wdn, acc_t* wdd, scalar_t* dq,
-    acc_t* dpq) const {
+void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t ta, int64_t tb, const acc_t* ST,
+    const acc_t* z_, Scratch& sc, const scalar_t* dout, acc_t* wdn, acc_t* wdd, scalar_t* dq, acc_t* dpq,
+    acc_t* dkh, acc_t* dvh, acc_t* dpkh) const {
+  const bool part = j < it.NK;
+  const int64_t nk = part ? std::min(CH, it.Sn - j * CH) : 0;
+  if (part) {
+    std::fill(sc.dbi.begin(), sc.dbi.begin() + (size_t)nk * Dk, acc_t(0));
+    std::fill(sc.dvi.begin(), sc.dvi.begin() + (size_t)nk * Dv, acc_t(0));
+    std::fill(sc.dthi.begin(), sc.dthi.begin() + nk, acc_t(0));
+  }
   for (int64_t t0 = ta; t0 < tb; t0 += QB) {
     const int64_t nq = std::min(QB, tb - t0);
+    const int64_t gt0 = (int64_t)it.b * T + it.qo + t0;
+    prefetch_rows(dout + (gt0 * H + h) * Dv, H * Dv, nq, Dv);
     load_queries(it, h, t0, nq, sc);
-    attend(it, j, t0, nq, S_, z_, sc);
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
-      const scalar_t* dor = dout + (gt * H + h) * Dv;
-      const acc_t* nm = sc.num.data() + (int64_t)i * Dv;
+    for (int64_t i = 0; i < nq; ++i) {  // g -> sc.dn (scaled in place below)
+      const scalar_t* dor = dout + ((gt0 + i) * H + h) * Dv;
       acc_t* dn = sc.dn.data() + (int64_t)i * Dv;
-      acc_t ddv = 0;
-      if (normalize) {
-        const acc_t den = sc.den[i];
-        const acc_t dd = std::max(den, eps);
-        acc_t dot = 0;
-        for (int64_t e = 0; e < Dv; ++e) {
-          const acc_t g = static_cast<acc_t>(dor[e]);
-          dn[e] = g / dd;
-          dot += g * (nm[e] / dd);
-        }
-        ddv = den >= eps ? -dot / dd : acc_t(0);
-      } else {
-        for (int64_t e = 0; e < Dv; ++e) dn[e] = static_cast<acc_t>(dor[e]);
-      }
-      sc.dd[i] = ddv;
-      const int64_t w = ((int64_t)it.b * H + h) * T + it.qo + t0 + i;
-      std::memcpy(wdn + w * Dv, dn, sizeof(acc_t) * Dv);
-      wdd[w] = ddv;
+      for (int64_t e = 0; e < Dv; ++e) dn[e] = static_cast<acc_t>(dor[e]);
     }
-    // inter: g = dn S^T + dd z^T  (nq x F)
+    // U = g S^T (nq x F) -> sc.g
     std::fill(sc.g.begin(), sc.g.begin() + (size_t)nq * F, acc_t(0));
     gemm<acc_t>(nq, F, Dv, sc.dn.data(), Dv, 1, ST, F, sc.g.data(), F);
     for (int64_t i = 0; i < nq; ++i) {
+      const acc_t* qf = sc.Qf.data() + (int64_t)i * F;
+      const acc_t* u = sc.g.data() + (int64_t)i * F;
+      acc_t d = 0, dot = 0;
+      for (int64_t f = 0; f < F; ++f) {
+        d += qf[f] * z_[f];
+        dot += qf[f] * u[f];
+      }
+      sc.den[i] = d;
+      sc.dth[i] = dot;  // g . num so far (dth is set below)
+    }
+    if (part) {
+      for (int64_t i = 0; i < nq; ++i) sc.nv[i] = std::max<int64_t>(0, std::min(nk, lim(it, t0 + i) - j * CH));
+      for (int64_t s = 0, i = 0; s < nk; ++s) {  // first query that sees key s
+        while (i < nq && sc.nv[i] <= s) ++i;
+        sc.ks[s] = i;
+      }
+      std::fill(sc.P.begin(), sc.P.begin() + (size_t)nq * CH, acc_t(0));
+      gemm_prefix_n<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH, sc.nv.data());
+      std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
+      gemm_prefix_n<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH, sc.nv.data());
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t n_vis = sc.nv[i];
+        const acc_t* p = sc.P.data() + (int64_t)i * CH;
+        const acc_t* w = sc.dA.data() + (int64_t)i * CH;
+        acc_t* a = sc.A.data() + (int64_t)i * CH;
+        const acc_t sn = sc.sq[i], cs = sc.cq[i];
+        acc_t rs = 0, rd = 0;
+        for (int64_t s = 0; s < nk; ++s) {
+          const acc_t val = s < n_vis ? p[s] * (sn * sc.sk[s] + cs * sc.ck[s]) : acc_t(0);
+          a[s] = val;
+          rs += val;
+          rd += val * w[s];
+        }
+        sc.den[i] += rs;
+        sc.dth[i] += rd;
+      }
+    }
+    // normalisation: dnum = g r, dden (r = 1 / dd); then dL/dq~ (inter part) = U r + dden z
+    for (int64_t i = 0; i < nq; ++i) {
+      acc_t r = 1, ddv = 0;
+      if (normalize) {
+        const acc_t den = sc.den[i];
+        const acc_t dd = std::max(den, eps);
+        r = acc_t(1) / dd;
+        ddv = den >= eps ? -(sc.dth[i] * r) * r : acc_t(0);
+      }
+      sc.dd[i] = ddv;
+      sc.den[i] = r;  // den now holds r
+      acc_t* dn = sc.dn.data() + (int64_t)i * Dv;
+      for (int64_t e = 0; e < Dv; ++e) dn[e] *= r;
+      const int64_t w = ((int64_t)it.b * H + h) * T + it.qo + t0 + i;
+      std::memcpy(wdn + w * Dv, dn, sizeof(acc_t) * Dv);
+      wdd[w] = ddv;
       acc_t* g = sc.g.data() + (int64_t)i * F;
-      const acc_t ddv = sc.dd[i];
-      for (int64_t f = 0; f < F; ++f) g[f] += ddv * z_[f];
+      for (int64_t f = 0; f < F; ++f) g[f] = g[f] * r + ddv * z_[f];
       const acc_t* qa = sc.Qa.data() + (int64_t)i * Dk;
       acc_t* da = sc.da.data() + (int64_t)i * Dk;
       const acc_t sn = sc.sq[i], cs = sc.cq[i];
@@ -113,35 +162,45 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
       }
       sc.dth[i] = th;
     }
-    if (j < it.NK) {
-      const int64_t nk = sc.nk;
-      std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
-      gemm_prefix_n<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH, sc.nv.data());
+    if (part) {
+      // dA = W r + dden on visible pairs; E = dA cos-weight (for da and the keys' db); the theta terms
+      // X = dA P (sin(tq) cos(tk) - cos(tq) sin(tk)): -sum_s X to the query, +sum_i X to the key
       for (int64_t i = 0; i < nq; ++i) {
-        acc_t* dA = sc.dA.data() + (int64_t)i * CH;
-        acc_t* E = sc.E.data() + (int64_t)i * CH;
-        const acc_t* p = sc.P.data() + (int64_t)i * CH;
         const int64_t n_vis = sc.nv[i];
-        const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i];
+        const acc_t* p = sc.P.data() + (int64_t)i * CH;
+        const acc_t* w = sc.dA.data() + (int64_t)i * CH;
+        acc_t* E = sc.E.data() + (int64_t)i * CH;
+        const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i], r = sc.den[i];
         acc_t th = 0;
         for (int64_t s = 0; s < nk; ++s) {
-          const acc_t dav = s < n_vis ? dA[s] + ddv : acc_t(0);
-          dA[s] = dav;
+          const acc_t dav = s < n_vis ? w[s] * r + ddv : acc_t(0);
           E[s] = dav * (sn * sc.sk[s] + cs * sc.ck[s]);
-          th -= dav * p[s] * (sn * sc.ck[s] - cs * sc.sk[s]);
+          const acc_t x = dav * p[s] * (sn * sc.ck[s] - cs * sc.sk[s]);
+          th -= x;
+          sc.dthi[s] += x;
         }
         sc.dth[i] += th;
       }
       gemm_prefix_k<acc_t>(nq, Dk, nk, sc.E.data(), CH, 1, sc.Kb.data(), Dk, sc.da.data(), Dk, sc.nv.data());
+      gemm_suffix_k<acc_t>(nk, Dv, nq, sc.A.data(), 1, CH, sc.dn.data(), Dv, sc.dvi.data(), Dv, sc.ks.data());
+      gemm_suffix_k<acc_t>(nk, Dk, nq, sc.E.data(), 1, CH, sc.Qa.data(), Dk, sc.dbi.data(), Dk, sc.ks.data());
     }
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
+      const int64_t gt = gt0 + i;
       const scalar_t* qr = q + (gt * H + h) * Dk;
       scalar_t* dqr = dq + (gt * H + h) * Dk;
       const acc_t* da = sc.da.data() + (int64_t)i * Dk;
       for (int64_t d = 0; d < Dk; ++d)
         dqr[d] = static_cast<scalar_t>(static_cast<acc_t>(qr[d]) > acc_t(0) ? da[d] : acc_t(0));
       dpq[gt * H + h] = acc_t(HALF_PI) * sc.dth[i];
+    }
+  }
+  if (part) {  // chunk j's intra part (zero where group j is empty)
+    for (int64_t s = 0; s < nk; ++s) {
+      const int64_t row = ((int64_t)it.b * S + it.ko + j * CH + s) * H + h;
+      std::memcpy(dkh + row * Dk, sc.dbi.data() + (int64_t)s * Dk, sizeof(acc_t) * Dk);
+      std::memcpy(dvh + row * Dv, sc.dvi.data() + (int64_t)s * Dv, sizeof(acc_t) * Dv);
+      dpkh[row] = sc.dthi[s];
     }
   }
 }
@@ -172,80 +231,41 @@ void Leap<scalar_t>::group_dstate(const Item& it, int64_t h, int64_t ta, int64_t
   }
 }
 
-// Gradients of the keys / values of the loaded chunk j, from the state gradient (dSt, dzt:
-// everything that sees the whole chunk) and the group-j queries (partial visibility).
-// Writes per query head: dkh [B, S, H, Dk], dvh [B, S, H, Dv], dpkh [B, S, H].
+// Gradients of the keys / values of the loaded chunk j: the inter-chunk part from the state
+// gradient (dSt, its transpose dStT, dzt: everything that sees the whole chunk), plus the intra-chunk
+// part the query pass left in the rows (bwd_q_group). Writes per query head: dkh [B, S, H, Dk],
+// dvh [B, S, H, Dv], dpkh [B, S, H].
 template <typename scalar_t>
-void Leap<scalar_t>::kv_chunk(const Item& it, int64_t h, int64_t j, int64_t ta, int64_t tb, const acc_t* dSt, const acc_t* dzt,
-    const acc_t* dStT, Scratch& sc, const acc_t* wdn, const acc_t* wdd, acc_t* dkh, acc_t* dvh,
-    acc_t* dpkh) const {
+void Leap<scalar_t>::kv_chunk(const Item& it, int64_t h, int64_t j, const acc_t* dSt, const acc_t* dzt,
+    const acc_t* dStT, Scratch& sc, acc_t* dkh, acc_t* dvh, acc_t* dpkh) const {
   const int64_t nk = sc.nk;
   std::fill(sc.dKf.begin(), sc.dKf.begin() + (size_t)nk * F, acc_t(0));
   gemm<acc_t>(nk, F, Dv, sc.V.data(), Dv, 1, dStT, F, sc.dKf.data(), F);
   std::fill(sc.dvv.begin(), sc.dvv.begin() + (size_t)nk * Dv, acc_t(0));
   gemm<acc_t>(nk, Dv, F, sc.Kf.data(), F, 1, dSt, Dv, sc.dvv.data(), Dv);
+  const int64_t hk = h / G;
+  const int64_t gs0 = (int64_t)it.b * S + it.ko + j * CH;
+  prefetch_rows(dkh + (gs0 * H + h) * Dk, H * Dk, nk, Dk);
+  prefetch_rows(dvh + (gs0 * H + h) * Dv, H * Dv, nk, Dv);
   for (int64_t s = 0; s < nk; ++s) {
-    acc_t* g = sc.dKf.data() + (int64_t)s * F;
-    for (int64_t f = 0; f < F; ++f) g[f] += dzt[f];
+    const int64_t gs = gs0 + s;
+    const int64_t row = gs * H + h;
+    const acc_t* g = sc.dKf.data() + (int64_t)s * F;
     const acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
-    acc_t* db = sc.db.data() + (int64_t)s * Dk;
+    const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
     const acc_t sn = sc.sk[s], cs = sc.ck[s];
+    const bool keep = sc.msk[s] != acc_t(0);
+    acc_t* dkr = dkh + row * Dk;
     acc_t th = 0;
     for (int64_t d = 0; d < Dk; ++d) {
-      db[d] = g[d] * sn + g[Dk + d] * cs;
-      th += kb[d] * (g[d] * cs - g[Dk + d] * sn);
+      const acc_t gs_ = g[d] + dzt[d], gc = g[Dk + d] + dzt[Dk + d];
+      th += kb[d] * (gs_ * cs - gc * sn);
+      const acc_t db = gs_ * sn + gc * cs + dkr[d];
+      dkr[d] = keep && static_cast<acc_t>(kr[d]) > acc_t(0) ? db : acc_t(0);
     }
-    sc.dthk[s] = th;
-  }
-  for (int64_t t0 = ta; t0 < tb; t0 += QB) {
-    const int64_t nq = std::min(QB, tb - t0);
-    load_queries(it, h, t0, nq, sc);
-    load_dn(it, h, t0, nq, sc, wdn, wdd);
-    for (int64_t i = 0; i < nq; ++i) sc.nv[i] = std::max<int64_t>(0, std::min(nk, lim(it, t0 + i) - j * CH));
-    for (int64_t s = 0, i = 0; s < nk; ++s) {  // first query that sees key s
-      while (i < nq && sc.nv[i] <= s) ++i;
-      sc.ks[s] = i;
-    }
-    std::fill(sc.P.begin(), sc.P.begin() + (size_t)nq * CH, acc_t(0));
-    gemm_prefix_n<acc_t>(nq, nk, Dk, sc.Qa.data(), Dk, 1, sc.KbT.data(), CH, sc.P.data(), CH, sc.nv.data());
-    std::fill(sc.dA.begin(), sc.dA.begin() + (size_t)nq * CH, acc_t(0));
-    gemm_prefix_n<acc_t>(nq, nk, Dv, sc.dn.data(), Dv, 1, sc.VT.data(), CH, sc.dA.data(), CH, sc.nv.data());
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t n_vis = sc.nv[i];
-      const acc_t* p = sc.P.data() + (int64_t)i * CH;
-      acc_t* a = sc.A.data() + (int64_t)i * CH;
-      acc_t* dA = sc.dA.data() + (int64_t)i * CH;
-      acc_t* E = sc.E.data() + (int64_t)i * CH;
-      const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i];
-      for (int64_t s = 0; s < nk; ++s) {
-        const bool vis = s < n_vis;
-        const acc_t wv = sn * sc.sk[s] + cs * sc.ck[s];
-        const acc_t dav = vis ? dA[s] + ddv : acc_t(0);
-        a[s] = vis ? p[s] * wv : acc_t(0);
-        dA[s] = dav * p[s] * (sn * sc.ck[s] - cs * sc.sk[s]);  // theta_k part
-        E[s] = dav * wv;
-      }
-    }
-    gemm_suffix_k<acc_t>(nk, Dv, nq, sc.A.data(), 1, CH, sc.dn.data(), Dv, sc.dvv.data(), Dv, sc.ks.data());
-    gemm_suffix_k<acc_t>(nk, Dk, nq, sc.E.data(), 1, CH, sc.Qa.data(), Dk, sc.db.data(), Dk, sc.ks.data());
-    for (int64_t s = 0; s < nk; ++s) {
-      acc_t th = 0;
-      for (int64_t i = 0; i < nq; ++i) th += sc.dA[(int64_t)i * CH + s];
-      sc.dthk[s] += th;
-    }
-  }
-  for (int64_t s = 0; s < nk; ++s) {
-    const int64_t gs = (int64_t)it.b * S + it.ko + j * CH + s;
-    const int64_t row = gs * H + h;
-    const int64_t hk = h / G;
-    const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
-    const bool keep = sc.msk[s] != acc_t(0);
-    const acc_t* db = sc.db.data() + (int64_t)s * Dk;
-    acc_t* dkr = dkh + row * Dk;
-    for (int64_t d = 0; d < Dk; ++d) dkr[d] = keep && static_cast<acc_t>(kr[d]) > acc_t(0) ? db[d] : acc_t(0);
     const acc_t* dvs = sc.dvv.data() + (int64_t)s * Dv;
     acc_t* dvr = dvh + row * Dv;
-    for (int64_t e = 0; e < Dv; ++e) dvr[e] = keep ? dvs[e] : acc_t(0);  // exactly 0 for a padded key
-    dpkh[row] = keep ? acc_t(HALF_PI) * sc.dthk[s] : acc_t(0);
+    for (int64_t e = 0; e < Dv; ++e) dvr[e] = keep ? dvs[e] + dvr[e] : acc_t(0);  // exactly 0 for a padded key
+    dpkh[row] = keep ? acc_t(HALF_PI) * (th + dpkh[row]) : acc_t(0);
   }
 }

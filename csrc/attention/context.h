@@ -127,13 +127,18 @@ struct Leap {
     // keys of one chunk
     std::vector<acc_t> Kb, KbT, sk, ck, Kf, V, VT, msk;
     int64_t nk = 0;
+    // which chunk is loaded (item n*H + h, chunk j; -1: none) and whether KbT, VT are built:
+    // a driver's visit and chunk-state steps share one load
+    int64_t key_item = -1, key_j = -1;
+    bool key_T = false;
     // queries of one sub-block
     std::vector<acc_t> Qa, sq, cq, Qf, num, den, P, A, E, dA, dn, dd, g, da, dth;
     std::vector<int64_t> nv, ks;
     // states
     std::vector<acc_t> S, z, dS, dz, ST;
-    // key gradients of one chunk
-    std::vector<acc_t> dKf, dvv, db, dthk;
+    // key gradients of one chunk (inter-chunk part; the intra-chunk part of the backward's query
+    // pass: dbi, dvi, dthi)
+    std::vector<acc_t> dKf, dvv, db, dthk, dbi, dvi, dthi;
     std::vector<int64_t> gb;
   };
   Scratch make_scratch() const {
@@ -172,6 +177,9 @@ struct Leap {
     s.dvv.resize((size_t)CH * Dv);
     s.db.resize((size_t)CH * Dk);
     s.dthk.resize(CH);
+    s.dbi.resize((size_t)CH * Dk);
+    s.dvi.resize((size_t)CH * Dv);
+    s.dthi.resize(CH);
     return s;
   }
 
@@ -193,34 +201,27 @@ struct Leap {
     for (int64_t f = 0; f < F; ++f) z_[f] = z_[f] + dz[f];
   }
 
-  // ---------------- across-chunks layout ----------------
-  // One (S, z) slot per chunk boundary j = 0..NK of every (sequence, head) item.
-  struct ChunkTable {
-    std::vector<int64_t> off;                   // first slot of item idx; off[items] = all slots
-    std::vector<std::pair<int64_t, int64_t>> tasks;  // (item, j) for j = 0..NK
-    std::vector<std::vector<int64_t>> gbs;       // query group boundaries per sequence (same for every head)
-    int64_t slot = 0;                           // F * Dv + F values per slot
-  };
-
   // ---------------- defined in features.h, chunk_ops.h, sweep.h, step.h ----------------
-  void load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc) const;
+  void load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc, bool transposed = true) const;
   void load_queries(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc) const;
   void chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const;
+  void chunk_state_T(const Scratch& sc, acc_t* dST, acc_t* dz) const;
   void attend(const Item& it, int64_t j, int64_t t0, int64_t nq, const acc_t* S_, const acc_t* z_, Scratch& sc) const;
   void out_group(const Item& it, int64_t h, int64_t j, int64_t ta, int64_t tb, const acc_t* S_, const acc_t* z_, Scratch& sc,
                  scalar_t* o) const;
-  void bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t ta, int64_t tb, const acc_t* S_, const acc_t* z_,
-                   const acc_t* ST, Scratch& sc, const scalar_t* dout, acc_t* wdn, acc_t* wdd, scalar_t* dq,
-                   acc_t* dpq) const;
+  void bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t ta, int64_t tb, const acc_t* ST, const acc_t* z_,
+                   Scratch& sc, const scalar_t* dout, acc_t* wdn, acc_t* wdd, scalar_t* dq, acc_t* dpq, acc_t* dkh,
+                   acc_t* dvh, acc_t* dpkh) const;
   void load_dn(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc, const acc_t* wdn, const acc_t* wdd) const;
   void group_dstate(const Item& it, int64_t h, int64_t ta, int64_t tb, Scratch& sc, const acc_t* wdn, const acc_t* wdd,
                     acc_t* dS, acc_t* dz) const;
-  void kv_chunk(const Item& it, int64_t h, int64_t j, int64_t ta, int64_t tb, const acc_t* dSt, const acc_t* dzt,
-                const acc_t* dStT, Scratch& sc, const acc_t* wdn, const acc_t* wdd, acc_t* dkh, acc_t* dvh,
-                acc_t* dpkh) const;
-  bool use_chunks(int64_t items) const;
-  ChunkTable chunk_table() const;
-  void prefix_states(const ChunkTable& tb, std::vector<acc_t>& X, const acc_t* S0, const acc_t* z0) const;
+  void kv_chunk(const Item& it, int64_t h, int64_t j, const acc_t* dSt, const acc_t* dzt, const acc_t* dStT, Scratch& sc,
+                acc_t* dkh, acc_t* dvh, acc_t* dpkh) const;
+  bool use_chunks() const;
+  std::vector<std::vector<int64_t>> group_table() const;
+  template <typename Init, typename Local, typename Visit, typename Final>
+  void sweep(int dir, const std::vector<std::vector<int64_t>>& gbs, const Init& init, const Local& local,
+             const Visit& visit, const Final& fin) const;
   void forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const;
   void backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
                 scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const;

@@ -7,41 +7,68 @@
 #pragma once
 
 // ---------------- feature builders ----------------
-template <typename scalar_t>
-void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc) const {
-  const int64_t hk = h / G;
-  const int64_t s0 = j * CH;
-  const int64_t nk = std::min(CH, it.Sn - s0);
-  sc.nk = nk;
-  for (int64_t s = 0; s < nk; ++s) {
-    const int64_t gs = (int64_t)it.b * S + it.ko + s0 + s;
-    // a padded key is selected to 0 where loaded (k, pk and v: NaN or Inf there reach nothing)
-    const bool pad = kpm && kpm[gs];
-    const acc_t sn = pad ? acc_t(0) : sk_[gs * Hkv + hk], cs = pad ? acc_t(0) : ck_[gs * Hkv + hk];
-    sc.sk[s] = sn;
-    sc.ck[s] = cs;
-    sc.msk[s] = pad ? acc_t(0) : acc_t(1);
-    const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
-    acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
-    acc_t* kf = sc.Kf.data() + (int64_t)s * F;
-    for (int64_t d = 0; d < Dk; ++d) {
-      const acc_t x = pad ? acc_t(0) : relu(static_cast<acc_t>(kr[d]));
-      kb[d] = x;
-      kf[d] = x * sn;
-      kf[Dk + d] = x * cs;
-    }
-    const scalar_t* vr = v + (gs * Hkv + hk) * Dv;
-    acc_t* vv = sc.V.data() + (int64_t)s * Dv;
-    for (int64_t e = 0; e < Dv; ++e) vv[e] = pad ? acc_t(0) : static_cast<acc_t>(vr[e]);
+// The rows of one head are strided by H * D in q, k, v, do: touched once per pass, they come from
+// L3 or memory, so every row of a block is prefetched before the first is read (the misses overlap).
+template <typename X>
+inline void prefetch_rows(const X* p, int64_t stride, int64_t rows, int64_t row_len) {
+  const int64_t bytes = row_len * (int64_t)sizeof(X);
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* c = reinterpret_cast<const char*>(p + r * stride);
+    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(c + x);
   }
-  transpose(nk, Dk, sc.Kb.data(), Dk, sc.KbT.data(), CH);
-  transpose(nk, Dv, sc.V.data(), Dv, sc.VT.data(), CH);
+}
+
+// Loads key chunk j of item (n, h) unless it is the one loaded (a driver's visit and chunk-state
+// steps share a load); `transposed`: also KbT, VT (the intra-chunk products of queries).
+template <typename scalar_t>
+void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc, bool transposed) const {
+  const int64_t item_id = it.n * H + h;
+  if (sc.key_item != item_id || sc.key_j != j) {
+    const int64_t hk = h / G;
+    const int64_t s0 = j * CH;
+    const int64_t nk = std::min(CH, it.Sn - s0);
+    sc.nk = nk;
+    const int64_t gs0 = (int64_t)it.b * S + it.ko + s0;
+    prefetch_rows(k + (gs0 * Hkv + hk) * Dk, Hkv * Dk, nk, Dk);
+    prefetch_rows(v + (gs0 * Hkv + hk) * Dv, Hkv * Dv, nk, Dv);
+    for (int64_t s = 0; s < nk; ++s) {
+      const int64_t gs = gs0 + s;
+      // a padded key is selected to 0 where loaded (k, pk and v: NaN or Inf there reach nothing)
+      const bool pad = kpm && kpm[gs];
+      const acc_t sn = pad ? acc_t(0) : sk_[gs * Hkv + hk], cs = pad ? acc_t(0) : ck_[gs * Hkv + hk];
+      sc.sk[s] = sn;
+      sc.ck[s] = cs;
+      sc.msk[s] = pad ? acc_t(0) : acc_t(1);
+      const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
+      acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
+      acc_t* kf = sc.Kf.data() + (int64_t)s * F;
+      for (int64_t d = 0; d < Dk; ++d) {
+        const acc_t x = pad ? acc_t(0) : relu(static_cast<acc_t>(kr[d]));
+        kb[d] = x;
+        kf[d] = x * sn;
+        kf[Dk + d] = x * cs;
+      }
+      const scalar_t* vr = v + (gs * Hkv + hk) * Dv;
+      acc_t* vv = sc.V.data() + (int64_t)s * Dv;
+      for (int64_t e = 0; e < Dv; ++e) vv[e] = pad ? acc_t(0) : static_cast<acc_t>(vr[e]);
+    }
+    sc.key_item = item_id;
+    sc.key_j = j;
+    sc.key_T = false;
+  }
+  if (transposed && !sc.key_T) {
+    transpose(sc.nk, Dk, sc.Kb.data(), Dk, sc.KbT.data(), CH);
+    transpose(sc.nk, Dv, sc.V.data(), Dv, sc.VT.data(), CH);
+    sc.key_T = true;
+  }
 }
 
 template <typename scalar_t>
 void Leap<scalar_t>::load_queries(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc) const {
+  const int64_t gt0 = (int64_t)it.b * T + it.qo + t0;
+  prefetch_rows(q + (gt0 * H + h) * Dk, H * Dk, nq, Dk);
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
+    const int64_t gt = gt0 + i;
     const acc_t sn = sq_[gt * H + h], cs = cq_[gt * H + h];
     sc.sq[i] = sn;
     sc.cq[i] = cs;
@@ -62,6 +89,19 @@ template <typename scalar_t>
 void Leap<scalar_t>::chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const {
   std::fill(dS, dS + (size_t)F * Dv, acc_t(0));
   gemm<acc_t>(F, Dv, sc.nk, sc.Kf.data(), 1, F, sc.V.data(), Dv, dS, Dv);
+  for (int64_t f = 0; f < F; ++f) dz[f] = 0;
+  for (int64_t s = 0; s < sc.nk; ++s) {
+    const acc_t* kf = sc.Kf.data() + (int64_t)s * F;
+    for (int64_t f = 0; f < F; ++f) dz[f] += kf[f];
+  }
+}
+
+// The same state transposed: dST = V^T Kf (Dv x F), dz as above (the backward's query pass reads
+// the state as S^T: no transpose per chunk)
+template <typename scalar_t>
+void Leap<scalar_t>::chunk_state_T(const Scratch& sc, acc_t* dST, acc_t* dz) const {
+  std::fill(dST, dST + (size_t)F * Dv, acc_t(0));
+  gemm<acc_t>(Dv, F, sc.nk, sc.V.data(), 1, Dv, sc.Kf.data(), F, dST, F);
   for (int64_t f = 0; f < F; ++f) dz[f] = 0;
   for (int64_t s = 0; s < sc.nk; ++s) {
     const acc_t* kf = sc.Kf.data() + (int64_t)s * F;
