@@ -13,12 +13,7 @@ template <typename scalar_t>
 void Leap<scalar_t>::attend(const Item& it, int64_t j, int64_t t0, int64_t nq, const acc_t* S_, const acc_t* z_, Scratch& sc) const {
   std::fill(sc.num.begin(), sc.num.begin() + (size_t)nq * Dv, acc_t(0));
   gemm<acc_t>(nq, Dv, F, sc.Qf.data(), F, 1, S_, Dv, sc.num.data(), Dv);
-  for (int64_t i = 0; i < nq; ++i) {
-    const acc_t* qf = sc.Qf.data() + (int64_t)i * F;
-    acc_t d = 0;
-    for (int64_t f = 0; f < F; ++f) d += qf[f] * z_[f];
-    sc.den[i] = d;
-  }
+  for (int64_t i = 0; i < nq; ++i) sc.den[i] = dotp(sc.Qf.data() + (int64_t)i * F, z_, F);
   if (j >= it.NK) return;
   const int64_t nk = sc.nk;
   for (int64_t i = 0; i < nq; ++i) sc.nv[i] = std::max<int64_t>(0, std::min(nk, lim(it, t0 + i) - j * CH));
@@ -28,14 +23,8 @@ void Leap<scalar_t>::attend(const Item& it, int64_t j, int64_t t0, int64_t nq, c
     const int64_t n_vis = sc.nv[i];
     const acc_t* p = sc.P.data() + (int64_t)i * CH;
     acc_t* a = sc.A.data() + (int64_t)i * CH;
-    const acc_t sn = sc.sq[i], cs = sc.cq[i];
-    acc_t rs = 0;
-    for (int64_t s = 0; s < nk; ++s) {
-      const acc_t val = s < n_vis ? p[s] * (sn * sc.sk[s] + cs * sc.ck[s]) : acc_t(0);
-      a[s] = val;
-      rs += val;
-    }
-    sc.den[i] += rs;
+    vis_scores(a, p, sc.sk.data(), sc.ck.data(), sc.sq[i], sc.cq[i], n_vis, nk);
+    sc.den[i] += sump(a, nk);
   }
   gemm_prefix_k<acc_t>(nq, Dv, nk, sc.A.data(), CH, 1, sc.V.data(), Dv, sc.num.data(), Dv, sc.nv.data());
 }
@@ -46,6 +35,7 @@ void Leap<scalar_t>::out_group(const Item& it, int64_t h, int64_t j, int64_t ta,
   for (int64_t t0 = ta; t0 < tb; t0 += QB) {
     const int64_t nq = std::min(QB, tb - t0);
     load_queries(it, h, t0, nq, sc);
+    prefetch_rows_w(o + (((int64_t)it.b * T + it.qo + t0) * H + h) * Dv, H * Dv, nq, Dv);
     attend(it, j, t0, nq, S_, z_, sc);
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t gt = (int64_t)it.b * T + it.qo + t0 + i;
@@ -79,6 +69,9 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
   const bool part = j < it.NK;
   const int64_t nk = part ? std::min(CH, it.Sn - j * CH) : 0;
   if (part) {
+    const int64_t gs0 = (int64_t)it.b * S + it.ko + j * CH;
+    prefetch_rows_w(dkh + (gs0 * H + h) * Dk, H * Dk, nk, Dk);
+    prefetch_rows_w(dvh + (gs0 * H + h) * Dv, H * Dv, nk, Dv);
     std::fill(sc.dbi.begin(), sc.dbi.begin() + (size_t)nk * Dk, acc_t(0));
     std::fill(sc.dvi.begin(), sc.dvi.begin() + (size_t)nk * Dv, acc_t(0));
     std::fill(sc.dthi.begin(), sc.dthi.begin() + nk, acc_t(0));
@@ -87,6 +80,9 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
     const int64_t nq = std::min(QB, tb - t0);
     const int64_t gt0 = (int64_t)it.b * T + it.qo + t0;
     prefetch_rows(dout + (gt0 * H + h) * Dv, H * Dv, nq, Dv);
+    prefetch_rows_w(dq + (gt0 * H + h) * Dk, H * Dk, nq, Dk);
+    if (t0 + nq < it.Tn)  // the next block (the query pass runs in key order)
+      prefetch_rows(dout + ((gt0 + nq) * H + h) * Dv, H * Dv, std::min(QB, it.Tn - t0 - nq), Dv);
     load_queries(it, h, t0, nq, sc);
     for (int64_t i = 0; i < nq; ++i) {  // g -> sc.dn (scaled in place below)
       const scalar_t* dor = dout + ((gt0 + i) * H + h) * Dv;
@@ -98,14 +94,8 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
     gemm<acc_t>(nq, F, Dv, sc.dn.data(), Dv, 1, ST, F, sc.g.data(), F);
     for (int64_t i = 0; i < nq; ++i) {
       const acc_t* qf = sc.Qf.data() + (int64_t)i * F;
-      const acc_t* u = sc.g.data() + (int64_t)i * F;
-      acc_t d = 0, dot = 0;
-      for (int64_t f = 0; f < F; ++f) {
-        d += qf[f] * z_[f];
-        dot += qf[f] * u[f];
-      }
-      sc.den[i] = d;
-      sc.dth[i] = dot;  // g . num so far (dth is set below)
+      sc.den[i] = dotp(qf, z_, F);
+      sc.dth[i] = dotp(qf, sc.g.data() + (int64_t)i * F, F);  // g . num so far (dth is set below)
     }
     if (part) {
       for (int64_t i = 0; i < nq; ++i) sc.nv[i] = std::max<int64_t>(0, std::min(nk, lim(it, t0 + i) - j * CH));
@@ -122,16 +112,9 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
         const acc_t* p = sc.P.data() + (int64_t)i * CH;
         const acc_t* w = sc.dA.data() + (int64_t)i * CH;
         acc_t* a = sc.A.data() + (int64_t)i * CH;
-        const acc_t sn = sc.sq[i], cs = sc.cq[i];
-        acc_t rs = 0, rd = 0;
-        for (int64_t s = 0; s < nk; ++s) {
-          const acc_t val = s < n_vis ? p[s] * (sn * sc.sk[s] + cs * sc.ck[s]) : acc_t(0);
-          a[s] = val;
-          rs += val;
-          rd += val * w[s];
-        }
-        sc.den[i] += rs;
-        sc.dth[i] += rd;
+        vis_scores(a, p, sc.sk.data(), sc.ck.data(), sc.sq[i], sc.cq[i], n_vis, nk);
+        sc.den[i] += sump(a, nk);
+        sc.dth[i] += dotp(a, w, nk);
       }
     }
     // normalisation: dnum = g r, dden (r = 1 / dd); then dL/dq~ (inter part) = U r + dden z
@@ -146,52 +129,32 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
       sc.dd[i] = ddv;
       sc.den[i] = r;  // den now holds r
       acc_t* dn = sc.dn.data() + (int64_t)i * Dv;
-      for (int64_t e = 0; e < Dv; ++e) dn[e] *= r;
+      scale(dn, r, Dv);
       const int64_t w = ((int64_t)it.b * H + h) * T + it.qo + t0 + i;
       std::memcpy(wdn + w * Dv, dn, sizeof(acc_t) * Dv);
       wdd[w] = ddv;
       acc_t* g = sc.g.data() + (int64_t)i * F;
-      for (int64_t f = 0; f < F; ++f) g[f] = g[f] * r + ddv * z_[f];
-      const acc_t* qa = sc.Qa.data() + (int64_t)i * Dk;
-      acc_t* da = sc.da.data() + (int64_t)i * Dk;
-      const acc_t sn = sc.sq[i], cs = sc.cq[i];
-      acc_t th = 0;
-      for (int64_t d = 0; d < Dk; ++d) {
-        da[d] = g[d] * sn + g[Dk + d] * cs;
-        th += qa[d] * (g[d] * cs - g[Dk + d] * sn);
-      }
-      sc.dth[i] = th;
+      scale_bias(g, z_, r, ddv, F);
+      feat_grad<acc_t>(sc.da.data() + (int64_t)i * Dk, sc.tmp.data(), g, nullptr, sc.sq[i], sc.cq[i], Dk);
+      sc.dth[i] = dotp(sc.Qa.data() + (int64_t)i * Dk, sc.tmp.data(), Dk);
     }
     if (part) {
       // dA = W r + dden on visible pairs; E = dA cos-weight (for da and the keys' db); the theta terms
       // X = dA P (sin(tq) cos(tk) - cos(tq) sin(tk)): -sum_s X to the query, +sum_i X to the key
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t n_vis = sc.nv[i];
-        const acc_t* p = sc.P.data() + (int64_t)i * CH;
-        const acc_t* w = sc.dA.data() + (int64_t)i * CH;
-        acc_t* E = sc.E.data() + (int64_t)i * CH;
-        const acc_t sn = sc.sq[i], cs = sc.cq[i], ddv = sc.dd[i], r = sc.den[i];
-        acc_t th = 0;
-        for (int64_t s = 0; s < nk; ++s) {
-          const acc_t dav = s < n_vis ? w[s] * r + ddv : acc_t(0);
-          E[s] = dav * (sn * sc.sk[s] + cs * sc.ck[s]);
-          const acc_t x = dav * p[s] * (sn * sc.ck[s] - cs * sc.sk[s]);
-          th -= x;
-          sc.dthi[s] += x;
-        }
-        sc.dth[i] += th;
+        acc_t* w = sc.dA.data() + (int64_t)i * CH;  // W in, the theta terms X out
+        intra_grad(sc.E.data() + (int64_t)i * CH, w, sc.dthi.data(), sc.P.data() + (int64_t)i * CH, sc.sk.data(),
+                   sc.ck.data(), sc.sq[i], sc.cq[i], sc.den[i], sc.dd[i], n_vis, nk);
+        sc.dth[i] -= sump(w, nk);
       }
       gemm_prefix_k<acc_t>(nq, Dk, nk, sc.E.data(), CH, 1, sc.Kb.data(), Dk, sc.da.data(), Dk, sc.nv.data());
       gemm_suffix_k<acc_t>(nk, Dv, nq, sc.A.data(), 1, CH, sc.dn.data(), Dv, sc.dvi.data(), Dv, sc.ks.data());
       gemm_suffix_k<acc_t>(nk, Dk, nq, sc.E.data(), 1, CH, sc.Qa.data(), Dk, sc.dbi.data(), Dk, sc.ks.data());
     }
-    for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t i = 0; i < nq; ++i) {  // relu(q) > 0 exactly where q > 0
       const int64_t gt = gt0 + i;
-      const scalar_t* qr = q + (gt * H + h) * Dk;
-      scalar_t* dqr = dq + (gt * H + h) * Dk;
-      const acc_t* da = sc.da.data() + (int64_t)i * Dk;
-      for (int64_t d = 0; d < Dk; ++d)
-        dqr[d] = static_cast<scalar_t>(static_cast<acc_t>(qr[d]) > acc_t(0) ? da[d] : acc_t(0));
+      masked_row(dq + (gt * H + h) * Dk, sc.da.data() + (int64_t)i * Dk, sc.Qa.data() + (int64_t)i * Dk, true, Dk);
       dpq[gt * H + h] = acc_t(HALF_PI) * sc.dth[i];
     }
   }
@@ -239,33 +202,26 @@ template <typename scalar_t>
 void Leap<scalar_t>::kv_chunk(const Item& it, int64_t h, int64_t j, const acc_t* dSt, const acc_t* dzt,
     const acc_t* dStT, Scratch& sc, acc_t* dkh, acc_t* dvh, acc_t* dpkh) const {
   const int64_t nk = sc.nk;
+  const int64_t gs0 = (int64_t)it.b * S + it.ko + j * CH;
+  prefetch_rows_w(dkh + (gs0 * H + h) * Dk, H * Dk, nk, Dk);
+  prefetch_rows_w(dvh + (gs0 * H + h) * Dv, H * Dv, nk, Dv);
   std::fill(sc.dKf.begin(), sc.dKf.begin() + (size_t)nk * F, acc_t(0));
   gemm<acc_t>(nk, F, Dv, sc.V.data(), Dv, 1, dStT, F, sc.dKf.data(), F);
   std::fill(sc.dvv.begin(), sc.dvv.begin() + (size_t)nk * Dv, acc_t(0));
   gemm<acc_t>(nk, Dv, F, sc.Kf.data(), F, 1, dSt, Dv, sc.dvv.data(), Dv);
-  const int64_t hk = h / G;
-  const int64_t gs0 = (int64_t)it.b * S + it.ko + j * CH;
-  prefetch_rows(dkh + (gs0 * H + h) * Dk, H * Dk, nk, Dk);
-  prefetch_rows(dvh + (gs0 * H + h) * Dv, H * Dv, nk, Dv);
   for (int64_t s = 0; s < nk; ++s) {
     const int64_t gs = gs0 + s;
     const int64_t row = gs * H + h;
-    const acc_t* g = sc.dKf.data() + (int64_t)s * F;
-    const acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
-    const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
-    const acc_t sn = sc.sk[s], cs = sc.ck[s];
     const bool keep = sc.msk[s] != acc_t(0);
+    acc_t* db = sc.db.data() + (int64_t)s * Dk;
+    feat_grad(db, sc.tmp.data(), sc.dKf.data() + (int64_t)s * F, dzt, sc.sk[s], sc.ck[s], Dk);
+    const acc_t th = dotp(sc.Kb.data() + (int64_t)s * Dk, sc.tmp.data(), Dk);
     acc_t* dkr = dkh + row * Dk;
-    acc_t th = 0;
-    for (int64_t d = 0; d < Dk; ++d) {
-      const acc_t gs_ = g[d] + dzt[d], gc = g[Dk + d] + dzt[Dk + d];
-      th += kb[d] * (gs_ * cs - gc * sn);
-      const acc_t db = gs_ * sn + gc * cs + dkr[d];
-      dkr[d] = keep && static_cast<acc_t>(kr[d]) > acc_t(0) ? db : acc_t(0);
-    }
-    const acc_t* dvs = sc.dvv.data() + (int64_t)s * Dv;
+    add_to(db, dkr, Dk);  // + the intra-chunk part
+    masked_row(dkr, db, sc.Kb.data() + (int64_t)s * Dk, keep, Dk);  // relu(k) > 0 exactly where k > 0
     acc_t* dvr = dvh + row * Dv;
-    for (int64_t e = 0; e < Dv; ++e) dvr[e] = keep ? dvs[e] + dvr[e] : acc_t(0);  // exactly 0 for a padded key
+    add_to(sc.dvv.data() + (int64_t)s * Dv, dvr, Dv);
+    keep_row(dvr, sc.dvv.data() + (int64_t)s * Dv, keep, Dv);  // exactly 0 for a padded key
     dpkh[row] = keep ? acc_t(HALF_PI) * (th + dpkh[row]) : acc_t(0);
   }
 }

@@ -131,9 +131,13 @@ struct Leap {
     // a driver's visit and chunk-state steps share one load
     int64_t key_item = -1, key_j = -1;
     bool key_T = false;
+    // the sweep's direction (+1 in key order, -1 in reverse, 0 none): the loads prefetch the
+    // rows of the next chunk / query block in that direction while the current one is worked on
+    int dir = 0;
     // queries of one sub-block
     std::vector<acc_t> Qa, sq, cq, Qf, num, den, P, A, E, dA, dn, dd, g, da, dth;
     std::vector<int64_t> nv, ks;
+    std::vector<acc_t> tmp;  // one row of terms to sum (dotp / sump)
     // states
     std::vector<acc_t> S, z, dS, dz, ST;
     // key gradients of one chunk (inter-chunk part; the intra-chunk part of the backward's query
@@ -167,6 +171,7 @@ struct Leap {
     s.da.resize((size_t)QB * Dk);
     s.dth.resize(QB);
     s.nv.resize(QB);
+    s.tmp.resize((size_t)std::max<int64_t>({F, CH, Dv}));
     s.ks.resize(CH);
     s.S.resize((size_t)F * Dv);
     s.z.resize(F);

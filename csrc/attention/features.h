@@ -7,17 +7,6 @@
 #pragma once
 
 // ---------------- feature builders ----------------
-// The rows of one head are strided by H * D in q, k, v, do: touched once per pass, they come from
-// L3 or memory, so every row of a block is prefetched before the first is read (the misses overlap).
-template <typename X>
-inline void prefetch_rows(const X* p, int64_t stride, int64_t rows, int64_t row_len) {
-  const int64_t bytes = row_len * (int64_t)sizeof(X);
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* c = reinterpret_cast<const char*>(p + r * stride);
-    for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(c + x);
-  }
-}
-
 // Loads key chunk j of item (n, h) unless it is the one loaded (a driver's visit and chunk-state
 // steps share a load); `transposed`: also KbT, VT (the intra-chunk products of queries).
 template <typename scalar_t>
@@ -31,6 +20,12 @@ void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc
     const int64_t gs0 = (int64_t)it.b * S + it.ko + s0;
     prefetch_rows(k + (gs0 * Hkv + hk) * Dk, Hkv * Dk, nk, Dk);
     prefetch_rows(v + (gs0 * Hkv + hk) * Dv, Hkv * Dv, nk, Dv);
+    const int64_t jn = j + sc.dir;  // the next chunk of the sweep
+    if (sc.dir != 0 && jn >= 0 && jn < it.NK) {
+      const int64_t gn = (int64_t)it.b * S + it.ko + jn * CH, nn = std::min(CH, it.Sn - jn * CH);
+      prefetch_rows(k + (gn * Hkv + hk) * Dk, Hkv * Dk, nn, Dk);
+      prefetch_rows(v + (gn * Hkv + hk) * Dv, Hkv * Dv, nn, Dv);
+    }
     for (int64_t s = 0; s < nk; ++s) {
       const int64_t gs = gs0 + s;
       // a padded key is selected to 0 where loaded (k, pk and v: NaN or Inf there reach nothing)
@@ -67,6 +62,10 @@ template <typename scalar_t>
 void Leap<scalar_t>::load_queries(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc) const {
   const int64_t gt0 = (int64_t)it.b * T + it.qo + t0;
   prefetch_rows(q + (gt0 * H + h) * Dk, H * Dk, nq, Dk);
+  if (sc.dir > 0 && t0 + nq < it.Tn)  // the next block of the sweep
+    prefetch_rows(q + ((gt0 + nq) * H + h) * Dk, H * Dk, std::min(QB, it.Tn - t0 - nq), Dk);
+  else if (sc.dir < 0 && t0 > 0)
+    prefetch_rows(q + ((gt0 - std::min(QB, t0)) * H + h) * Dk, H * Dk, std::min(QB, t0), Dk);
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t gt = gt0 + i;
     const acc_t sn = sq_[gt * H + h], cs = cq_[gt * H + h];

@@ -53,13 +53,8 @@ void Leap<scalar_t>::step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* 
     if constexpr (std::is_same_v<acc_t, float>) {
       if (t == 1 && Dv % 8 == 0) {  // one token: the vectorised sweep (micro_impl.h), then z and den
         step_rows(F, Dv, Sin, So, kf, qf, vv, num);
-        acc_t dn = 0;
-        for (int64_t f = 0; f < F; ++f) {
-          const acc_t zf = (zin ? zin[f] : acc_t(0)) + kf[f];
-          zo[f] = zf;
-          dn += qf[f] * zf;
-        }
-        den[0] = dn;
+        for (int64_t f = 0; f < F; ++f) zo[f] = (zin ? zin[f] : acc_t(0)) + kf[f];
+        den[0] = dotp(qf, zo, F);
         swept = true;
       }
     }

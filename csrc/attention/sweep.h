@@ -54,7 +54,11 @@ void Leap<scalar_t>::sweep(int dir, const std::vector<std::vector<int64_t>>& gbs
   const int64_t items = (int64_t)N * H;
   const int64_t sz = (int64_t)F * Dv + F;
   auto has_local = [&](const Item& it, int64_t j) { return dir < 0 || j < it.NK; };
-  auto make = [&] { return make_scratch(); };
+  auto make = [&] {
+    Scratch sc = make_scratch();
+    sc.dir = dir;
+    return sc;
+  };
   if (!use_chunks()) {
     parallel<Scratch>(items, make, [&](int64_t idx, Scratch& sc) {
       const int64_t n = idx / H, h = idx % H;
