@@ -207,6 +207,41 @@ def test_long_sequence_few_heads_across_chunks(driver):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype,T", [(torch.float64, 1100), (torch.bfloat16, 2100)])
+def test_head_major_copy(dtype, T, driver):
+    """Calls of more than 2 MiB per input with several heads run on head-major copies of q, k, v
+    and do (the kernel's own buffers): GQA, padding and a state there, both drivers bitwise equal,
+    and the same gradients as the torch backend in float64."""
+    B, H, Hkv, D = 2, 4, 2, 64
+    q, k, v, pq, pk = make_inputs(B, T, None, H, Hkv, D, D, dtype=torch.float64)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    pq.requires_grad_()
+    pk.requires_grad_()
+    kpm = torch.zeros(B, T, dtype=torch.bool)
+    kpm[0, :37] = True
+    kpm[1, T // 2:T // 2 + 5] = True
+    st = make_state(B, H, D, D, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                    requires_grad=True)
+    ins = (q, k, v, pq, pk) + st
+    do = torch.randn(B, T, H, D, dtype=torch.float64).to(dtype)
+    outs = []
+    for m in (1, 2):
+        driver(m)
+        o, (S_, z_) = lk.leap_attention(q, k, v, pq, pk, initial_state=st, output_final_state=True,
+                                        key_padding_mask=kpm, backend="cpu")
+        outs.append((o, S_, z_) + torch.autograd.grad((o, S_), ins, (do, torch.ones_like(S_) * 1e-3)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    o, (S_, z_) = lk.leap_attention(*ins64[:5], initial_state=tuple(ins64[5:]), output_final_state=True,
+                                    key_padding_mask=kpm, backend="torch")
+    ref = (o, S_, z_) + torch.autograd.grad((o, S_), ins64, (do.double(), torch.ones_like(S_) * 1e-3))
+    names = ("o", "S", "z", "dq", "dk", "dv", "dpq", "dpk", "dS0", "dz0")
+    for name, a, r in zip(names, outs[0], ref):
+        assert_close(a, r, dtype, name, factor=1.0 if name in ("o", "S", "z") else 2.0)
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic(dtype, driver):
     """The same inputs give bitwise the same gradients: twice, with either driver, and with 1 or

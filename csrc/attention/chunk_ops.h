@@ -79,13 +79,15 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
   for (int64_t t0 = ta; t0 < tb; t0 += QB) {
     const int64_t nq = std::min(QB, tb - t0);
     const int64_t gt0 = (int64_t)it.b * T + it.qo + t0;
-    prefetch_rows(dout + (gt0 * H + h) * Dv, H * Dv, nq, Dv);
+    const scalar_t* do0 = doR.at(gt0, h);
+    const int64_t dos = doR.stride();
+    prefetch_rows(do0, dos, nq, Dv);
     prefetch_rows_w(dq + (gt0 * H + h) * Dk, H * Dk, nq, Dk);
     if (t0 + nq < it.Tn)  // the next block (the query pass runs in key order)
-      prefetch_rows(dout + ((gt0 + nq) * H + h) * Dv, H * Dv, std::min(QB, it.Tn - t0 - nq), Dv);
+      prefetch_rows(do0 + nq * dos, dos, std::min(QB, it.Tn - t0 - nq), Dv);
     load_queries(it, h, t0, nq, sc);
     for (int64_t i = 0; i < nq; ++i) {  // g -> sc.dn (scaled in place below)
-      const scalar_t* dor = dout + ((gt0 + i) * H + h) * Dv;
+      const scalar_t* dor = do0 + i * dos;
       acc_t* dn = sc.dn.data() + (int64_t)i * Dv;
       for (int64_t e = 0; e < Dv; ++e) dn[e] = static_cast<acc_t>(dor[e]);
     }

@@ -57,6 +57,45 @@ struct Leap {
     cs = std::sin(acc_t(HALF_PI) * (acc_t(1) - p));
   }
 
+  // Row access of the per-head inputs: a [Bn, L, Hn, D] tensor, or its head-major copy [Bn, Hn, L, D]
+  // (pack_rows). A head's rows are H*D apart in the input: every row a fresh cache line and, for
+  // long sequences, a fresh page, so each pass over them waits on memory; in the copy they are
+  // contiguous (made in one pass that reads the input in order).
+  struct Rows {
+    const scalar_t* p = nullptr;
+    int64_t L = 0, Hn = 0, D = 0;
+    bool packed = false;
+    // the row of head hh at global row gr = b*L + t; the rows of t, t+1, ... (same b) are stride() apart
+    const scalar_t* at(int64_t gr, int64_t hh) const {
+      return packed ? p + (((gr / L) * Hn + hh) * L + gr % L) * D : p + (gr * Hn + hh) * D;
+    }
+    int64_t stride() const { return packed ? D : Hn * D; }
+  };
+  Rows qR, kR, vR, doR;
+  std::unique_ptr<scalar_t[]> qbuf, kbuf, vbuf, dobuf;
+  // the head-major copy where it pays (several heads, more than a cache's worth), else the input
+  Rows pack_rows(const scalar_t* src, int64_t Bn, int64_t L, int64_t Hn, int64_t D,
+                 std::unique_ptr<scalar_t[]>& buf) const {
+    Rows r;
+    r.p = src;
+    r.L = L;
+    r.Hn = Hn;
+    r.D = D;
+    if (Hn <= 1 || (double)Bn * L * Hn * D * sizeof(scalar_t) < double(1 << 21)) return r;
+    buf.reset(new scalar_t[(size_t)(Bn * L * Hn * D)]);
+    scalar_t* dst = buf.get();
+    at::parallel_for(0, Bn * L, 64, [&](int64_t a, int64_t e) {
+      for (int64_t gr = a; gr < e; ++gr) {
+        const int64_t b = gr / L, t = gr % L;
+        for (int64_t hh = 0; hh < Hn; ++hh)
+          std::memcpy(dst + ((b * Hn + hh) * L + t) * D, src + (gr * Hn + hh) * D, sizeof(scalar_t) * (size_t)D);
+      }
+    });
+    r.p = dst;
+    r.packed = true;
+    return r;
+  }
+
   // sin / cosine-half of every proportion, computed once per call (T*H + S*Hkv scalars)
   std::vector<acc_t> sqv, cqv, skv, ckv;
   const acc_t *sq_ = nullptr, *cq_ = nullptr, *sk_ = nullptr, *ck_ = nullptr;
@@ -78,6 +117,9 @@ struct Leap {
     cq_ = cqv.data();
     sk_ = skv.data();
     ck_ = ckv.data();
+    qR = pack_rows(q, B, T, H, Dk, qbuf);
+    kR = pack_rows(k, B, S, Hkv, Dk, kbuf);
+    vR = pack_rows(v, B, S, Hkv, Dv, vbuf);
   }
 
   struct Item {
@@ -229,6 +271,6 @@ struct Leap {
              const Visit& visit, const Final& fin) const;
   void forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const;
   void backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
-                scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const;
+                scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0);
   void step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const;
 };

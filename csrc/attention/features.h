@@ -18,13 +18,16 @@ void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc
     const int64_t nk = std::min(CH, it.Sn - s0);
     sc.nk = nk;
     const int64_t gs0 = (int64_t)it.b * S + it.ko + s0;
-    prefetch_rows(k + (gs0 * Hkv + hk) * Dk, Hkv * Dk, nk, Dk);
-    prefetch_rows(v + (gs0 * Hkv + hk) * Dv, Hkv * Dv, nk, Dv);
+    const scalar_t* k0 = kR.at(gs0, hk);
+    const scalar_t* v0 = vR.at(gs0, hk);
+    const int64_t ks = kR.stride(), vs = vR.stride();
+    prefetch_rows(k0, ks, nk, Dk);
+    prefetch_rows(v0, vs, nk, Dv);
     const int64_t jn = j + sc.dir;  // the next chunk of the sweep
     if (sc.dir != 0 && jn >= 0 && jn < it.NK) {
       const int64_t gn = (int64_t)it.b * S + it.ko + jn * CH, nn = std::min(CH, it.Sn - jn * CH);
-      prefetch_rows(k + (gn * Hkv + hk) * Dk, Hkv * Dk, nn, Dk);
-      prefetch_rows(v + (gn * Hkv + hk) * Dv, Hkv * Dv, nn, Dv);
+      prefetch_rows(kR.at(gn, hk), ks, nn, Dk);
+      prefetch_rows(vR.at(gn, hk), vs, nn, Dv);
     }
     for (int64_t s = 0; s < nk; ++s) {
       const int64_t gs = gs0 + s;
@@ -34,7 +37,7 @@ void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc
       sc.sk[s] = sn;
       sc.ck[s] = cs;
       sc.msk[s] = pad ? acc_t(0) : acc_t(1);
-      const scalar_t* kr = k + (gs * Hkv + hk) * Dk;
+      const scalar_t* kr = k0 + s * ks;
       acc_t* kb = sc.Kb.data() + (int64_t)s * Dk;
       acc_t* kf = sc.Kf.data() + (int64_t)s * F;
       for (int64_t d = 0; d < Dk; ++d) {
@@ -43,7 +46,7 @@ void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc
         kf[d] = x * sn;
         kf[Dk + d] = x * cs;
       }
-      const scalar_t* vr = v + (gs * Hkv + hk) * Dv;
+      const scalar_t* vr = v0 + s * vs;
       acc_t* vv = sc.V.data() + (int64_t)s * Dv;
       for (int64_t e = 0; e < Dv; ++e) vv[e] = pad ? acc_t(0) : static_cast<acc_t>(vr[e]);
     }
@@ -61,17 +64,19 @@ void Leap<scalar_t>::load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc
 template <typename scalar_t>
 void Leap<scalar_t>::load_queries(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc) const {
   const int64_t gt0 = (int64_t)it.b * T + it.qo + t0;
-  prefetch_rows(q + (gt0 * H + h) * Dk, H * Dk, nq, Dk);
+  const scalar_t* q0 = qR.at(gt0, h);
+  const int64_t qs = qR.stride();
+  prefetch_rows(q0, qs, nq, Dk);
   if (sc.dir > 0 && t0 + nq < it.Tn)  // the next block of the sweep
-    prefetch_rows(q + ((gt0 + nq) * H + h) * Dk, H * Dk, std::min(QB, it.Tn - t0 - nq), Dk);
+    prefetch_rows(q0 + nq * qs, qs, std::min(QB, it.Tn - t0 - nq), Dk);
   else if (sc.dir < 0 && t0 > 0)
-    prefetch_rows(q + ((gt0 - std::min(QB, t0)) * H + h) * Dk, H * Dk, std::min(QB, t0), Dk);
+    prefetch_rows(q0 - std::min(QB, t0) * qs, qs, std::min(QB, t0), Dk);
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t gt = gt0 + i;
     const acc_t sn = sq_[gt * H + h], cs = cq_[gt * H + h];
     sc.sq[i] = sn;
     sc.cq[i] = cs;
-    const scalar_t* qr = q + (gt * H + h) * Dk;
+    const scalar_t* qr = q0 + i * qs;
     acc_t* qa = sc.Qa.data() + (int64_t)i * Dk;
     acc_t* qf = sc.Qf.data() + (int64_t)i * F;
     for (int64_t d = 0; d < Dk; ++d) {

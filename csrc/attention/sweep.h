@@ -143,9 +143,10 @@ void Leap<scalar_t>::forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_
 // gradient (the key pass: dk, dv, dpk; dS0, dz0 at the end).
 template <typename scalar_t>
 void Leap<scalar_t>::backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
-    scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const {
+    scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) {
   const auto gbs = group_table();
   std::vector<acc_t> wdn((size_t)B * H * T * Dv), wdd((size_t)B * H * T);
+  doR = pack_rows(dout, B, T, H, Dv, dobuf);  // do's rows as q's (not const: the copy is the context's)
   sweep(
       +1, gbs,
       [&](int64_t n, int64_t h, acc_t* ST, acc_t* z_) {
