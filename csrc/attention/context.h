@@ -58,8 +58,8 @@ struct Leap {
   }
 
   // Row access of the per-head inputs: a [Bn, L, Hn, D] tensor, or its head-major copy [Bn, Hn, L, D]
-  // (pack_rows). A head's rows are H*D apart in the input: every row a fresh cache line and, for
-  // long sequences, a fresh page, so each pass over them waits on memory; in the copy they are
+  // (made in prepare). A head's rows are H*D apart in the input: every row a fresh cache line and,
+  // for long sequences, a fresh page, so each pass over them waits on memory; in the copy they are
   // contiguous (made in one pass that reads the input in order).
   struct Rows {
     const scalar_t* p = nullptr;
@@ -73,53 +73,62 @@ struct Leap {
   };
   Rows qR, kR, vR, doR;
   std::unique_ptr<scalar_t[]> qbuf, kbuf, vbuf, dobuf;
-  // the head-major copy where it pays (several heads, more than a cache's worth), else the input
-  Rows pack_rows(const scalar_t* src, int64_t Bn, int64_t L, int64_t Hn, int64_t D,
-                 std::unique_ptr<scalar_t[]>& buf) const {
+  // the head-major copy where it pays (several heads, more than a cache's worth): its buffer now,
+  // its rows filled by copy_row
+  Rows rows_of(const scalar_t* src, int64_t Bn, int64_t L, int64_t Hn, int64_t D, std::unique_ptr<scalar_t[]>& buf) {
     Rows r;
     r.p = src;
     r.L = L;
     r.Hn = Hn;
     r.D = D;
-    if (Hn <= 1 || (double)Bn * L * Hn * D * sizeof(scalar_t) < double(1 << 21)) return r;
+    if (!src || Hn <= 1 || (double)Bn * L * Hn * D * sizeof(scalar_t) < double(1 << 21)) return r;
     buf.reset(new scalar_t[(size_t)(Bn * L * Hn * D)]);
-    scalar_t* dst = buf.get();
-    at::parallel_for(0, Bn * L, 64, [&](int64_t a, int64_t e) {
-      for (int64_t gr = a; gr < e; ++gr) {
-        const int64_t b = gr / L, t = gr % L;
-        for (int64_t hh = 0; hh < Hn; ++hh)
-          std::memcpy(dst + ((b * Hn + hh) * L + t) * D, src + (gr * Hn + hh) * D, sizeof(scalar_t) * (size_t)D);
-      }
-    });
-    r.p = dst;
+    r.p = buf.get();
     r.packed = true;
     return r;
+  }
+  static void copy_row(const Rows& r, const scalar_t* src, int64_t gr) {
+    if (!r.packed) return;
+    const int64_t b = gr / r.L, t = gr % r.L;
+    scalar_t* dst = const_cast<scalar_t*>(r.p);
+    for (int64_t hh = 0; hh < r.Hn; ++hh)
+      std::memcpy(dst + ((b * r.Hn + hh) * r.L + t) * r.D, src + (gr * r.Hn + hh) * r.D, sizeof(scalar_t) * (size_t)r.D);
   }
 
   // sin / cosine-half of every proportion, computed once per call (T*H + S*Hkv scalars)
   std::vector<acc_t> sqv, cqv, skv, ckv;
   const acc_t *sq_ = nullptr, *cq_ = nullptr, *sk_ = nullptr, *ck_ = nullptr;
-  // also sets the work estimate of forward / backward
-  void prepare() {
+  // also sets the work estimate of forward / backward, and makes the head-major copies of q, k, v
+  // (and of dout, for the backward): one parallel pass over the rows
+  void prepare(const scalar_t* dout = nullptr) {
     work = (double)B * std::max(T, S) * H * (double)F * (Dv + CH);
-    const int64_t nq = (int64_t)B * T * H, nk = (int64_t)B * S * Hkv;
-    sqv.resize(nq);
-    cqv.resize(nq);
-    skv.resize(nk);
-    ckv.resize(nk);
-    at::parallel_for(0, nq + nk, 1 << 15, [&](int64_t a, int64_t e) {
-      for (int64_t i = a; i < e; ++i) {
-        if (i < nq) sincos_p(pq[i], sqv[i], cqv[i]);
-        else sincos_p(pk[i - nq], skv[i - nq], ckv[i - nq]);
+    const int64_t nq = (int64_t)B * T, nk = (int64_t)B * S;
+    sqv.resize(nq * H);
+    cqv.resize(nq * H);
+    skv.resize(nk * Hkv);
+    ckv.resize(nk * Hkv);
+    qR = rows_of(q, B, T, H, Dk, qbuf);
+    kR = rows_of(k, B, S, Hkv, Dk, kbuf);
+    vR = rows_of(v, B, S, Hkv, Dv, vbuf);
+    doR = rows_of(dout, B, T, H, Dv, dobuf);
+    at::parallel_for(0, nq + nk, 256, [&](int64_t a, int64_t e) {
+      for (int64_t r = a; r < e; ++r) {
+        if (r < nq) {
+          for (int64_t hh = 0; hh < H; ++hh) sincos_p(pq[r * H + hh], sqv[r * H + hh], cqv[r * H + hh]);
+          copy_row(qR, q, r);
+          if (dout) copy_row(doR, dout, r);
+        } else {
+          const int64_t rr = r - nq;
+          for (int64_t hh = 0; hh < Hkv; ++hh) sincos_p(pk[rr * Hkv + hh], skv[rr * Hkv + hh], ckv[rr * Hkv + hh]);
+          copy_row(kR, k, rr);
+          copy_row(vR, v, rr);
+        }
       }
     });
     sq_ = sqv.data();
     cq_ = cqv.data();
     sk_ = skv.data();
     ck_ = ckv.data();
-    qR = pack_rows(q, B, T, H, Dk, qbuf);
-    kR = pack_rows(k, B, S, Hkv, Dk, kbuf);
-    vR = pack_rows(v, B, S, Hkv, Dv, vbuf);
   }
 
   struct Item {
@@ -266,11 +275,14 @@ struct Leap {
                 acc_t* dkh, acc_t* dvh, acc_t* dpkh) const;
   bool use_chunks() const;
   std::vector<std::vector<int64_t>> group_table() const;
-  template <typename Init, typename Local, typename Visit, typename Final>
-  void sweep(int dir, const std::vector<std::vector<int64_t>>& gbs, const Init& init, const Local& local,
-             const Visit& visit, const Final& fin) const;
+  template <typename P>
+  void sweep_item(const P& p, int64_t idx, Scratch& sc) const;
+  template <typename P>
+  void sweep_chunks(const P& p) const;
+  template <typename P1, typename P2>
+  void sweep(const P1& p1, const P2* p2) const;
   void forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const;
   void backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
-                scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0);
+                scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const;
   void step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const;
 };

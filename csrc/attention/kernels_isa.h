@@ -59,7 +59,7 @@ template <typename scalar_t>
 void bwd(const lk::attn::Args& a) {
   using acc_t = typename Leap<scalar_t>::acc_t;
   auto L = context<scalar_t>(a);
-  L.prepare();
+  L.prepare(static_cast<const scalar_t*>(a.dout));
   L.backward(static_cast<const scalar_t*>(a.dout), static_cast<const acc_t*>(a.dSin),
              static_cast<const acc_t*>(a.dzin), static_cast<const acc_t*>(a.S0), static_cast<const acc_t*>(a.z0),
              static_cast<scalar_t*>(a.dq), static_cast<acc_t*>(a.dpq), static_cast<acc_t*>(a.dkh),

@@ -40,17 +40,52 @@ std::vector<std::vector<int64_t>> Leap<scalar_t>::group_table() const {
 }
 
 // The sweep over the chunk boundaries j = 0..NK of every item idx = n*H + h, with an (F*Dv + F)
-// state (the layout is the callers': S, S^T or a state gradient):
+// state (the layout is the callers': S, S^T or a state gradient), given as one object `P` with:
 //   init(n, h, S, z)            the state before the first boundary visited
 //   local(it, h, j, sc, dS, dz) the contribution of boundary j (dir > 0: chunk j's keys, j < NK;
 //                               dir < 0: group j's queries, every j), written whole
 //   visit(it, h, j, sc, S, z)   uses the state at boundary j (contributions before j in the
 //                               sweep's order, not j's own)
 //   fin(n, h, S, z)             the state after every contribution (may be a no-op)
-template <typename scalar_t>
 template <typename Init, typename Local, typename Visit, typename Final>
-void Leap<scalar_t>::sweep(int dir, const std::vector<std::vector<int64_t>>& gbs, const Init& init,
-                           const Local& local, const Visit& visit, const Final& fin) const {
+struct Pass {
+  int dir;
+  const Init& init;
+  const Local& local;
+  const Visit& visit;
+  const Final& fin;
+};
+template <typename Init, typename Local, typename Visit, typename Final>
+Pass<Init, Local, Visit, Final> make_pass(int dir, const Init& i, const Local& l, const Visit& v, const Final& f) {
+  return Pass<Init, Local, Visit, Final>{dir, i, l, v, f};
+}
+
+// Sequentially over the chunks of one item (the state in the task's scratch).
+template <typename scalar_t>
+template <typename P>
+void Leap<scalar_t>::sweep_item(const P& p, int64_t idx, Scratch& sc) const {
+  const int64_t n = idx / H, h = idx % H;
+  const Item it = item(n);
+  sc.dir = p.dir;
+  p.init(n, h, sc.S.data(), sc.z.data());
+  for (int64_t x = 0; x <= it.NK; ++x) {
+    const int64_t j = p.dir > 0 ? x : it.NK - x;
+    p.visit(it, h, j, sc, sc.S.data(), sc.z.data());
+    if (p.dir < 0 || j < it.NK) {
+      p.local(it, h, j, sc, sc.dS.data(), sc.dz.data());
+      add_state(sc.S.data(), sc.z.data(), sc.dS.data(), sc.dz.data());
+    }
+  }
+  p.fin(n, h, sc.S.data(), sc.z.data());
+}
+
+// Across chunks: one slot per boundary, first the local contributions (all (item, boundary) tasks
+// in parallel), then per item, in the sweep's order, each slot becomes the state at its boundary,
+// then the visits (all tasks in parallel). The same sums in the same order as sweep_item.
+template <typename scalar_t>
+template <typename P>
+void Leap<scalar_t>::sweep_chunks(const P& p) const {
+  const int dir = p.dir;
   const int64_t items = (int64_t)N * H;
   const int64_t sz = (int64_t)F * Dv + F;
   auto has_local = [&](const Item& it, int64_t j) { return dir < 0 || j < it.NK; };
@@ -59,25 +94,6 @@ void Leap<scalar_t>::sweep(int dir, const std::vector<std::vector<int64_t>>& gbs
     sc.dir = dir;
     return sc;
   };
-  if (!use_chunks()) {
-    parallel<Scratch>(items, make, [&](int64_t idx, Scratch& sc) {
-      const int64_t n = idx / H, h = idx % H;
-      const Item it = item(n);
-      init(n, h, sc.S.data(), sc.z.data());
-      for (int64_t x = 0; x <= it.NK; ++x) {
-        const int64_t j = dir > 0 ? x : it.NK - x;
-        visit(it, h, j, sc, sc.S.data(), sc.z.data());
-        if (has_local(it, j)) {
-          local(it, h, j, sc, sc.dS.data(), sc.dz.data());
-          add_state(sc.S.data(), sc.z.data(), sc.dS.data(), sc.dz.data());
-        }
-      }
-      fin(n, h, sc.S.data(), sc.z.data());
-    });
-    return;
-  }
-  // across chunks: one slot per boundary, first the local contributions, then (per item, in the
-  // sweep's order) each slot becomes the state at its boundary
   std::vector<int64_t> off(items + 1, 0);
   std::vector<std::pair<int64_t, int64_t>> tasks;
   for (int64_t idx = 0; idx < items; ++idx) {
@@ -91,13 +107,13 @@ void Leap<scalar_t>::sweep(int dir, const std::vector<std::vector<int64_t>>& gbs
   parallel<Scratch>(nt, make, [&](int64_t ti, Scratch& sc) {
     const int64_t idx = tasks[ti].first, j = tasks[ti].second;
     const Item it = item(idx / H);
-    if (has_local(it, j)) local(it, idx % H, j, sc, slot(idx, j), slot(idx, j) + (int64_t)F * Dv);
+    if (has_local(it, j)) p.local(it, idx % H, j, sc, slot(idx, j), slot(idx, j) + (int64_t)F * Dv);
   });
   parallel<Scratch>(items, make, [&](int64_t idx, Scratch& sc) {
     const int64_t n = idx / H, h = idx % H;
     const Item it = item(n);
     acc_t *r = sc.S.data(), *rz = sc.z.data();
-    init(n, h, r, rz);
+    p.init(n, h, r, rz);
     for (int64_t x = 0; x <= it.NK; ++x) {
       const int64_t j = dir > 0 ? x : it.NK - x;
       acc_t* X_ = slot(idx, j);
@@ -107,81 +123,99 @@ void Leap<scalar_t>::sweep(int dir, const std::vector<std::vector<int64_t>>& gbs
       std::memcpy(X_ + (int64_t)F * Dv, rz, sizeof(acc_t) * F);
       if (has_local(it, j)) add_state(r, rz, sc.dS.data(), sc.dz.data());
     }
-    fin(n, h, r, rz);
+    p.fin(n, h, r, rz);
   });
   parallel<Scratch>(nt, make, [&](int64_t ti, Scratch& sc) {
     const int64_t idx = tasks[ti].first, j = tasks[ti].second;
-    visit(item(idx / H), idx % H, j, sc, slot(idx, j), slot(idx, j) + (int64_t)F * Dv);
+    p.visit(item(idx / H), idx % H, j, sc, slot(idx, j), slot(idx, j) + (int64_t)F * Dv);
   });
+}
+
+// Passes p1, then p2 (if given): with the sequential driver both run in one task per item (one
+// parallel region; p2 of an item needs only p1 of the same item), else each across chunks.
+template <typename scalar_t>
+template <typename P1, typename P2>
+void Leap<scalar_t>::sweep(const P1& p1, const P2* p2) const {
+  if (!use_chunks()) {
+    parallel<Scratch>((int64_t)N * H, [&] { return make_scratch(); }, [&](int64_t idx, Scratch& sc) {
+      sweep_item(p1, idx, sc);
+      if (p2) sweep_item(*p2, idx, sc);
+    });
+    return;
+  }
+  sweep_chunks(p1);
+  if (p2) sweep_chunks(*p2);
 }
 
 template <typename scalar_t>
 void Leap<scalar_t>::forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const {
   const auto gbs = group_table();
-  sweep(
-      +1, gbs,
-      [&](int64_t n, int64_t h, acc_t* S_, acc_t* z_) { init_state(S_, z_, state_ptr(S0, n, h), zstate_ptr(z0, n, h)); },
-      [&](const Item& it, int64_t h, int64_t j, Scratch& sc, acc_t* dS, acc_t* dz) {
-        load_keys(it, h, j, sc, false);
-        chunk_state(sc, dS, dz);
-      },
-      [&](const Item& it, int64_t h, int64_t j, Scratch& sc, const acc_t* S_, const acc_t* z_) {
-        const std::vector<int64_t>& gb = gbs[it.n];
-        if (gb[j] >= gb[j + 1]) return;
-        if (j < it.NK) load_keys(it, h, j, sc);
-        out_group(it, h, j, gb[j], gb[j + 1], S_, z_, sc, o);
-      },
-      [&](int64_t n, int64_t h, const acc_t* S_, const acc_t* z_) {
-        if (!Sout) return;
-        std::memcpy(Sout + ((int64_t)n * H + h) * F * Dv, S_, sizeof(acc_t) * (size_t)F * Dv);
-        std::memcpy(zout + ((int64_t)n * H + h) * F, z_, sizeof(acc_t) * F);
-      });
+  auto init = [&](int64_t n, int64_t h, acc_t* S_, acc_t* z_) {
+    init_state(S_, z_, state_ptr(S0, n, h), zstate_ptr(z0, n, h));
+  };
+  auto local = [&](const Item& it, int64_t h, int64_t j, Scratch& sc, acc_t* dS, acc_t* dz) {
+    load_keys(it, h, j, sc, false);
+    chunk_state(sc, dS, dz);
+  };
+  auto visit = [&](const Item& it, int64_t h, int64_t j, Scratch& sc, const acc_t* S_, const acc_t* z_) {
+    const std::vector<int64_t>& gb = gbs[it.n];
+    if (gb[j] >= gb[j + 1]) return;
+    if (j < it.NK) load_keys(it, h, j, sc);
+    out_group(it, h, j, gb[j], gb[j + 1], S_, z_, sc, o);
+  };
+  auto fin = [&](int64_t n, int64_t h, const acc_t* S_, const acc_t* z_) {
+    if (!Sout) return;
+    std::memcpy(Sout + ((int64_t)n * H + h) * F * Dv, S_, sizeof(acc_t) * (size_t)F * Dv);
+    std::memcpy(zout + ((int64_t)n * H + h) * F, z_, sizeof(acc_t) * F);
+  };
+  const auto p = make_pass(+1, init, local, visit, fin);
+  sweep(p, (const decltype(p)*)nullptr);
 }
 
-// Two sweeps: in key order with the state held transposed (the query pass: dq, dpq, dnum / dden
+// Two passes: in key order with the state held transposed (the query pass: dq, dpq, dnum / dden
 // into the workspace, the intra-chunk part of the key gradients), then in reverse with the state
 // gradient (the key pass: dk, dv, dpk; dS0, dz0 at the end).
 template <typename scalar_t>
 void Leap<scalar_t>::backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
-    scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) {
+    scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const {
   const auto gbs = group_table();
   std::vector<acc_t> wdn((size_t)B * H * T * Dv), wdd((size_t)B * H * T);
-  doR = pack_rows(dout, B, T, H, Dv, dobuf);  // do's rows as q's (not const: the copy is the context's)
-  sweep(
-      +1, gbs,
-      [&](int64_t n, int64_t h, acc_t* ST, acc_t* z_) {
-        const acc_t* s0 = state_ptr(S0, n, h);
-        if (s0) transpose(F, Dv, s0, Dv, ST, F);
-        else std::fill(ST, ST + (size_t)F * Dv, acc_t(0));
-        const acc_t* zz = zstate_ptr(z0, n, h);
-        for (int64_t f = 0; f < F; ++f) z_[f] = zz ? zz[f] : acc_t(0);
-      },
-      [&](const Item& it, int64_t h, int64_t j, Scratch& sc, acc_t* dST, acc_t* dz) {
-        load_keys(it, h, j, sc, false);
-        chunk_state_T(sc, dST, dz);
-      },
-      [&](const Item& it, int64_t h, int64_t j, Scratch& sc, const acc_t* ST, const acc_t* z_) {
-        const std::vector<int64_t>& gb = gbs[it.n];
-        if (j < it.NK && gb[j] < gb[j + 1]) load_keys(it, h, j, sc);
-        bwd_q_group(it, h, j, gb[j], gb[j + 1], ST, z_, sc, dout, wdn.data(), wdd.data(), dq, dpq, dkh, dvh, dpkh);
-      },
-      [](int64_t, int64_t, const acc_t*, const acc_t*) {});
-  sweep(
-      -1, gbs,
-      [&](int64_t n, int64_t h, acc_t* Y, acc_t* yz) { init_state(Y, yz, state_ptr(dSin, n, h), zstate_ptr(dzin, n, h)); },
-      [&](const Item& it, int64_t h, int64_t j, Scratch& sc, acc_t* dS, acc_t* dz) {
-        const std::vector<int64_t>& gb = gbs[it.n];
-        group_dstate(it, h, gb[j], gb[j + 1], sc, wdn.data(), wdd.data(), dS, dz);
-      },
-      [&](const Item& it, int64_t h, int64_t j, Scratch& sc, const acc_t* Y, const acc_t* yz) {
-        if (j >= it.NK) return;
-        load_keys(it, h, j, sc, false);
-        transpose(F, Dv, Y, Dv, sc.ST.data(), F);
-        kv_chunk(it, h, j, Y, yz, sc.ST.data(), sc, dkh, dvh, dpkh);
-      },
-      [&](int64_t n, int64_t h, const acc_t* Y, const acc_t* yz) {
-        if (!dS0) return;
-        std::memcpy(dS0 + ((int64_t)n * H + h) * F * Dv, Y, sizeof(acc_t) * (size_t)F * Dv);
-        std::memcpy(dz0 + ((int64_t)n * H + h) * F, yz, sizeof(acc_t) * F);
-      });
+  auto q_init = [&](int64_t n, int64_t h, acc_t* ST, acc_t* z_) {
+    const acc_t* s0 = state_ptr(S0, n, h);
+    if (s0) transpose(F, Dv, s0, Dv, ST, F);
+    else std::fill(ST, ST + (size_t)F * Dv, acc_t(0));
+    const acc_t* zz = zstate_ptr(z0, n, h);
+    for (int64_t f = 0; f < F; ++f) z_[f] = zz ? zz[f] : acc_t(0);
+  };
+  auto q_local = [&](const Item& it, int64_t h, int64_t j, Scratch& sc, acc_t* dST, acc_t* dz) {
+    load_keys(it, h, j, sc, false);
+    chunk_state_T(sc, dST, dz);
+  };
+  auto q_visit = [&](const Item& it, int64_t h, int64_t j, Scratch& sc, const acc_t* ST, const acc_t* z_) {
+    const std::vector<int64_t>& gb = gbs[it.n];
+    if (j < it.NK && gb[j] < gb[j + 1]) load_keys(it, h, j, sc);
+    bwd_q_group(it, h, j, gb[j], gb[j + 1], ST, z_, sc, dout, wdn.data(), wdd.data(), dq, dpq, dkh, dvh, dpkh);
+  };
+  auto q_fin = [](int64_t, int64_t, const acc_t*, const acc_t*) {};
+  auto k_init = [&](int64_t n, int64_t h, acc_t* Y, acc_t* yz) {
+    init_state(Y, yz, state_ptr(dSin, n, h), zstate_ptr(dzin, n, h));
+  };
+  auto k_local = [&](const Item& it, int64_t h, int64_t j, Scratch& sc, acc_t* dS, acc_t* dz) {
+    const std::vector<int64_t>& gb = gbs[it.n];
+    group_dstate(it, h, gb[j], gb[j + 1], sc, wdn.data(), wdd.data(), dS, dz);
+  };
+  auto k_visit = [&](const Item& it, int64_t h, int64_t j, Scratch& sc, const acc_t* Y, const acc_t* yz) {
+    if (j >= it.NK) return;
+    load_keys(it, h, j, sc, false);
+    transpose(F, Dv, Y, Dv, sc.ST.data(), F);
+    kv_chunk(it, h, j, Y, yz, sc.ST.data(), sc, dkh, dvh, dpkh);
+  };
+  auto k_fin = [&](int64_t n, int64_t h, const acc_t* Y, const acc_t* yz) {
+    if (!dS0) return;
+    std::memcpy(dS0 + ((int64_t)n * H + h) * F * Dv, Y, sizeof(acc_t) * (size_t)F * Dv);
+    std::memcpy(dz0 + ((int64_t)n * H + h) * F, yz, sizeof(acc_t) * F);
+  };
+  const auto pq_ = make_pass(+1, q_init, q_local, q_visit, q_fin);
+  const auto pk_ = make_pass(-1, k_init, k_local, k_visit, k_fin);
+  sweep(pq_, &pk_);
 }
