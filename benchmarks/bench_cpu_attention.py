@@ -5,6 +5,10 @@ Issue 5 targets (fp32, B=1, H=8, D=64, forward+backward, all measured in this ru
     faster than the ``torch`` backend;
   * T=8192 costs at most 2.2x T=4096 (linear in T);
   * decode step (B=8, H=8, D=64) within 4x of a ``copy_`` of the same state.
+Issue 32 targets (same run): forward+backward at T=4096 at least 55% of the ``torch.mm`` rate
+(2048 x 2048 fp32, timed in the same rounds), counting the chunked form's FLOPs (forward
+``2*T*H*(C*2Dk + C*Dv + 2*2Dk*Dv)`` with C=64, backward twice that); the public decode step
+within 2x of the ``copy_``.
 
 Every figure is the median of several repeats after a warm-up; ratios are against anchors
 timed in the same run (the machine may be shared: medians, not minima).
@@ -20,6 +24,35 @@ import torch.nn.functional as F
 import leapformer_kernels as lk
 
 from .timing import interleaved_ms
+
+
+CHUNK = 64  # the kernels' chunk length (FLOP count of the chunked form)
+
+
+def chunked_flops(B, T, H, Dk, Dv, C=CHUNK):
+    """FLOPs of the chunked form's forward: 2*T*H*(C*2Dk + C*Dv + 2*2Dk*Dv) per sequence."""
+    return 2.0 * B * T * H * (C * 2 * Dk + C * Dv + 2 * 2 * Dk * Dv)
+
+
+def cpu_model():
+    """The CPU's model name (lscpu's "Model name"), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average():
+    try:
+        import os
+
+        return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    except OSError:  # pragma: no cover
+        return "load average unknown"
 
 
 def inputs(B, T, H, D, requires_grad=True):
@@ -123,6 +156,12 @@ def main():
     args = ap.parse_args()
     lk.build()
     H, D = args.H, args.D
+    load_before = load_average()
+    mm_a, mm_b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    mm_c = torch.empty(2048, 2048)
+
+    def mm():
+        torch.mm(mm_a, mm_b, out=mm_c)
     rows = []
     for T in args.T:
         q, k, v, pq, pk = inputs(1, T, H, D)
@@ -132,8 +171,16 @@ def main():
                "sdpa_f": sdpa_fwd(q, k, v), "cpu_f": leap_fwd("cpu", q, k, v, pq, pk)}
         if not args.no_torch_backend:
             fns["torch_fb"] = leap_fwd_bwd("torch", q, k, v, pq, pk, do)
+        fns["mm"] = mm
         med, raw = interleaved_ms(fns, args.reps)
         r.update(med)
+        # rates in GFLOP/s: medians, and the best of rounds of each
+        fl = chunked_flops(1, T, H, D, D)
+        mm_fl = 2.0 * 2048 ** 3
+        for tag, pick in (("", med), ("_min", {n: min(v) for n, v in raw.items()})):
+            r["mm_rate" + tag] = mm_fl / pick["mm"] / 1e6
+            r["fb_rate" + tag] = 3 * fl / pick["cpu_fb"] / 1e6
+            r["f_rate" + tag] = fl / pick["cpu_f"] / 1e6
         r.setdefault("torch_fb", None)
         r["cpu_fb_min"] = min(raw["cpu_fb"])
         r["sdpa_fb_min"] = min(raw["sdpa_fb"])
@@ -167,10 +214,10 @@ def main():
     print(dec, flush=True)
 
     threads = torch.get_num_threads()
-    lines = [f"Device: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__} "
-             f"(CPU only). fp32, B=1, H={H}, D={D}, causal; median ms over {args.reps} rounds after warm-up, "
-             "the contenders timed round-robin within each round (the machine is shared: medians, and ratios "
-             "from the same rounds).", "",
+    lines = [f"Device: {cpu_model()} ({platform.machine()}), {threads} threads, torch {torch.__version__} "
+             f"(CPU only); {load_before} before the run, {load_average()} after. fp32, B=1, H={H}, D={D}, "
+             f"causal; median ms over {args.reps} rounds after warm-up, the contenders timed round-robin within "
+             "each round (the machine is shared: medians, and ratios from the same rounds).", "",
              "| T | SDPA fwd+bwd | torch backend fwd+bwd | cpu fwd+bwd | SDPA / cpu | torch / cpu | "
              "cpu fwd | SDPA fwd / cpu fwd | cpu fwd+bwd peak extra memory MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -198,6 +245,15 @@ def main():
     if 4096 in by_t and 8192 in by_t:
         lines += ["", f"Linearity: cpu fwd+bwd T=8192 / T=4096 = {by_t[8192]['cpu_fb'] / by_t[4096]['cpu_fb']:.2f}x "
                   f"(SDPA: {by_t[8192]['sdpa_fb'] / by_t[4096]['sdpa_fb']:.2f}x)."]
+    lines += ["", "Against `torch.mm` (2048 x 2048 fp32, the same threads, timed in the same rounds), counting the "
+              f"chunked form's FLOPs (C={CHUNK}; forward+backward = 3x the forward): "
+              + "; ".join(
+                  f"T={r['T']}: mm {r['mm_rate']:.1f} GFLOP/s, cpu fwd+bwd {r['fb_rate']:.1f} "
+                  f"({100 * r['fb_rate'] / r['mm_rate']:.0f}% of mm), fwd {r['f_rate']:.1f} "
+                  f"({100 * r['f_rate'] / r['mm_rate']:.0f}%); best of rounds: mm {r['mm_rate_min']:.1f}, "
+                  f"fwd+bwd {r['fb_rate_min']:.1f} ({100 * r['fb_rate_min'] / r['mm_rate_min']:.0f}%), "
+                  f"fwd {r['f_rate_min']:.1f} ({100 * r['f_rate_min'] / r['mm_rate_min']:.0f}%)"
+                  for r in rows) + "."]
     lines += ["", f"Decode step (B={B}, H={H}, D={D}, one token, fp32): copy_ of the state {dec['copy'] * 1e3:.1f} us; "
               f"C++ step kernel {dec['kernel'] * 1e3:.1f} us ({dec['kernel'] / dec['copy']:.2f}x the copy); "
               f"public op lk.leap_attention_step(backend='cpu') {dec['op'] * 1e3:.1f} us "
