@@ -25,17 +25,19 @@ from unittest import mock
 warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 MODULES = ("leapformer_kernels.attention.triton_chunk", "leapformer_kernels.pooling.triton_pool")
-STAGES = {0: "fwd", 1: "bwd.den_delta", 2: "bwd.dq"}
+STAGES = {0: "fwd", 2: "bwd.dq"}
 
 
 def label(name: str, kwargs: Dict) -> str:
-    """Readable kernel name: fwd, fwd.segment_sums, segment_scan, bwd.den_delta, bwd.dq,
-    bwd.segment_sums, bwd.dkv, step, step_inplace, monotone.fwd / .bwd.den_delta / .bwd.dq / .bwd.dkv,
+    """Readable kernel name: fwd, fwd.segment_sums, segment_scan, bwd.dden, bwd.dq,
+    bwd.segment_sums, bwd.dkv, step, step_inplace, monotone.fwd / .bwd.dq / .bwd.dkv,
     pool.<name>."""
     if name == "leap_fwd_kernel_sweep":
         return STAGES.get(kwargs.get("STAGE"), f"sweep{kwargs.get('STAGE')}")
     if name == "leap_bwd_kernel_dkv":
         return "bwd.dkv"
+    if name == "leap_bwd_kernel_dden":
+        return "bwd.dden"
     if name == "leap_step_kernel":
         return "step_inplace" if kwargs.get("HAS_IDX") else "step"
     if name == "leap_segment_sums_kernel":
@@ -45,7 +47,7 @@ def label(name: str, kwargs: Dict) -> str:
     if name == "leap_segment_scan_kernel":
         return "segment_scan"
     if name == "leap_monotone_kernel_q":  # monotone cross-attention (num_visible_keys)
-        return {0: "monotone.fwd", 1: "monotone.bwd.den_delta", 2: "monotone.bwd.dq"}.get(
+        return {0: "monotone.fwd", 2: "monotone.bwd.dq"}.get(
             kwargs.get("STAGE"), f"monotone.q{kwargs.get('STAGE')}")
     if name == "leap_monotone_kernel_dkv":
         return "monotone.bwd.dkv"

@@ -74,7 +74,7 @@ def test_huge_block_size_varlen(backend, bs):
 def test_kernel_block_size_int64(backend, bs):
     """The kernel interface itself (below the op's clamp) takes any int64 block size."""
     q, k, v, pq, pk = make_inputs(1, 6, None, 2, None, 4, 4)
-    o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, None, None, None, None, None, True, bs, 1e-6, True, True)
+    o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, None, None, None, None, None, True, bs, 1e-6, True, True)[:3]  # triton adds den (SAVES_DEN)
     ro, (rS, rz) = reference(q, k, v, pq, pk, causal=True, block_size=bs, output_final_state=True)
     assert_close(o, ro, torch.float32)
     assert_close(S, rS, torch.float32, "S")
@@ -100,10 +100,11 @@ def test_backward_outputs_are_fresh(backend, causal, normalize):
     """No gradient the backward op returns shares memory with one of its inputs."""
     q, k, v, pq, pk, S0, z0, *_ = [a.detach() if isinstance(a, torch.Tensor) else a
                                    for a in _noncausal_args(backend, normalize, causal)]
-    o, S, z = aop.leap_attention_fwd(q, k, v, pq, pk, S0, z0, None, None, None, causal, 0, 1e-6, normalize, True, backend)
+    o, S, z, den = aop.leap_attention_fwd(q, k, v, pq, pk, S0, z0, None, None, None, causal, 0, 1e-6, normalize, True,
+                                          backend)
     do, dS, dz = torch.randn_like(o), torch.randn_like(S), torch.randn_like(z)
     ins = (do, dS, dz, q, k, v, pq, pk, S0, z0)
-    outs = aop.leap_attention_bwd(*ins, None, None, None, causal, 0, 1e-6, normalize, backend)
+    outs = aop.leap_attention_bwd(*ins, None, None, None, o, den, causal, 0, 1e-6, normalize, backend)
     ptrs = {t.untyped_storage().data_ptr() for t in ins}
     for name, t in zip("dq dk dv dpq dpk dS0 dz0".split(), outs):
         assert t.untyped_storage().data_ptr() not in ptrs, f"{name} aliases an input"
@@ -149,7 +150,7 @@ def test_bad_cu_seqlens_in_kernels(backend, case):
             kern.bwd(do, None, None, q, k, v, pq, pk, S0, z0, None, cu, None, True, 0, 1e-6, True)
         return
     c = _triton_clamped(bad, T)
-    o, S, z = kern.fwd(q, k, v, pq, pk, S0, z0, None, cu, None, True, 0, 1e-6, True, True)
+    o, S, z = kern.fwd(q, k, v, pq, pk, S0, z0, None, cu, None, True, 0, 1e-6, True, True)[:3]
     assert o.shape == (1, T, 2, 4) and S.shape == (n, 2, 8, 4)
     covered = torch.zeros(T, dtype=torch.bool)
     for i, (a, b) in enumerate(zip(c[:-1], c[1:])):

@@ -76,14 +76,17 @@ def test_record_launches_on_meta_tensors():
     q = torch.empty(B, T, H, D, dtype=torch.bfloat16, device="meta")
     p = torch.empty(B, T, H, device="meta")
     with aot.record() as launches:
-        tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
-        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True)
-    # Dk = 128: dq and dk over key blocks (every value column), dv over value tiles (every key column)
-    assert [L.label for L in launches] == ["fwd", "bwd.den_delta", "bwd.dq", "bwd.dkv", "bwd.dkv"]
+        o, _, _, den = tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
+        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, o=o, den=den)
+    # the backward reads the forward's o and den (dden = -(do . o) / den per row): no recomputation
+    # pass. Dk = 128: dq and dk over key blocks (every value column), dv over value tiles (every key column)
+    assert [L.label for L in launches] == ["fwd", "bwd.dden", "bwd.dq", "bwd.dkv", "bwd.dkv"]
     assert [(L.kwargs.get("DO_DK"), L.kwargs.get("DO_DV")) for L in launches[3:]] == [(True, False), (False, True)]
+    assert launches[1].grid == (-(-B * T * H // launches[1].kwargs["BR"]),)
+    launches = launches[:1] + launches[2:]
     nv = launches[0].kwargs["V"] // launches[0].kwargs["BV"]
     nk = tc._bwd_tiles(D, D)[1]
     # 256 programs fill a meta device's 4 "SMs": one program per sequence, no segments
-    assert [L.grid[:2] for L in launches] == [(B * H, nv), (B * H, nv), (B * H, nk), (B * H, nk), (B * H, nv)]
+    assert [L.grid[:2] for L in launches] == [(B * H, nv), (B * H, nk), (B * H, nk), (B * H, nv)]
     assert all(L.grid[2:] in ((), (1,)) for L in launches)
     assert launches[0].kwargs["K"] == D and launches[0].args[0].dtype == torch.bfloat16

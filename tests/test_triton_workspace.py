@@ -1,7 +1,7 @@
 """Scratch memory of the triton backend's forward and backward (issue #19), without a GPU.
 
 ``triton_chunk.workspace_bytes`` computes what one ``fwd`` / ``bwd`` call allocates beyond its
-inputs and outputs (segment states, ``den``/``delta``, one fp32 per row and key block for
+inputs and outputs (segment states, ``dden``, one fp32 per row and key block for
 ``dpq``/``dpk`` at Dk = 128). It must stay under 256 MiB at the anchor shape (bf16, B=4, H=16,
 T=32768, Dk = Dv in {64, 128}, MHA and GQA with Hkv=4, 132 SMs), and an interpreted run must
 allocate exactly that: every tensor created between the inputs and the outputs is recorded with a
@@ -86,8 +86,11 @@ def test_interpreted_run_allocates_what_workspace_bytes_says(case, monkeypatch):
         outs = tc.fwd(q, k, v, pq, pk, S0, z0, None, cu, None, causal, bs, 1e-6, normalize, ex.get("ofs", False))
     assert rec.scratch(outs) == tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, sms, backward=False,
                                                    output_final_state=ex.get("ofs", False), **kw)
-    with _Allocations(ins) as rec:
-        grads = tc.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, None, cu, None, causal, bs, 1e-6, normalize)
+    o, den = outs[0], outs[3]  # the forward's residuals, which the op saves for the backward
+    assert (den is not None) == normalize
+    with _Allocations(ins + [o, den]) as rec:
+        grads = tc.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, None, cu, None, causal, bs, 1e-6, normalize,
+                       o=o, den=den)
     expected = tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, sms, final_state_grad=dS is not None, **kw)
     assert rec.scratch(grads) == expected
     assert expected > 0

@@ -2,7 +2,7 @@
 
 One op per function, one implementation per backend (the ``backend`` string argument):
 
-    leapformer::leap_attention_fwd   -> (o, S, z)          (S, z empty unless requested)
+    leapformer::leap_attention_fwd   -> (o, S, z, den)     (S, z empty unless requested; den below)
     leapformer::leap_attention_bwd   -> (dq, dk, dv, dpq, dpk, dS0, dz0)   (dS0, dz0 empty without S0)
     leapformer::leap_attention_step  -> (o, S, z)
 
@@ -15,6 +15,13 @@ contiguous inputs:
     bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
         causal, block_size, eps, normalize) -> (dq, dk, dv, dpq, dpk, dS0, dz0)
     step(q, k, v, pq, pk, S0, z0, eps, normalize) -> (o, S, z)
+
+A kernel module that sets ``SAVES_DEN = True`` (the triton backend) keeps forward residuals for
+its backward, as flash-attention keeps ``lse``: its ``fwd`` returns ``(o, S, z, den)`` with ``den``
+the normaliser ``q~ . z`` per query row and head (state dtype ``[B, T, H]``; None when not
+normalised), and its ``bwd`` takes ``o=`` and ``den=`` (the
+forward's outputs, or None: it then recomputes them). The op saves ``o`` and ``den`` for such a
+backend only; for the others ``den`` is an empty placeholder and nothing more is saved.
 
 with q, k, v in one dtype; pq, pk, S0, z0, dS, dz in the state dtype (float32, or float64 for
 float64 inputs); S0, z0, dS, dz may be None; block_size 0 = not block-causal; cu_seqlens int64
@@ -62,6 +69,11 @@ def _device_guard(t: Tensor):
 _I64_MAX = 2 ** 63 - 1
 
 
+def _saves_den(backend: str, normalize: bool, num_visible_keys: Optional[Tensor]) -> bool:
+    """Whether ``backend``'s forward returns ``den`` (and its backward reads it with ``o``)."""
+    return normalize and getattr(_kernels(backend), "SAVES_DEN", False)
+
+
 def _opt(t: Optional[Tensor], like: Tensor, dtype) -> Tensor:
     return like.new_empty(_EMPTY, dtype=dtype) if t is None else t
 
@@ -87,12 +99,15 @@ def _fresh(outs, ins):
 def leap_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, S0: Optional[Tensor],
                        z0: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
                        num_visible_keys: Optional[Tensor], causal: bool, block_size: int, eps: float,
-                       normalize: bool, output_final_state: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                       normalize: bool, output_final_state: bool,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    kern = _kernels(backend)
     with _device_guard(q):
-        o, S, z = _kernels(backend).fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
-                                        causal, block_size, eps, normalize, output_final_state)
+        out = kern.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
+                       causal, block_size, eps, normalize, output_final_state)
+    o, S, z, den = out if getattr(kern, "SAVES_DEN", False) else (*out, None)
     acc = state_dtype(q.dtype)
-    return _fresh((o, _opt(S, q, acc), _opt(z, q, acc)), (q, k, v, pq, pk, S0, z0))
+    return _fresh((o, _opt(S, q, acc), _opt(z, q, acc), _opt(den, q, acc)), (q, k, v, pq, pk, S0, z0))
 
 
 @leap_attention_fwd.register_fake
@@ -102,45 +117,60 @@ def _(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, c
     Dv = v.shape[-1]
     acc = state_dtype(q.dtype)
     o = q.new_empty(B, T, H, Dv)
+    den = q.new_empty((B, T, H) if _saves_den(backend, normalize, num_visible_keys) else (_EMPTY,), dtype=acc)
     if not output_final_state:
-        return o, q.new_empty(_EMPTY, dtype=acc), q.new_empty(_EMPTY, dtype=acc)
+        return o, q.new_empty(_EMPTY, dtype=acc), q.new_empty(_EMPTY, dtype=acc), den
     n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return o, q.new_empty(n, H, 2 * Dk, Dv, dtype=acc), q.new_empty(n, H, 2 * Dk, dtype=acc)
+    return o, q.new_empty(n, H, 2 * Dk, Dv, dtype=acc), q.new_empty(n, H, 2 * Dk, dtype=acc), den
 
 
 @torch.library.custom_op("leapformer::leap_attention_bwd", mutates_args=())
 def leap_attention_bwd(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                        pq: Tensor, pk: Tensor, S0: Optional[Tensor], z0: Optional[Tensor],
                        key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                       num_visible_keys: Optional[Tensor], causal: bool, block_size: int, eps: float,
-                       normalize: bool,
+                       num_visible_keys: Optional[Tensor], o: Optional[Tensor], den: Optional[Tensor],
+                       causal: bool, block_size: int, eps: float, normalize: bool,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``o``, ``den``: the forward's output and normaliser where the backend saves them
+    (``SAVES_DEN``), else None (or empty)."""
+    kern = _kernels(backend)
+    args = (do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
+            eps, normalize)
+    saved = {}
+    if getattr(kern, "SAVES_DEN", False):
+        present = o is not None and den is not None and den.numel() > 0
+        saved = dict(o=o if present else None, den=den if present else None)
     with _device_guard(q):
-        dq, dk, dv, dpq, dpk, dS0, dz0 = _kernels(backend).bwd(do, dS, dz, q, k, v, pq, pk, S0, z0,
-                                                               key_padding_mask, cu_seqlens, num_visible_keys,
-                                                               causal, block_size, eps, normalize)
+        dq, dk, dv, dpq, dpk, dS0, dz0 = kern.bwd(*args, **saved)
     out = (dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype))
-    return _fresh(out, (do, dS, dz, q, k, v, pq, pk, S0, z0))
+    return _fresh(out, (do, dS, dz, q, k, v, pq, pk, S0, z0, o, den))
 
 
 @leap_attention_bwd.register_fake
-def _(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
-      eps, normalize, backend):
+def _(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, o, den, causal,
+      block_size, eps, normalize, backend):
     dS0 = pq.new_empty(_EMPTY) if S0 is None else torch.empty_like(S0)
     dz0 = pq.new_empty(_EMPTY) if z0 is None else torch.empty_like(z0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(pq),
             torch.empty_like(pk), dS0, dz0)
 
 
+def _residuals(output):
+    """(o, den) to save for the backward: both where the backend returned ``den``, else (None, None)
+    (its backward recomputes; o is not kept alive)."""
+    o, den = output[0], output[3]
+    return (o, den) if den.numel() else (None, None)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps, normalize, ofs, backend = inputs
-    ctx.save_for_backward(q, k, v, pq, pk, S0, z0, kpm, cu, nvk)
+    ctx.save_for_backward(q, k, v, pq, pk, S0, z0, kpm, cu, nvk, *_residuals(output))
     ctx.flags = (causal, block_size, eps, normalize, backend)
     ctx.output_final_state = ofs
 
 
-def _backward(ctx, do, dS, dz):
-    q, k, v, pq, pk, S0, z0, kpm, cu, nvk = ctx.saved_tensors
+def _backward(ctx, do, dS, dz, dden):
+    q, k, v, pq, pk, S0, z0, kpm, cu, nvk, o, den = ctx.saved_tensors
     if not ctx.output_final_state:
         dS = dz = None
     else:  # e.g. S.sum() gives a stride-0 expanded gradient
@@ -148,7 +178,7 @@ def _backward(ctx, do, dS, dz):
         dz = None if dz is None else dz.contiguous()
     causal, block_size, eps, normalize, backend = ctx.flags
     dq, dk, dv, dpq, dpk, dS0, dz0 = leap_attention_bwd(do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm,
-                                                        cu, nvk, causal, block_size, eps, normalize, backend)
+                                                        cu, nvk, o, den, causal, block_size, eps, normalize, backend)
     if S0 is None:
         dS0 = dz0 = None
     return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None, None
@@ -211,7 +241,7 @@ def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_pad
     bs = min(int(block_size), _I64_MAX) if block_size else 0
     nvk = _visible_keys(num_visible_keys, q.shape[0], q.shape[1], k.shape[1])
     fwd = _AttentionFunction.apply if functorch_active() else leap_attention_fwd
-    o, S, z = fwd(*c, S0, z0, kpm, cu, nvk, causal, bs, float(eps), normalize, output_final_state, backend)
+    o, S, z, _ = fwd(*c, S0, z0, kpm, cu, nvk, causal, bs, float(eps), normalize, output_final_state, backend)
     return (o, (S, z)) if output_final_state else o
 
 
@@ -241,12 +271,12 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:10])
+        ctx.save_for_backward(*inputs[:10], *_residuals(output))
         ctx.flags = inputs[10:]
 
     @staticmethod
-    def backward(ctx, do, dS, dz):
-        q, k, v, pq, pk, S0, z0, kpm, cu, nvk = ctx.saved_tensors
+    def backward(ctx, do, dS, dz, dden):
+        q, k, v, pq, pk, S0, z0, kpm, cu, nvk, o, den = ctx.saved_tensors
         causal, block_size, eps, normalize, ofs, backend = ctx.flags
         if ofs:  # e.g. S.sum() gives a stride-0 expanded gradient
             dS = None if dS is None else dS.contiguous()
@@ -254,8 +284,8 @@ class _AttentionFunction(torch.autograd.Function):
         else:
             dS = dz = None
         dq, dk, dv, dpq, dpk, dS0, dz0 = _AttentionBackward.apply(
-            do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, nvk, causal, block_size, eps, normalize,
-            backend)
+            do.contiguous(), dS, dz, q, k, v, pq, pk, S0, z0, kpm, cu, nvk, o, den, causal, block_size, eps,
+            normalize, backend)
         if S0 is None:
             dS0 = dz0 = None
         return dq, dk, dv, dpq, dpk, dS0, dz0, None, None, None, None, None, None, None, None, None

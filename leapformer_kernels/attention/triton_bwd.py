@@ -1,7 +1,8 @@
 """Triton reverse sweep of chunkwise LeaP attention: gradients to k, v and pk.
 
 With ``g = dL/dnum = do / max(den, eps)`` and ``r = dL/dden = -(do . num) / max(den, eps)^2``
-(zero where the clamp is active; ``g = do``, ``r = 0`` without normalisation), the op is
+(zero where the clamp is active; ``g = do``, ``r = 0`` without normalisation; ``r`` is read from
+``dden``, which ``leap_bwd_kernel_dden`` forms first from the forward's ``o`` and ``den``), the op is
 linear attention on ``[v, 1]`` with output gradient ``[g, r]``. One program per (sequence x
 key/value head, key or value block, segment) walks its rows from the end, carrying in registers
 
@@ -34,7 +35,7 @@ from the reverse scan (``triton_chunk.query_grad_states``). Deterministic: no at
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, autotune_configs
+from .triton_fwd import HALF_PI, _clamp_den, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, autotune_configs
 
 
 @triton.jit
@@ -45,13 +46,13 @@ def _q_feats(q, pq, o_t, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr, DOT_MO
 
 
 @triton.jit
-def _fold_query_grads(q, pq, do, den, delta, o_t, m_t, o_k, m_k, o_v, m_v,
-                      b_dhs, b_dhc, b_dzs, b_dzc, NTH, NV, eps,
+def _fold_query_grads(q, pq, do, den, dden, o_t, m_t, o_k, m_k, o_v, m_v,
+                      b_dhs, b_dhc, b_dzs, b_dzc, eps,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, DO_DK: tl.constexpr,
                       NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """dH += q~^T g (and dZ += q~^T r for dk) over one query tile of one head."""
     b_qs, b_qc = _q_feats(q, pq, o_t, m_t, o_k, m_k, H, K, DOT_MODE, DT)
-    b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, 0, eps, NORMALIZE)
+    b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, 0, eps, NORMALIZE)
     b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
     b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
     if DO_DK:
@@ -61,8 +62,8 @@ def _fold_query_grads(q, pq, do, den, delta, o_t, m_t, o_k, m_k, o_v, m_v,
 
 
 @triton.jit
-def _key_tile(q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
-              b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+def _key_tile(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m_k, o_v, m_v,
+              b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
               H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
               HAS_A: tl.constexpr, HAS_KPM: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
               NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
@@ -85,8 +86,7 @@ def _key_tile(q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, 
     if HAS_A:
         for j in range(0, G):  # the group's query heads, in order; rows t = o_s of head j
             b_qs, b_qc = _q_feats(q + j * K, pq + j, o_s, m_s, o_k, m_k, H, K, DOT_MODE, DT)
-            b_g, b_r = _grad_rows(do + j * V, den + j, delta + j, o_s, m_s, o_v, m_v, H * V, H, NTH, NV, 0, eps,
-                                  NORMALIZE)
+            b_g, b_r = _grad_rows(do + j * V, den + j, dden + j, o_s, m_s, o_v, m_v, H * V, H, 0, eps, NORMALIZE)
             if DO_DV:
                 b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
                 b_dv += _dot(tl.trans(tl.where(b_M, b_A, 0.)), b_g, DOT_MODE, DT)
@@ -115,12 +115,12 @@ def _key_tile(q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
                       'USE_DS', 'DO_DK', 'DO_DV', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
-@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'NSK', 'NV', 'eps'])
+@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NSK', 'eps'])
 def leap_bwd_kernel_dkv(
     q, k, v, pq, pk, kpm, cu_seqlens, dS, dz,
-    do, den, delta,
+    do, den, dden,
     dk, dv, dpk,
-    T, S, W, CL, L, NTH, NSK, NV, eps,
+    T, S, W, CL, L, NSK, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -144,7 +144,7 @@ def leap_bwd_kernel_dkv(
     pq += bos * H + h0
     do += (bos * H + h0) * V
     den += bos * H + h0
-    delta += bos * H + h0
+    dden += bos * H + h0
     k += (kbos * HKV + i_hk) * K
     pk += kbos * HKV + i_hk
     v += (kbos * HKV + i_hk) * V
@@ -189,8 +189,8 @@ def leap_bwd_kernel_dkv(
             o_t = c0 + o_i
             m_t = (o_i < CL) & (o_t < r1)
             b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
-                q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_t, m_t, o_k, m_k, o_v, m_v,
-                b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+                q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_t, m_t, o_k, m_k, o_v, m_v,
+                b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
                 H, G, HKV, K, V, True, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
     elif SEGMENTED == 2:  # one block holds every query: dS is the whole state gradient; keys [r0, r1)
         b_M = o_i[:, None] >= 0  # unused
@@ -198,8 +198,8 @@ def leap_bwd_kernel_dkv(
         for s0 in range(r0, r1, BT):
             o_s = s0 + o_i
             b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
-                q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < r1, o_k, m_k, o_v, m_v,
-                b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+                q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < r1, o_k, m_k, o_v, m_v,
+                b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
                 H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
     else:
         b_M = o_i[:, None] >= 0  # unused
@@ -212,13 +212,31 @@ def leap_bwd_kernel_dkv(
                 for t0 in range(b0, qe, BT):
                     o_t = t0 + o_i
                     b_dhs, b_dhc, b_dzs, b_dzc = _fold_query_grads(
-                        q + j * K, pq + j, do + j * V, den + j, delta + j, o_t, o_t < qe, o_k, m_k, o_v, m_v,
-                         b_dhs, b_dhc, b_dzs, b_dzc, NTH, NV, eps, H, K, V, DO_DK, NORMALIZE,
+                        q + j * K, pq + j, do + j * V, den + j, dden + j, o_t, o_t < qe, o_k, m_k, o_v, m_v,
+                         b_dhs, b_dhc, b_dzs, b_dzc, eps, H, K, V, DO_DK, NORMALIZE,
                         DOT_MODE, DT)
             ke = tl.minimum(b0 + W, Lk)
             for s0 in range(b0, ke, BT):
                 o_s = s0 + o_i
                 b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
-                    q, pq, do, den, delta, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < ke, o_k, m_k, o_v, m_v,
-                    b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NTH, NSK, NV, eps,
+                    q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < ke, o_k, m_k, o_v, m_v,
+                    b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
                     H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
+
+
+@triton.jit(do_not_specialize=['R', 'eps'])
+def leap_bwd_kernel_dden(o, do, den, dden, R, eps, V: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    """``dden = dL/dden = -(do . num) / den^2 = -(do . o) / den`` per query row and head, from the
+    forward's ``o`` and ``den`` (``o = num / den`` where ``den >= eps``; 0 where the clamp is active,
+    also for a NaN ``den``), as flash-attention's backward first forms ``rowsum(do * o)``: the
+    backward's only pass over ``o``. ``o``, ``do``: ``[R, V]`` rows (R = B*T*H); ``den``, ``dden``:
+    ``[R]`` fp32. One program per ``BR`` rows, ``BV >= V``."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_v = tl.arange(0, BV)
+    m = m_r[:, None] & (o_v < V)[None, :]
+    b_o = tl.load(o + o_r[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
+    b_do = tl.load(do + o_r[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
+    b_den = tl.load(den + o_r, mask=m_r, other=1.)
+    b_r = tl.where(b_den >= eps, -tl.sum(b_do * b_o, 1) / _clamp_den(b_den, eps), 0.)
+    tl.store(dden + o_r, b_r, mask=m_r)

@@ -3,15 +3,16 @@
 The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kernels:
 
 - ``triton_fwd.leap_fwd_kernel_sweep``: forward-order chunkwise sweep carrying the fp32
-  state in registers; ``STAGE`` 0 = forward (o and the final state), 1 = the backward's
-  recomputation of ``den`` and ``delta = do . num``, 2 = ``dq`` and ``dpq``.
+  state in registers; ``STAGE`` 0 = forward (o, ``den`` and the final state), 2 = ``dq`` and
+  ``dpq``; no pass recomputes ``den``.
+- ``triton_bwd.leap_bwd_kernel_dden``: ``dL/dden`` per row from the forward's o and den.
 - ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, one program per
   key/value head (the group's state gradient summed, its query heads looped over): dk and dv
   together (Dk, Dv <= 64), or a dk launch over key blocks and a dv launch over value tiles.
 - ``triton_step.leap_step_kernel``: the decode step (one launch per step).
 - ``triton_monotone.leap_monotone_kernel_q`` / ``leap_monotone_kernel_dkv``: monotone
-  cross-attention (``num_visible_keys``): a forward-order sweep over query chunks (o; ``den`` /
-  ``delta``; ``dq`` / ``dpq``) and a reverse sweep over key chunks (``dk``, ``dv``, ``dpk``,
+  cross-attention (``num_visible_keys``): a forward-order sweep over query chunks (o and ``den``;
+  ``dq`` / ``dpq``) and a reverse sweep over key chunks (``dk``, ``dv``, ``dpk``,
   ``dS0``, ``dz0``), one program per (batch x query head, value tile), not segmented
   (``_monotone_fwd`` / ``_monotone_bwd``).
 
@@ -39,9 +40,10 @@ run and checks the two agree). At B=4, H=16, T=32768, 132 SMs: 34 MiB (D=64) and
 
 Grid: (sequences x query heads, value tiles, segments) (``sweep_grid``, ``step_grid``): B*H on
 axis 0, whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
-must launch). The backward recomputes the chunk states on
-the fly (nothing per chunk is stored); the extra memory is ``den`` and ``delta`` (fp32, per
-query row and head, delta per value tile) and, at Dk = 128, one fp32 per row and key block for
+must launch). The forward returns ``den`` (fp32 per query row and head; ``SAVES_DEN``), which the
+op saves with ``o`` (as flash-attention saves ``lse``); the backward reads both and recomputes the
+chunk states on the fly (nothing per chunk is stored); its extra memory is ``dden = dL/dden``
+(fp32, per query row and head) and, at Dk = 128, one fp32 per row and key block for
 ``dpq`` / ``dpk`` (summed here in a fixed order). dq, dk, dv are written complete, in the input
 dtype: the dq and dk sweeps hold every value column and split the key columns (``_bwd_tiles``),
 the dv sweep splits the value columns; GQA sums over the group inside the key-side kernels.
@@ -72,11 +74,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_bwd import leap_bwd_kernel_dkv
+from .triton_bwd import leap_bwd_kernel_dden, leap_bwd_kernel_dkv
 from .triton_segments import leap_segment_grad_sums_kernel, leap_segment_scan_kernel, leap_segment_sums_kernel
 from .triton_fwd import interpreting, leap_fwd_kernel_sweep
 from .triton_monotone import leap_monotone_kernel_dkv, leap_monotone_kernel_q, monotone_tables
 from .triton_step import leap_step_kernel
+
+SAVES_DEN = True  # fwd returns (o, S, z, den); bwd takes o=, den= (see attention/op.py)
 
 _DT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -191,7 +195,7 @@ def _scan(seg, zseg, S_init, z_init, N, H, K, V, nseg, whole, reverse, S_whole, 
     return S_start, z_start
 
 
-def query_grad_states(q, pq, do, den, delta, cu, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
+def query_grad_states(q, pq, do, den, dden, cu, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, L, whole, eps,
                       normalize, dot_mode, dt, seg, zseg, S_whole=None, z_whole=None, dS0=None, dz0=None):
     """The state gradients the segmented reverse sweep starts from (and ``dS0``, ``dz0``).
 
@@ -202,7 +206,7 @@ def query_grad_states(q, pq, do, den, delta, cu, dS, dz, T, S, N, H, K, V, BT, B
     dz_start)``; deterministic."""
     nseg = triton.cdiv(T, L)
     leap_segment_grad_sums_kernel[(N * H, NV, nseg)](
-        q, pq, do, den, delta, cu if cu is not None else pq, seg, zseg, T, S, L, NTH, NV, eps,
+        q, pq, do, den, dden, cu if cu is not None else pq, seg, zseg, T, S, L, eps,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, NORMALIZE=normalize, DOT_MODE=dot_mode, DT=dt,
         **LAUNCH)
     return _scan(seg, zseg, dS, dz, N, H, K, V, nseg, whole, True, S_whole, z_whole, dS0, dz0)
@@ -299,9 +303,8 @@ def _scratch(backward, B, T, S, H, Hkv, K, V, N, plan, *, normalize=True, initia
         return out
     NV = _tiles(K, V)[3]
     BKq, NK, BVf, merged = _bwd_tiles(K, V)
-    if normalize:
-        out["den"] = ((B, T, H), f32)
-        out["delta"] = ((NV, B, T, H), f32)
+    if normalize:  # dL/dden per row (den itself is the forward's)
+        out["dden"] = ((B, T, H), f32)
     if NK > 1:  # one fp32 per row and key block, summed into dpq / dpk
         out["dpq_part"] = ((NK, B, T, H), f32)
         out["dpk_part"] = ((NK, B, S, Hkv), f32)
@@ -318,8 +321,9 @@ def workspace_bytes(B, T, H, Hkv, Dk, Dv, sm_count, *, S=None, causal=True, bloc
     the launcher allocates (``tests/test_triton_workspace.py`` records it). ``cu_seqlens``: the
     number of sequences N (varlen, B == 1), or None. ``min_segment``: the shortest segment (None:
     one chunk, as under the interpreter). ``final_state_grad``: dS and dz both given (or neither:
-    False); the forward's ``output_final_state``. The monotone mode (``num_visible_keys``) is not
-    covered."""
+    False); the forward's ``output_final_state``. The backward is counted as the op runs it, with
+    the forward's ``o`` and ``den`` given (called without them it first reruns the forward). The
+    monotone mode (``num_visible_keys``) is not covered."""
     S = T if S is None else S
     N = B if cu_seqlens is None else cu_seqlens
     BT = _tiles(Dk, Dv)[0]
@@ -357,6 +361,7 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
     INTRA, W, CL = _sweep(T, S, causal, block_size, BT)
     f32 = dict(dtype=torch.float32, device=q.device)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    den = torch.empty(B, T, H, **f32) if normalize else None
     if output_final_state:
         Sf = torch.empty(N, H, 2 * K, V, **f32)
         zf = torch.empty(N, H, 2 * K, **f32)
@@ -381,13 +386,13 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
             q, k, v, pq, pk, kpm if kpm is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
             S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
             o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
-            dummy, dummy, dummy, dummy, dummy,
-            T, S, W, CL, L, B * T * H, NV, eps,
+            dummy, den if den is not None else dummy, dummy, dummy, dummy,
+            T, S, W, CL, L, B * T * H, eps,
             H=H, G=H // Hkv, K=K, V=V, BT=BT, BK=BK, BV=BV, STAGE=0, INTRA=INTRA,
             IS_VARLEN=cu_seqlens is not None, HAS_KPM=kpm is not None, USE_S0=S0 is not None,
             STORE_STATE=output_final_state and not plan, NORMALIZE=normalize, SEGMENTED=_seg_mode(plan),
             DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype], **LAUNCH)
-    return o, Sf, zf
+    return o, Sf, zf, den
 
 
 def _plan(device, T, S, N, H, NV, INTRA, W, CL):
@@ -406,11 +411,16 @@ def _plan(device, T, S, N, H, NV, INTRA, W, CL):
 
 
 def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
-        eps, normalize):
+        eps, normalize, o=None, den=None):
+    """``o``, ``den``: the forward's output and normaliser (``fwd``'s first and last results);
+    normalised and without them, the forward is run again first to get them."""
     _check_dtype(q)
+    if normalize and (o is None or den is None):
+        o, _, _, den = fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
+                           block_size, eps, True, False)
     if num_visible_keys is not None:
         return _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, num_visible_keys, eps,
-                             normalize)
+                             normalize, o, den)
     pq_dtype, pk_dtype = pq.dtype, pk.dtype
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
@@ -443,7 +453,10 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
                   **LAUNCH)
     cu = cu_seqlens if cu_seqlens is not None else dummy
     kp = kpm if kpm is not None else dummy
-    den, delta = (ws["den"], ws["delta"]) if normalize else (dummy, dummy)
+    if normalize:
+        o, den, dden = o.contiguous(), _c(den, torch.float32), ws["dden"]
+    else:
+        o = den = dden = dummy
     dq = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
     dpq = ws["dpq_part"] if NK > 1 else torch.empty(B, T, H, **f32)
     dk = torch.empty(B, S, Hkv, K, dtype=q.dtype, device=dev)
@@ -460,29 +473,28 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
                                  common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], *whole_bufs)
         else:
             L, nseg = max(T, S, 1), 1
-        qgrid = (N * H, NV, nseg)
+        if normalize:
+            _dden(o, do, den, dden, eps)
         qargs = (q, k, v, pq, pk, kp, cu, s0 if s0 is not None else dummy, z0_ if z0_ is not None else dummy,
-                 dummy, dummy, dummy, do, den, delta, dq, dpq, T, S, W, CL, L, NTH, NV, eps)
+                 dummy, dummy, dummy, do, den, dden, dq, dpq, T, S, W, CL, L, NTH, eps)
         qflags = dict(USE_S0=s0 is not None, STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
-        if normalize:  # den and per-value-tile delta = do . num
-            leap_fwd_kernel_sweep[qgrid](*qargs, BK=BK, BV=BV, STAGE=1, **qflags)
         # dq, dpq: key blocks of BKq columns, every value column in one tile: complete dq rows
         leap_fwd_kernel_sweep[(N * H, NK, nseg)](*qargs, BK=BKq, BV=BVf, STAGE=2, SPLIT_K=True, **qflags)
         kseg = _seg_mode(plan)
         if plan:  # the key side too: query segment sums, a reverse scan, every key segment at once
             dS, dz = query_grad_states(
-                q, pq, do, den, delta, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, whole, eps,
+                q, pq, do, den, dden, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, L, whole, eps,
                 normalize, common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], *whole_bufs, dS0, dz0)
             kseg_n = triton.cdiv(S, L)
         elif S0 is not None:  # dS0, dz0: one query segment per sequence (its start: dS, dz)
             dS, dz = query_grad_states(
-                q, pq, do, den, delta, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, NTH, L, False, eps,
+                q, pq, do, den, dden, cu_seqlens, dS, dz, T, S, N, H, K, V, BT, BK, BV, NV, L, False, eps,
                 normalize, common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], None, None, dS0, dz0)
             kseg, kseg_n = 1, 1
         else:
             kseg_n = 1
         kargs = (q, k, v, pq, pk, kp, cu, dS if dS is not None else dummy, dz if dz is not None else dummy,
-                 do, den, delta, dk, dv, dpk, T, S, W, CL, L, NTH, NSK, NV, eps)
+                 do, den, dden, dk, dv, dpk, T, S, W, CL, L, NSK, eps)
         kflags = dict(USE_DS=dS is not None, SEGMENTED=kseg, **common)
         if merged:  # one program holds every key and value column: dk and dv together
             leap_bwd_kernel_dkv[(N * Hkv, 1, kseg_n)](*kargs, BK=BK, BV=BVf, DO_DK=True, DO_DV=True, **kflags)
@@ -492,6 +504,15 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
     if NK > 1:
         dpq, dpk = dpq.sum(0), dpk.sum(0)
     return dq, dk, dv, dpq.to(pq_dtype), dpk.to(pk_dtype), dS0, dz0
+
+
+def _dden(o, do, den, dden, eps):
+    """``dden = dL/dden`` per query row and head from the forward's ``o`` and ``den``
+    (``leap_bwd_kernel_dden``): ``o``, ``do`` ``[B, T, H, V]``, ``den``, ``dden`` ``[B, T, H]`` fp32."""
+    R, V = den.numel(), o.shape[-1]
+    BV = max(16, triton.next_power_of_2(V))
+    BR = max(16, 4096 // BV)
+    leap_bwd_kernel_dden[(triton.cdiv(R, BR),)](o, do, den, dden, R, eps, V=V, BR=BR, BV=BV, num_warps=4, **LAUNCH)
 
 
 def _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize, output_final_state):
@@ -505,6 +526,7 @@ def _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize
     BT, BK, BV, NV = _tiles(K, V)
     f32 = dict(dtype=torch.float32, device=q.device)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    den = torch.empty(B, T, H, **f32) if normalize else None
     Sf = torch.empty(B, H, 2 * K, V, **f32) if output_final_state else None
     zf = torch.empty(B, H, 2 * K, **f32) if output_final_state else None
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
@@ -514,12 +536,12 @@ def _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize
             q, k, v, pq, pk, kpm if kpm is not None else dummy, nvk,
             S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
             o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
-            dummy, dummy, dummy, dummy, dummy,
-            T, S, B * T * H, NV, eps,
+            dummy, den if den is not None else dummy, dummy, dummy, dummy,
+            T, S, B * T * H, eps,
             H=H, G=H // Hkv, K=K, V=V, BT=BT, BK=BK, BV=BV, STAGE=0, HAS_KPM=kpm is not None,
             USE_S0=S0 is not None, STORE_STATE=output_final_state, NORMALIZE=normalize,
             DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype], **_mono_launch(BK, BV))
-    return o, Sf, zf
+    return o, Sf, zf, den
 
 
 def _mono_launch(BK: int, BV: int):
@@ -528,9 +550,10 @@ def _mono_launch(BK: int, BV: int):
     return dict(num_warps=8 if BK * BV > 64 * 64 // 2 else 4, num_stages=1, **LAUNCH)
 
 
-def _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize):
-    """Backward of ``_monotone_fwd``: ``den`` / ``delta`` (normalised), then ``dq`` / ``dpq`` by the
-    forward sweep, then ``dk`` / ``dv`` / ``dpk`` / ``dS0`` / ``dz0`` by the reverse key sweep."""
+def _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize, o, den):
+    """Backward of ``_monotone_fwd`` (``o``, ``den``: its results): ``dden`` (normalised), then ``dq`` /
+    ``dpq`` by the forward sweep, then ``dk`` / ``dv`` / ``dpk`` / ``dS0`` / ``dz0`` by the reverse key
+    sweep."""
     pq_dtype, pk_dtype = pq.dtype, pk.dtype
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
@@ -555,10 +578,9 @@ def _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, ep
     s0 = S0 if S0 is not None else dummy
     z0_ = z0 if z0 is not None else dummy
     if normalize:
-        den = torch.empty(B, T, H, **f32)
-        delta = torch.empty(NV, B, T, H, **f32)
+        o, den, dden = o.contiguous(), _c(den, torch.float32), torch.empty(B, T, H, **f32)
     else:
-        den = delta = dummy
+        den = dden = dummy
     dq = torch.empty(NV, B, T, H, K, dtype=q.dtype if NV == 1 else torch.float32, device=dev)
     dpq = torch.empty(NV, B, T, H, **f32)
     part_k = NV > 1 or G > 1
@@ -570,17 +592,18 @@ def _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, ep
     grid = sweep_grid(B, H, NV)
     with _guard(q):
         tab = monotone_tables(nvk, T, S, BT)
-        for stage in ((1, 2) if normalize else (2,)):
-            leap_monotone_kernel_q[grid](
-                q, k, v, pq, pk, kp, nvk, s0, z0_, dummy, dummy, dummy,
-                do, den, delta, dq, dpq,
-                T, S, NTH, NV, eps,
-                STAGE=stage, USE_S0=S0 is not None, STORE_STATE=False, **common)
+        if normalize:
+            _dden(o, do, den, dden, eps)
+        leap_monotone_kernel_q[grid](
+            q, k, v, pq, pk, kp, nvk, s0, z0_, dummy, dummy, dummy,
+            do, den, dden, dq, dpq,
+            T, S, NTH, eps,
+            STAGE=2, USE_S0=S0 is not None, STORE_STATE=False, **common)
         leap_monotone_kernel_dkv[grid](
             q, k, v, pq, pk, kp, nvk, tab, dS if dS is not None else dummy, dz if dz is not None else dummy,
-            do, den, delta,
+            do, den, dden,
             dk, dv, dpk, dS0 if dS0 is not None else dummy, dz0 if dz0 is not None else dummy,
-            T, S, NTH, NSH, NV, eps,
+            T, S, NTH, NSH, eps,
             USE_DS=dS is not None, STORE_DS0=S0 is not None, **common)
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dpq = dpq[0] if NV == 1 else dpq.sum(0)

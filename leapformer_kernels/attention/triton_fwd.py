@@ -16,12 +16,14 @@ Two sweep shapes (constexpr ``INTRA``):
   then every query of the block reads the inclusive state (a query sees its whole block).
 
 ``STAGE`` picks what a query tile produces:
-  0: forward, ``o = num / max(den, eps)`` (or ``num``), and the final state;
-  1: backward preparation: ``den`` and per-value-tile ``delta = sum(do * num)``;
+  0: forward, ``o = num / max(den, eps)`` (or ``num``), the final state, and (normalised) ``den``
+     per row, saved for the backward as flash-attention saves ``lse``;
   2: backward ``dq``/``dpq``, launched with ``SPLIT_K``: grid axis 1 is then a block of ``BK``
      key columns and one tile holds every value column (``BV >= V``), so each program writes
      complete ``dq`` rows for its columns (no fp32 partials; Dk = 128 runs 4 blocks of 32) and
-     a ``dpq`` partial per key block (one fp32 per row, summed on the host).
+     a ``dpq`` partial per key block (one fp32 per row, summed on the host). It reads the
+     forward's ``den`` and ``dden = dL/dden`` per row (``triton_bwd.leap_bwd_kernel_dden``).
+(No stage recomputes ``den`` or ``do . num``: the forward's ``o`` and ``den`` are saved.)
 The reverse sweep (``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``) is in ``triton_bwd.py``.
 
 Grid: ``(sequences x query heads, value tiles)`` (``triton_chunk.sweep_grid``): B*H on axis 0,
@@ -172,20 +174,16 @@ def _fold_keys(k, pk, v, kpm, s0, s1, o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs,
 
 
 @triton.jit
-def _grad_rows(do, den, delta, o_r, m_r, o_v, m_v, stride_do, stride_h, NTH, NV, i_v, eps,
-               NORMALIZE: tl.constexpr):
-    """g = dL/dnum (rows x value tile) and r = dL/dden (rows), r counted on value tile 0 only."""
+def _grad_rows(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr):
+    """g = dL/dnum = do / max(den, eps) (rows x value tile) and r = dL/dden (rows, read from
+    ``dden``, see ``triton_bwd.leap_bwd_kernel_dden``), r counted on value tile 0 only."""
     o_r64 = o_r.to(tl.int64)
     b_do = tl.load(do + o_r64[:, None] * stride_do + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
                    other=0.).to(tl.float32)
     if NORMALIZE:
         b_den = tl.load(den + o_r64 * stride_h, mask=m_r, other=1.)
-        b_delta = tl.zeros_like(b_den)
-        for j in range(0, NV):
-            b_delta += tl.load(delta + j * NTH + o_r64 * stride_h, mask=m_r, other=0.)
-        b_dd = _clamp_den(b_den, eps)
-        b_g = b_do / b_dd[:, None]
-        b_r = tl.where(b_den >= eps, -b_delta / (b_dd * b_dd), 0.)
+        b_g = b_do / _clamp_den(b_den, eps)[:, None]
+        b_r = tl.load(dden + o_r64 * stride_h, mask=m_r, other=0.)
         b_r = tl.where(m_r & (i_v == 0), b_r, 0.)
     else:
         b_g = b_do
@@ -194,8 +192,8 @@ def _grad_rows(do, den, delta, o_r, m_r, o_v, m_v, stride_do, stride_h, NTH, NV,
 
 
 @triton.jit
-def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH, NV,
+def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
+                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, STAGE: tl.constexpr,
                 HAS_A: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """One query tile of the forward-order sweep against the exclusive state, plus (HAS_A) the
@@ -204,32 +202,24 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
     b_qs = _cvt(b_a * b_sin[:, None], DOT_MODE, DT)
     b_qc = _cvt(b_a * b_cos[:, None], DOT_MODE, DT)
     o_t64 = o_t.to(tl.int64)
-    if STAGE < 2:
+    if STAGE == 0:
         if HAS_A:
             b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
             b_A = tl.where(b_M, b_A, 0.)
         b_num = _dot(b_qs, b_hs, DOT_MODE, DT) + _dot(b_qc, b_hc, DOT_MODE, DT)
         if HAS_A:
             b_num += _dot(b_A, b_v, DOT_MODE, DT)
-        if STAGE == 0:
-            if NORMALIZE:
-                b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
-                if HAS_A:
-                    b_den += tl.sum(b_A, 1)
-                b_num = b_num / _clamp_den(b_den, eps)[:, None]
-            tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
-        else:
-            b_do = tl.load(do + o_t64[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                           other=0.).to(tl.float32)
-            tl.store(delta + i_v * NTH + o_t64 * H, tl.sum(b_do * b_num, 1), mask=m_t)
+        if NORMALIZE:
+            b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
+            if HAS_A:
+                b_den += tl.sum(b_A, 1)
+            b_num = b_num / _clamp_den(b_den, eps)[:, None]
             if i_v == 0:
-                b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
-                if HAS_A:
-                    b_den += tl.sum(b_A, 1)
                 tl.store(den + o_t64 * H, b_den, mask=m_t)
+        tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
     else:
-        b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
+        b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
         # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk)
         b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
         b_dqc = _dot(b_g, tl.trans(b_hc), DOT_MODE, DT) + b_r[:, None] * b_zc[None, :]
@@ -247,8 +237,8 @@ def _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
 
 
 @triton.jit
-def _query_rows(q, pq, o, do, den, delta, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_v,
-                b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, NV,
+def _query_rows(q, pq, o, do, den, dden, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_v,
+                b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, STAGE: tl.constexpr,
                 NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """Query rows [t0, t1) in tiles of BT, all reading the same (inclusive) state: no intra-chunk
@@ -256,20 +246,20 @@ def _query_rows(q, pq, o, do, den, delta, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m
     b_M = o_i[:, None] >= 0  # unused without intra-chunk scores
     for r0 in range(t0, t1, BT):
         o_t = r0 + o_i
-        _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, o_t < t1, o_k, m_k, o_v, m_v,
-                    b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_k, i_v, eps, NTH, NV,
+        _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, o_t < t1, o_k, m_k, o_v, m_v,
+                    b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_k, i_v, eps, NTH,
                     H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
 
 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'STAGE', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
                       'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'SPLIT_K', 'DOT_MODE'])
-@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'NV', 'eps'])
+@triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'eps'])
 def leap_fwd_kernel_sweep(
     q, k, v, pq, pk, kpm, cu_seqlens, S0, z0,
     o, Sf, zf,
-    do, den, delta, dq, dpq,
-    T, S, W, CL, L, NTH, NV, eps,
+    do, den, dden, dq, dpq,
+    T, S, W, CL, L, NTH, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STAGE: tl.constexpr, INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -297,7 +287,7 @@ def leap_fwd_kernel_sweep(
     o += (bos * H + i_h) * V
     do += (bos * H + i_h) * V
     den += bos * H + i_h
-    delta += bos * H + i_h
+    dden += bos * H + i_h
     dq += (bos * H + i_h) * K
     dpq += bos * H + i_h
 
@@ -338,23 +328,23 @@ def leap_fwd_kernel_sweep(
             o_t64 = o_t.to(tl.int64)
             b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :],
                           other=0.)
-            _query_tile(q, pq, o, do, den, delta, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH, NV,
+            _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
+                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH,
                         H, K, V, STAGE, True, NORMALIZE, DOT_MODE, DT)
             b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
             b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
             b_zs += tl.sum(b_ks.to(tl.float32), 0)
             b_zc += tl.sum(b_kc.to(tl.float32), 0)
     elif SEGMENTED == 2:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
-        _query_rows(q, pq, o, do, den, delta, dq, dpq, q0, q1, o_i, o_k, m_k, o_v, m_v,
-                    b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
+        _query_rows(q, pq, o, do, den, dden, dq, dpq, q0, q1, o_i, o_k, m_k, o_v, m_v,
+                    b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
     else:
         # whole blocks [b0, b0 + W) from q0 (a multiple of W when segmented) to the segment's end
         b_end = tl.minimum(q0 + L, tl.maximum(Lq, Lk))
         for b0 in range(q0, b_end, W):
             b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, b0, tl.minimum(b0 + W, Lk), o_i, o_k, m_k, o_v, m_v,
                                                 b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM, DOT_MODE, DT)
-            _query_rows(q, pq, o, do, den, delta, dq, dpq, b0, tl.minimum(b0 + W, Lq), o_i, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, NV, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
+            _query_rows(q, pq, o, do, den, dden, dq, dpq, b0, tl.minimum(b0 + W, Lq), o_i, o_k, m_k, o_v, m_v,
+                        b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:
         _store_state(Sf, zf, i_nh.to(tl.int64), b_hs, b_hc, b_zs, b_zc, o_k, m_k, o_v, m_v, i_v, K, V)

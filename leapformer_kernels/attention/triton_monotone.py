@@ -12,9 +12,9 @@ are non-decreasing in c, so the (query chunk, key tile) pairs form a staircase: 
 - ``leap_monotone_kernel_q``: one program per (batch x query head, value tile) sweeps the query
   chunks in order, folding whole key chunks into the fp32 state carried in registers
   (``2 x [BK, BV]`` and ``2 x [BK]``) up to each chunk's ``j0`` (a loop-carried fold position).
-  ``STAGE`` 0: o (and, with ``STORE_STATE``, the final state: the remaining keys folded after the
-  last chunk); 1: the backward's ``den`` and per-value-tile ``delta = do . num``; 2: ``dq``,
-  ``dpq`` (``dq~ = g S^T + r z^T + (where(M, g v^T + r, 0)) k~`` over the masked tiles).
+  ``STAGE`` 0: o and ``den`` (and, with ``STORE_STATE``, the final state: the remaining keys
+  folded after the last chunk); 2: ``dq``, ``dpq`` (``dq~ = g S^T + r z^T + (where(M, g v^T + r,
+  0)) k~`` over the masked tiles).
 - ``leap_monotone_kernel_dkv``: one program per (batch x query head, value tile) sweeps the key
   chunks in reverse, carrying ``dH = dS + sum q~_c^T g_c`` and ``dZ = dz + sum q~_c r_c`` over
   the query chunks whose base state holds the key chunk (``j0(c) > j``: a suffix of the query
@@ -24,7 +24,8 @@ are non-decreasing in c, so the (query chunk, key tile) pairs form a staircase: 
   the remaining query chunks (all see the initial state) complete ``dS0`` / ``dz0``.
 
 ``g = do / max(den, eps)``, ``r = -(do . num) / max(den, eps)^2`` (0 where the clamp is active;
-counted on value tile 0 only) as in ``triton_bwd``. Grid: ``(B*H, NV)`` for both kernels
+counted on value tile 0 only) as in ``triton_bwd``, from the forward's ``den`` and ``dden``
+(``triton_bwd.leap_bwd_kernel_dden``): no pass recomputes them. Grid: ``(B*H, NV)`` for both kernels
 (``triton_chunk.sweep_grid``). dq / dk / dpk partials over value tiles and per-query-head dk, dv,
 dpk (GQA) go to fp32 buffers the host sums in a fixed order: deterministic, no atomics. Row
 offsets are int64; padded and out-of-range keys are not loaded (0), and a padded key's dk, dv,
@@ -77,8 +78,8 @@ def _k_tile(k, pk, v, kpm, o_s, Lk, o_k, m_k, o_v, m_v, HKV: tl.constexpr, K: tl
 
 
 @triton.jit
-def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, delta, dq, dpq, t0, Lq, Lk, s_lo, s_hi,
-                      o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV,
+def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, dden, dq, dpq, t0, Lq, Lk, s_lo, s_hi,
+                      o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH,
                       H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                       STAGE: tl.constexpr, HAS_KPM: tl.constexpr, NORMALIZE: tl.constexpr,
                       DOT_MODE: tl.constexpr, DT: tl.constexpr):
@@ -89,7 +90,7 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, delta, dq, dpq, t0,
     o_t64 = o_t.to(tl.int64)
     b_n = tl.load(nvk + o_t64, mask=m_t, other=0).to(tl.int32)  # masked rows see no key
     b_a, b_sin, b_cos, b_qs, b_qc = _q_feats(q, pq, o_t, m_t, o_k, m_k, H, K, DOT_MODE, DT)
-    if STAGE < 2:
+    if STAGE == 0:
         b_num = _dot(b_qs, b_hs, DOT_MODE, DT) + _dot(b_qc, b_hc, DOT_MODE, DT)
         b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
         for s0 in range(s_lo, s_hi, BT):
@@ -105,19 +106,14 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, delta, dq, dpq, t0,
             b_A = tl.where(o_s[None, :] < b_n[:, None], b_A, 0.)
             b_num += _dot(b_A, b_v, DOT_MODE, DT)
             b_den += tl.sum(b_A, 1)
-        if STAGE == 0:
-            if NORMALIZE:
-                b_num = b_num / _clamp_den(b_den, eps)[:, None]
-            tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
-        else:
-            b_do = tl.load(do + o_t64[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                           other=0.).to(tl.float32)
-            tl.store(delta + i_v.to(tl.int64) * NTH + o_t64 * H, tl.sum(b_do * b_num, 1), mask=m_t)
+        if NORMALIZE:
+            b_num = b_num / _clamp_den(b_den, eps)[:, None]
             if i_v == 0:
                 tl.store(den + o_t64 * H, b_den, mask=m_t)
+        tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
     else:
-        b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
+        b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
         # dq~ = g S^T + r z^T + where(M, g v^T + r, 0) k~ over the masked tiles
         b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
         b_dqc = _dot(b_g, tl.trans(b_hc), DOT_MODE, DT) + b_r[:, None] * b_zc[None, :]
@@ -135,12 +131,12 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, delta, dq, dpq, t0,
         tl.store(dpq + i_v.to(tl.int64) * NTH + o_t64 * H, b_dp, mask=m_t)
 
 
-@triton.jit(do_not_specialize=['T', 'S', 'NTH', 'NV', 'eps'])
+@triton.jit(do_not_specialize=['T', 'S', 'NTH', 'eps'])
 def leap_monotone_kernel_q(
     q, k, v, pq, pk, kpm, nvk, S0, z0,
     o, Sf, zf,
-    do, den, delta, dq, dpq,
-    T, S, NTH, NV, eps,
+    do, den, dden, dq, dpq,
+    T, S, NTH, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     STAGE: tl.constexpr, HAS_KPM: tl.constexpr, USE_S0: tl.constexpr, STORE_STATE: tl.constexpr,
@@ -162,7 +158,7 @@ def leap_monotone_kernel_q(
     o += (bos * H + i_h) * V
     do += (bos * H + i_h) * V
     den += bos * H + i_h
-    delta += bos * H + i_h
+    dden += bos * H + i_h
     dq += (bos * H + i_h) * K
     dpq += bos * H + i_h
 
@@ -192,8 +188,8 @@ def leap_monotone_kernel_q(
         b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, f0, f1, o_i, o_k, m_k, o_v, m_v,
                                             b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM, DOT_MODE, DT)
         f0 = f1
-        _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, delta, dq, dpq, t0, T, S, f1, hi,
-                          o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH, NV,
+        _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, dden, dq, dpq, t0, T, S, f1, hi,
+                          o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH,
                           H, HKV, K, V, BT, STAGE, HAS_KPM, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:  # the final state holds every key
         b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, f0, S, o_i, o_k, m_k, o_v, m_v,
@@ -202,15 +198,15 @@ def leap_monotone_kernel_q(
 
 
 @triton.jit
-def _fold_queries(q, pq, do, den, delta, c0, c1, Lq, o_i, o_k, m_k, o_v, m_v, b_dhs, b_dhc, b_dzs, b_dzc,
-                  i_v, eps, NTH, NV, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _fold_queries(q, pq, do, den, dden, c0, c1, Lq, o_i, o_k, m_k, o_v, m_v, b_dhs, b_dhc, b_dzs, b_dzc,
+                  i_v, eps, NTH, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """Add the query chunks [c0, c1) to the state gradient: ``dH += q~^T g``, ``dZ += q~^T r``."""
     for c in range(c0, c1):
         o_t = c * BT + o_i
         m_t = o_t < Lq
         b_a, b_sin, b_cos, b_qs, b_qc = _q_feats(q, pq, o_t, m_t, o_k, m_k, H, K, DOT_MODE, DT)
-        b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
+        b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
         b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
         b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
         b_dzs += tl.sum(b_qs * b_r[:, None], 0)
@@ -218,12 +214,12 @@ def _fold_queries(q, pq, do, den, delta, c0, c1, Lq, o_i, o_k, m_k, o_v, m_v, b_
     return b_dhs, b_dhc, b_dzs, b_dzc
 
 
-@triton.jit(do_not_specialize=['T', 'S', 'NTH', 'NSH', 'NV', 'eps'])
+@triton.jit(do_not_specialize=['T', 'S', 'NTH', 'NSH', 'eps'])
 def leap_monotone_kernel_dkv(
     q, k, v, pq, pk, kpm, nvk, tab, dS, dz,
-    do, den, delta,
+    do, den, dden,
     dk, dv, dpk, dS0, dz0,
-    T, S, NTH, NSH, NV, eps,
+    T, S, NTH, NSH, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_KPM: tl.constexpr, USE_DS: tl.constexpr, STORE_DS0: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -241,7 +237,7 @@ def leap_monotone_kernel_dkv(
     nvk += bos
     do += (bos * H + i_h) * V
     den += bos * H + i_h
-    delta += bos * H + i_h
+    dden += bos * H + i_h
     k += (kbos * HKV + i_hk) * K
     pk += kbos * HKV + i_hk
     v += (kbos * HKV + i_hk) * V
@@ -275,9 +271,9 @@ def leap_monotone_kernel_dkv(
         j = NK - 1 - jr
         c_b = tl.load(tab_b + j)
         # the query chunks whose base state first holds key chunk j
-        b_dhs, b_dhc, b_dzs, b_dzc = _fold_queries(q, pq, do, den, delta, c_b, tl.load(tab_b + j + 1), T,
+        b_dhs, b_dhc, b_dzs, b_dzc = _fold_queries(q, pq, do, den, dden, c_b, tl.load(tab_b + j + 1), T,
                                                    o_i, o_k, m_k, o_v, m_v, b_dhs, b_dhc, b_dzs, b_dzc,
-                                                   i_v, eps, NTH, NV, H, K, V, BT, NORMALIZE, DOT_MODE, DT)
+                                                   i_v, eps, NTH, H, K, V, BT, NORMALIZE, DOT_MODE, DT)
         o_s = j * BT + o_i
         m_s = o_s < S
         b_kv, b_ak, b_sk, b_ck, b_ks, b_kc, b_v = _k_tile(k, pk, v, kpm, o_s, S, o_k, m_k, o_v, m_v,
@@ -293,7 +289,7 @@ def leap_monotone_kernel_dkv(
             b_n = tl.load(nvk + o_t.to(tl.int64), mask=m_t, other=0).to(tl.int32)
             b_M = o_s[None, :] < b_n[:, None]  # rows t (queries), columns s (keys)
             b_aq, b_sq, b_cq, b_qs, b_qc = _q_feats(q, pq, o_t, m_t, o_k, m_k, H, K, DOT_MODE, DT)
-            b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
+            b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
             if DOT_MODE == 1:
                 b_pks, b_pkc, b_pv = b_ks, b_kc, b_v
             else:
@@ -321,7 +317,7 @@ def leap_monotone_kernel_dkv(
         tl.store(dv + o_s64[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty),
                  mask=m_s[:, None] & m_v[None, :])
     if STORE_DS0:  # every query sees the initial state: the chunks not folded yet complete dS0
-        b_dhs, b_dhc, b_dzs, b_dzc = _fold_queries(q, pq, do, den, delta, 0, tl.load(tab_b), T,
+        b_dhs, b_dhc, b_dzs, b_dzc = _fold_queries(q, pq, do, den, dden, 0, tl.load(tab_b), T,
                                                    o_i, o_k, m_k, o_v, m_v, b_dhs, b_dhc, b_dzs, b_dzc,
-                                                   i_v, eps, NTH, NV, H, K, V, BT, NORMALIZE, DOT_MODE, DT)
+                                                   i_v, eps, NTH, H, K, V, BT, NORMALIZE, DOT_MODE, DT)
         _store_state(dS0, dz0, i_nh.to(tl.int64), b_dhs, b_dhc, b_dzs, b_dzc, o_k, m_k, o_v, m_v, i_v, K, V)

@@ -52,10 +52,10 @@ def leap_segment_sums_kernel(
 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'K', 'V', 'BT', 'BK', 'BV', 'IS_VARLEN', 'NORMALIZE', 'DOT_MODE'])
-@triton.jit(do_not_specialize=['T', 'S', 'L', 'NTH', 'NV', 'eps'])
+@triton.jit(do_not_specialize=['T', 'S', 'L', 'eps'])
 def leap_segment_grad_sums_kernel(
-    q, pq, do, den, delta, cu_seqlens, dHseg, dzseg,
-    T, S, L, NTH, NV, eps,
+    q, pq, do, den, dden, cu_seqlens, dHseg, dzseg,
+    T, S, L, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
@@ -70,7 +70,7 @@ def leap_segment_grad_sums_kernel(
     pq += bos * H + i_h
     do += (bos * H + i_h) * V
     den += bos * H + i_h
-    delta += bos * H + i_h
+    dden += bos * H + i_h
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -88,7 +88,7 @@ def leap_segment_grad_sums_kernel(
         b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
         b_qs = _cvt(b_aq * b_sq[:, None], DOT_MODE, DT)
         b_qc = _cvt(b_aq * b_cq[:, None], DOT_MODE, DT)
-        b_g, b_r = _grad_rows(do, den, delta, o_t, m_t, o_v, m_v, H * V, H, NTH, NV, i_v, eps, NORMALIZE)
+        b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
         b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
         b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
         b_dzs += tl.sum(b_qs * b_r[:, None], 0)
