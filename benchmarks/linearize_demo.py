@@ -137,10 +137,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="folder for linearize_demo.md/.json/.png (default benchmarks/results)")
     p.add_argument("--work", default=None, help="folder for the teacher and the linearised model "
                    "(default: runs/linearize_demo)")
-    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--teacher-lr", type=float, default=2e-3)
     p.add_argument("--transfer-steps", type=int, default=150)
-    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=250)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -164,7 +164,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     from leapformer_models.cli import plot_linearize, run_linearize
     from leapformer_models.data import load_text
-    from leapformer_models.train import auto_threads
+    from leapformer_models.train import attention_backend, auto_threads
     import transformers
 
     import leapformer_kernels as lk
@@ -199,7 +199,7 @@ def main(argv=None):
     result = {
         "device": device_name(), "threads": threads, "load_average_start": load_start,
         "load_average_end": os.getloadavg(), "cores": os.cpu_count(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "leap_backend": attention_backend("cpu").replace("_backend", ""), "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "teacher": {"config": {"n_layer": args.layers, "n_embd": args.width, "n_head": args.heads,
                                "vocab": 256, "n_positions": max(args.contexts) + args.decode_tokens + 8},
                     "params": params, "steps": args.teacher_steps, "batch": [args.batch_size, args.seq_len],
@@ -219,7 +219,8 @@ def main(argv=None):
     cl = " | ".join(f"decode ms/token @ {c}" for c in args.contexts)
     lines = [
         f"Linearisation end to end (`python -m benchmarks.linearize_demo`{' --quick' if args.quick else ''}) on "
-        f"{result['device']}, {os.cpu_count()} cores, {threads} torch thread(s); the machine was shared with other "
+        f"{result['device']}, {os.cpu_count()} cores, {threads} torch thread(s), LeaP backend "
+        f"`{result['leap_backend']}`; the machine was shared with other "
         f"jobs (1-min load average {load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end), "
         f"so times are indicative. Teacher: GPT-2, {args.layers} layers, width {args.width}, {args.heads} heads, "
         f"bytes, {params / 1e6:.2f} M parameters, {args.teacher_steps} steps of {args.batch_size} x {args.seq_len} "

@@ -389,7 +389,8 @@ def finetune(model, batches, steps: int, lora: bool = True, *, lr: Optional[floa
     the adapters are merged into the weights afterwards (``merge_and_unload``), leaving the
     linearised ``transformers`` model (the same object) that ``save_pretrained`` / ``lk.hf.load``
     handle; ``merge=False`` leaves the ``PeftModel`` in ``TrainLog.model``. With ``lora=False``:
-    every parameter trains (full fine-tuning). ``requires_grad`` flags are restored afterwards.
+    every parameter trains (full fine-tuning). ``requires_grad`` flags are restored afterwards
+    (a ``PeftModel`` left with ``merge=False`` keeps only the trained ones trainable).
 
     Args:
         model: a linearised ``PreTrainedModel``; batches: as for ``transfer_attention``.
@@ -500,7 +501,8 @@ def finetune(model, batches, steps: int, lora: bool = True, *, lr: Optional[floa
         if lora and merge and model is not base:
             model = model.merge_and_unload()  # the base model object, adapters folded into its weights
             log.model = model
-        for p in base.parameters():
-            p.requires_grad_(flags.get(id(p), True))
+        if model is base:  # a PeftModel (merge=False) keeps what peft made trainable
+            for p in base.parameters():
+                p.requires_grad_(flags.get(id(p), True))
         base.train(was_training)
     return log
