@@ -35,8 +35,9 @@ reuses the key states' buffer for the query gradient states once dq is done.
 
 Scratch memory: ``_scratch`` lists every tensor a ``fwd`` / ``bwd`` call allocates besides its
 outputs, ``workspace_bytes`` sums it (``tests/test_triton_workspace.py`` records an interpreted
-run and checks the two agree). At B=4, H=16, T=32768, 132 SMs: 34 MiB (D=64) and 128 MiB
-(D=128) for the backward, 81 / 153 MiB with GQA Hkv=4.
+run and checks the two agree). At B=4, H=16, T=32768, 132 SMs: 26 MiB (D=64) and 96 MiB
+(D=128) for the backward, 73 / 121 MiB with GQA Hkv=4 (34 / 128 and 81 / 153 MiB before the backward
+read the forward's ``den``); the saved ``den`` itself is 8 MiB, an output of the forward.
 
 Grid: (sequences x query heads, value tiles, segments) (``sweep_grid``, ``step_grid``): B*H on
 axis 0, whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
