@@ -69,9 +69,6 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
   const bool part = j < it.NK;
   const int64_t nk = part ? std::min(CH, it.Sn - j * CH) : 0;
   if (part) {
-    const int64_t gs0 = (int64_t)it.b * S + it.ko + j * CH;
-    prefetch_rows_w(dkh + (gs0 * H + h) * Dk, H * Dk, nk, Dk);
-    prefetch_rows_w(dvh + (gs0 * H + h) * Dv, H * Dv, nk, Dv);
     std::fill(sc.dbi.begin(), sc.dbi.begin() + (size_t)nk * Dk, acc_t(0));
     std::fill(sc.dvi.begin(), sc.dvi.begin() + (size_t)nk * Dv, acc_t(0));
     std::fill(sc.dthi.begin(), sc.dthi.begin() + nk, acc_t(0));
@@ -132,9 +129,9 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
       sc.den[i] = r;  // den now holds r
       acc_t* dn = sc.dn.data() + (int64_t)i * Dv;
       scale(dn, r, Dv);
-      const int64_t w = ((int64_t)it.b * H + h) * T + it.qo + t0 + i;
-      std::memcpy(wdn + w * Dv, dn, sizeof(acc_t) * Dv);
-      wdd[w] = ddv;
+      const int64_t w = sc.wn ? t0 + i : ((int64_t)it.b * H + h) * T + it.qo + t0 + i;
+      std::memcpy((sc.wn ? sc.wn : wdn) + w * Dv, dn, sizeof(acc_t) * Dv);
+      (sc.wd ? sc.wd : wdd)[w] = ddv;
       acc_t* g = sc.g.data() + (int64_t)i * F;
       scale_bias(g, z_, r, ddv, F);
       feat_grad<acc_t>(sc.da.data() + (int64_t)i * Dk, sc.tmp.data(), g, nullptr, sc.sq[i], sc.cq[i], Dk);
@@ -161,20 +158,26 @@ void Leap<scalar_t>::bwd_q_group(const Item& it, int64_t h, int64_t j, int64_t t
     }
   }
   if (part) {  // chunk j's intra part (zero where group j is empty)
-    for (int64_t s = 0; s < nk; ++s) {
-      const int64_t row = ((int64_t)it.b * S + it.ko + j * CH + s) * H + h;
-      std::memcpy(dkh + row * Dk, sc.dbi.data() + (int64_t)s * Dk, sizeof(acc_t) * Dk);
-      std::memcpy(dvh + row * Dv, sc.dvi.data() + (int64_t)s * Dv, sizeof(acc_t) * Dv);
-      dpkh[row] = sc.dthi[s];
+    if (sc.ik) {  // the item's own workspace: contiguous
+      std::memcpy(sc.ik + j * CH * Dk, sc.dbi.data(), sizeof(acc_t) * (size_t)(nk * Dk));
+      std::memcpy(sc.iv + j * CH * Dv, sc.dvi.data(), sizeof(acc_t) * (size_t)(nk * Dv));
+      std::memcpy(sc.ip + j * CH, sc.dthi.data(), sizeof(acc_t) * (size_t)nk);
+    } else {
+      for (int64_t s = 0; s < nk; ++s) {
+        const int64_t row = ((int64_t)it.b * S + it.ko + j * CH + s) * H + h;
+        std::memcpy(dkh + row * Dk, sc.dbi.data() + (int64_t)s * Dk, sizeof(acc_t) * Dk);
+        std::memcpy(dvh + row * Dv, sc.dvi.data() + (int64_t)s * Dv, sizeof(acc_t) * Dv);
+        dpkh[row] = sc.dthi[s];
+      }
     }
   }
 }
 
 template <typename scalar_t>
 void Leap<scalar_t>::load_dn(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc, const acc_t* wdn, const acc_t* wdd) const {
-  const int64_t w = ((int64_t)it.b * H + h) * T + it.qo + t0;
-  std::memcpy(sc.dn.data(), wdn + w * Dv, sizeof(acc_t) * (size_t)nq * Dv);
-  std::memcpy(sc.dd.data(), wdd + w, sizeof(acc_t) * (size_t)nq);
+  const int64_t w = sc.wn ? t0 : ((int64_t)it.b * H + h) * T + it.qo + t0;
+  std::memcpy(sc.dn.data(), (sc.wn ? sc.wn : wdn) + w * Dv, sizeof(acc_t) * (size_t)nq * Dv);
+  std::memcpy(sc.dd.data(), (sc.wd ? sc.wd : wdd) + w, sizeof(acc_t) * (size_t)nq);
 }
 
 // dS_j = sum over group-j queries of q~ dnum^T, dz_j = sum q~ dden (zero first)
@@ -219,11 +222,12 @@ void Leap<scalar_t>::kv_chunk(const Item& it, int64_t h, int64_t j, const acc_t*
     feat_grad(db, sc.tmp.data(), sc.dKf.data() + (int64_t)s * F, dzt, sc.sk[s], sc.ck[s], Dk);
     const acc_t th = dotp(sc.Kb.data() + (int64_t)s * Dk, sc.tmp.data(), Dk);
     acc_t* dkr = dkh + row * Dk;
-    add_to(db, dkr, Dk);  // + the intra-chunk part
-    masked_row(dkr, db, sc.Kb.data() + (int64_t)s * Dk, keep, Dk);  // relu(k) > 0 exactly where k > 0
     acc_t* dvr = dvh + row * Dv;
-    add_to(sc.dvv.data() + (int64_t)s * Dv, dvr, Dv);
+    const int64_t sl = j * CH + s;  // the key's row in the item's workspace
+    add_to(db, sc.ik ? sc.ik + sl * Dk : dkr, Dk);  // + the intra-chunk part
+    masked_row(dkr, db, sc.Kb.data() + (int64_t)s * Dk, keep, Dk);  // relu(k) > 0 exactly where k > 0
+    add_to(sc.dvv.data() + (int64_t)s * Dv, sc.iv ? sc.iv + sl * Dv : dvr, Dv);
     keep_row(dvr, sc.dvv.data() + (int64_t)s * Dv, keep, Dv);  // exactly 0 for a padded key
-    dpkh[row] = keep ? acc_t(HALF_PI) * (th + dpkh[row]) : acc_t(0);
+    dpkh[row] = keep ? acc_t(HALF_PI) * (th + (sc.ip ? sc.ip[sl] : dpkh[row])) : acc_t(0);
   }
 }

@@ -182,6 +182,12 @@ struct Leap {
     // a driver's visit and chunk-state steps share one load
     int64_t key_item = -1, key_j = -1;
     bool key_T = false;
+    // The backward's per-item workspace with the sequential driver (null: the call-wide one, rows of
+    // dkh / dvh / dpkh for the intra-chunk key part): dnum [Tn, Dv], dden [Tn], the intra-chunk key
+    // gradients [Sn, Dk], [Sn, Dv], [Sn] of the item in the task, in the thread's own buffer (stays in
+    // cache between the two passes).
+    std::unique_ptr<acc_t[]> ws;
+    acc_t *wn = nullptr, *wd = nullptr, *ik = nullptr, *iv = nullptr, *ip = nullptr;
     // the sweep's direction (+1 in key order, -1 in reverse, 0 none): the loads prefetch the
     // rows of the next chunk / query block in that direction while the current one is worked on
     int dir = 0;
@@ -279,8 +285,8 @@ struct Leap {
   void sweep_item(const P& p, int64_t idx, Scratch& sc) const;
   template <typename P>
   void sweep_chunks(const P& p) const;
-  template <typename P1, typename P2>
-  void sweep(const P1& p1, const P2* p2) const;
+  template <typename P1, typename P2, typename Setup>
+  void sweep(const P1& p1, const P2* p2, const Setup& setup) const;
   void forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const;
   void backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
                 scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const;

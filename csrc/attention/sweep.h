@@ -132,12 +132,18 @@ void Leap<scalar_t>::sweep_chunks(const P& p) const {
 }
 
 // Passes p1, then p2 (if given): with the sequential driver both run in one task per item (one
-// parallel region; p2 of an item needs only p1 of the same item), else each across chunks.
+// parallel region; p2 of an item needs only p1 of the same item; setup(sc) prepares each thread's
+// scratch), else each across chunks.
 template <typename scalar_t>
-template <typename P1, typename P2>
-void Leap<scalar_t>::sweep(const P1& p1, const P2* p2) const {
+template <typename P1, typename P2, typename Setup>
+void Leap<scalar_t>::sweep(const P1& p1, const P2* p2, const Setup& setup) const {
   if (!use_chunks()) {
-    parallel<Scratch>((int64_t)N * H, [&] { return make_scratch(); }, [&](int64_t idx, Scratch& sc) {
+    auto make = [&] {
+      Scratch sc = make_scratch();
+      setup(sc);
+      return sc;
+    };
+    parallel<Scratch>((int64_t)N * H, make, [&](int64_t idx, Scratch& sc) {
       sweep_item(p1, idx, sc);
       if (p2) sweep_item(*p2, idx, sc);
     });
@@ -169,7 +175,7 @@ void Leap<scalar_t>::forward(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_
     std::memcpy(zout + ((int64_t)n * H + h) * F, z_, sizeof(acc_t) * F);
   };
   const auto p = make_pass(+1, init, local, visit, fin);
-  sweep(p, (const decltype(p)*)nullptr);
+  sweep(p, (const decltype(p)*)nullptr, [](Scratch&) {});
 }
 
 // Two passes: in key order with the state held transposed (the query pass: dq, dpq, dnum / dden
@@ -179,7 +185,30 @@ template <typename scalar_t>
 void Leap<scalar_t>::backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
     scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const {
   const auto gbs = group_table();
-  std::vector<acc_t> wdn((size_t)B * H * T * Dv), wdd((size_t)B * H * T);
+  // dnum / dden per query and the intra-chunk key part: per item in the thread's scratch with the
+  // sequential driver (setup), else call-wide (the dkh / dvh / dpkh rows hold the key part)
+  std::unique_ptr<acc_t[]> wdn_, wdd_;
+  int64_t Tmax = 0, Smax = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    Tmax = std::max(Tmax, item(n).Tn);
+    Smax = std::max(Smax, item(n).Sn);
+  }
+  if (use_chunks()) {
+    wdn_.reset(new acc_t[(size_t)(B * H * T * Dv)]);
+    wdd_.reset(new acc_t[(size_t)(B * H * T)]);
+  }
+  auto setup = [&](Scratch& sc) {
+    sc.ws.reset(new acc_t[(size_t)(Tmax * (Dv + 1) + Smax * (Dk + Dv + 1))]);
+    sc.wn = sc.ws.get();
+    sc.wd = sc.wn + Tmax * Dv;
+    sc.ik = sc.wd + Tmax;
+    sc.iv = sc.ik + Smax * Dk;
+    sc.ip = sc.iv + Smax * Dv;
+  };
+  struct {
+    acc_t* p;
+    acc_t* data() const { return p; }
+  } wdn{wdn_.get()}, wdd{wdd_.get()};
   auto q_init = [&](int64_t n, int64_t h, acc_t* ST, acc_t* z_) {
     const acc_t* s0 = state_ptr(S0, n, h);
     if (s0) transpose(F, Dv, s0, Dv, ST, F);
@@ -217,5 +246,5 @@ void Leap<scalar_t>::backward(const scalar_t* dout, const acc_t* dSin, const acc
   };
   const auto pq_ = make_pass(+1, q_init, q_local, q_visit, q_fin);
   const auto pk_ = make_pass(-1, k_init, k_local, k_visit, k_fin);
-  sweep(pq_, &pk_);
+  sweep(pq_, &pk_, setup);
 }
