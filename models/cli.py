@@ -583,8 +583,6 @@ def plot_linearize(res, path, title="", teacher_history=None):
 def run_linearize(argv, teacher_history=None):
     """``leapformer linearize`` (``teacher_history``: the demo's teacher curve, for the plot); returns
     (exit code, the result dict)."""
-    import time
-
     from .errors import require
     a = _linearize_parser().parse_args(argv)
     _check_linearize_args(a)
@@ -593,27 +591,56 @@ def run_linearize(argv, teacher_history=None):
     import torch
     import transformers
 
-    import leapformer_kernels as lk
-    from .data import load_text, split_text
+    from .data import load_text
     from .train import auto_threads, resolve_device
     if not os.path.isdir(a.model) or not os.path.isfile(os.path.join(a.model, "config.json")):
         raise UserError(f"--model {a.model} is not a save_pretrained folder (no config.json in it)")
-    text = load_text(a.data)
+    load_text(a.data)  # a missing or binary --data: one line before any work
     if os.path.exists(os.path.join(a.out, "config.json")) and not a.overwrite:
         raise UsageError(f"--out {a.out} already holds a model: pass --overwrite to replace it, or another --out")
     dev = resolve_device(a.device)
     torch.set_num_threads(a.threads or auto_threads())
-    config = transformers.AutoConfig.from_pretrained(a.model)
+    try:
+        config = transformers.AutoConfig.from_pretrained(a.model)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--model {a.model}: its config.json does not load ({str(e).splitlines()[0][:160]})") from None
     if getattr(config, "leapformer", None):
         raise UsageError(f"--model {a.model} is already linearised (config.json has 'leapformer'): load it with "
                          "lk.hf.load, or start from the softmax model")
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit and a.seq_len > limit:
+        raise UsageError(f"--seq-len {a.seq_len} is longer than the model's {limit} positions")
+    from leapformer_kernels.hf.linearize import FAMILIES
+    if getattr(config, "model_type", None) not in FAMILIES:
+        raise UsageError(f"--model {a.model} is a {getattr(config, 'model_type', None)!r} model: leapformer linearize "
+                         f"supports model_type {', '.join(map(repr, FAMILIES))}")
+    n = getattr(config, "num_hidden_layers", None)
+    bad = [i for i in a.layers or [] if n is not None and not -n <= i < n]
+    if bad:
+        raise UsageError(f"--layers {' '.join(map(str, bad))}: not layer indices of this model (it has {n} layers: "
+                         f"0..{n - 1}, or negative from the end)")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # its loading / writing bars: our own bars only
+    try:
+        return _run_linearize(a, config, dev, teacher_history)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _run_linearize(a, config, dev, teacher_history):
+    import time
+
+    import torch
+    import transformers
+
+    import leapformer_kernels as lk
+    from .data import load_text, split_text
+    text = load_text(a.data)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(a.model).to(dev)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--model {a.model} does not load as a causal LM ({str(e).splitlines()[0][:160]})") from None
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if limit and a.seq_len > limit:
-        raise UsageError(f"--seq-len {a.seq_len} is longer than the model's {limit} positions")
     tok = _linearize_tokenizer(a, config)
     train_text, val_text = split_text(text, a.val_fraction)
     train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)

@@ -271,7 +271,7 @@ def test_cli_linearize_end_to_end(hf_run, capsys):
 @pytest.mark.parametrize("extra,code,msg", [
     (["--transfer-steps", "-1"], 2, "--transfer-steps must be >= 0, got -1"),
     (["--seq-len", "500"], 2, "--seq-len 500 is longer than the model's 64 positions"),
-    (["--layers", "7"], 2, "layers [7] are not layer indices"),
+    (["--layers", "0", "7"], 2, "--layers 7: not layer indices of this model (it has 2 layers"),
     (["--attention", "cosformer"], 2, "invalid choice"),
 ])
 def test_cli_linearize_errors_are_one_line(hf_run, capsys, extra, code, msg):
@@ -279,6 +279,17 @@ def test_cli_linearize_errors_are_one_line(hf_run, capsys, extra, code, msg):
     assert main(_argv(hf_run, *extra)) == code
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_linearize_unsupported_architecture(hf_run, capsys):
+    from leapformer_models.cli import main
+    transformers.BertModel(transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=4, intermediate_size=64)
+                           ).save_pretrained(hf_run / "teacher")
+    capsys.readouterr()  # save_pretrained's own progress bar
+    assert main(_argv(hf_run)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a 'bert' model: leapformer linearize supports model_type 'gpt2'" in err and len(err.splitlines()) == 1
 
 
 def test_cli_linearize_missing_model_folder(hf_run, capsys):
