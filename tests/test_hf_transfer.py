@@ -1,6 +1,7 @@
 """lk.hf part 2: attention transfer, fine-tuning (LoRA / full) and `leapformer linearize`, on tiny
 config-built models (random weights, no network). Skipped without the [hf] extra."""
 import copy
+import itertools
 import json
 import signal
 
@@ -258,8 +259,11 @@ def test_cli_linearize_end_to_end(hf_run, capsys):
     assert (hf_run / "lin" / "linearize_loss.png").stat().st_size > 0
     model = lk.hf.load(hf_run / "lin")
     assert [type(m).__name__ for m in attn_modules(model)] == ["GPT2Attention", "LeapSelfAttention"]
-    assert abs(lk.hf.evaluate_loss(model, [torch.tensor([list(b"def f(x):\n    return x + 1\n")])]) -
-               lk.hf.evaluate_loss(model, [torch.tensor([list(b"def f(x):\n    return x + 1\n")])])) == 0
+    # the saved model is the fine-tuned one: its held-out loss on the command's batches is the reported one
+    text = (hf_run / "text.txt").read_text()
+    val = torch.tensor(list(text[int(len(text) * 0.9):].encode()))
+    held_out = list(itertools.islice(lk.hf.token_batches(val, 32, 2, seed=1), 2))
+    assert abs(lk.hf.evaluate_loss(model, held_out) - held["after_finetune"]) < 1e-5
     # the run refuses to overwrite, and a linearised folder is not a starting point
     assert main(_argv(hf_run)) == 2
     assert "already holds a model" in capsys.readouterr().err
