@@ -46,7 +46,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["leapformer_kernels", "leapformer_kernels.attention", "leapformer_kernels.pooling",
-              "leapformer_kernels.layers", "leapformer_kernels.backends", "leapformer_kernels.csrc",
+              "leapformer_kernels.layers", "leapformer_kernels.csrc",
               "leapformer_kernels.hf", "leapformer_models"],
     package_dir={"leapformer_models": "models", "leapformer_kernels.csrc": "csrc"},
     # every op family's folder (attention/, pooling/, common/): sources and headers

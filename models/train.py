@@ -220,7 +220,7 @@ def attention_backend(device) -> str:
     from leapformer_kernels import backends
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return backends.select("leap_attention", None, torch.device(device), torch.float32).__name__.split(".")[-1]
+        return backends.select("leap_attention", None, torch.device(device), torch.float32)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -16,7 +16,7 @@ def test_torch_always_available():
 
 def test_explicit_backend_is_used(monkeypatch):
     calls = []
-    kern = backends.get("torch").attention_kernels()
+    kern = backends.kernels("leap_attention", "torch")
     real = kern.fwd
     monkeypatch.setattr(kern, "fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     q, k, v, pq, pk = make_inputs(1, 5, None, 1, None, 4, 4)
@@ -44,9 +44,9 @@ def test_cuda_float64_automatic_goes_to_torch_silently(cuda_and_triton, op):
     warning, while the other float dtypes go to triton."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.select(op, None, CUDA, torch.float64) is backends.get("torch")
+        assert backends.select(op, None, CUDA, torch.float64) == "torch"
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            assert backends.select(op, None, CUDA, dtype) is backends.get("triton"), dtype
+            assert backends.select(op, None, CUDA, dtype) == "triton", dtype
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -58,7 +58,7 @@ def test_cuda_float64_explicit_triton_raises(cuda_and_triton, op):
 def test_cuda_float64_env_triton_falls_back_to_torch(cuda_and_triton, monkeypatch):
     monkeypatch.setenv("LEAPFORMER_BACKEND", "triton")
     with pytest.warns(RuntimeWarning, match="float64"):
-        assert backends.select("leap_attention", None, CUDA, torch.float64) is backends.get("torch")
+        assert backends.select("leap_attention", None, CUDA, torch.float64) == "torch"
 
 
 def test_cuda_automatic_without_gpu():
@@ -67,18 +67,18 @@ def test_cuda_automatic_without_gpu():
     backends.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.select("leap_attention", None, CUDA, torch.float64) is backends.get("torch")
+        assert backends.select("leap_attention", None, CUDA, torch.float64) == "torch"
     if torch.cuda.is_available():
         return
     with pytest.warns(RuntimeWarning, match="triton backend is unavailable"):
-        assert backends.select("leap_attention", None, CUDA, torch.float32) is backends.get("torch")
+        assert backends.select("leap_attention", None, CUDA, torch.float32) == "torch"
 
 
 def test_cpu_float64_automatic_never_goes_to_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # even where triton can serve CPU tensors
     monkeypatch.delenv("LEAPFORMER_BACKEND", raising=False)
     assert backends.select("leap_attention", None, torch.device("cpu"), torch.float64) in \
-        (backends.get("torch"), backends.get("cpu"))
+        ("torch", "cpu")
 
 
 def test_env_preference_falls_back_with_one_warning(monkeypatch):
@@ -98,12 +98,12 @@ def test_env_preference_unknown_name(monkeypatch):
     monkeypatch.setenv("LEAPFORMER_BACKEND", "nope")
     backends.reset()
     with pytest.warns(RuntimeWarning, match="LEAPFORMER_BACKEND"):
-        assert backends.select("leap_attention", None, torch.device("cpu"), torch.float32) is backends.get("torch")
+        assert backends.select("leap_attention", None, torch.device("cpu"), torch.float32) == "torch"
 
 
 def test_env_preference_is_honoured(monkeypatch):
     monkeypatch.setenv("LEAPFORMER_BACKEND", "torch")
-    assert backends.select("leap_attention", None, torch.device("cpu"), torch.float32) is backends.get("torch")
+    assert backends.select("leap_attention", None, torch.device("cpu"), torch.float32) == "torch"
 
 
 def test_explicit_unavailable_backend_raises(monkeypatch):
@@ -115,8 +115,8 @@ def test_explicit_unavailable_backend_raises(monkeypatch):
 def test_interpreter_lists_triton(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    got = backends.get("triton").unavailable("leap_attention", torch.device("cpu"), torch.float32)
+    got = backends.unavailable("leap_attention", "triton", torch.device("cpu"), torch.float32)
     assert got is None
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert "TRITON_INTERPRET" in backends.get("triton").unavailable("leap_attention", torch.device("cpu"),
+    assert "TRITON_INTERPRET" in backends.unavailable("leap_attention", "triton", torch.device("cpu"),
                                                                     torch.float32)

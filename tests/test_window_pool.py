@@ -231,7 +231,7 @@ def test_sum_precision_triton_T65536():
 # ------------------------------------------------------------------ kernel storage
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_argmax_storage(backend):
-    kern = lk.backends.get(backend).pool_kernels()
+    kern = lk.backends.kernels("window_pool", backend)
     assert kern.argmax_dtype(((1, 1), (-32767, 0))) == torch.int16
     assert kern.argmax_dtype(((1, 1), (-32768, 0))) == torch.int32
     x = torch.randn(1, 50, 3)
@@ -247,7 +247,7 @@ def test_argmax_storage(backend):
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
 def test_max_without_argmax(backend):
     """Inference (no gradient needed): max runs on values only, same values, no argmax saved."""
-    kern = lk.backends.get(backend).pool_kernels()
+    kern = lk.backends.kernels("window_pool", backend)
     x = torch.randn(2, 300, 37)
     x[0, 5:40, 3] = float("-inf")  # -inf inside a window beats the padding outside [0, T)
     windows = [(-300, -200), (-7, 3), (0, 0), (1, 1), (2, 3), (100, 170), (250, 400), (-5, -2)]

@@ -23,6 +23,11 @@ import torch
 from .._validate import state_dtype
 from .features import expand_kv_heads, reweight
 
+
+def unavailable(device, dtype):
+    """The torch backend runs anywhere: None."""
+    return None
+
 CHUNK = 64
 
 

@@ -64,8 +64,10 @@ def _ext():
     return _build.load(NAME)
 
 
-def unavailable(dtype):
-    """None if the C++ kernels can run ``dtype`` inputs, else the reason (a string)."""
+def unavailable(device, dtype):
+    """None if the C++ kernels can run ``device`` / ``dtype`` inputs, else the reason (a string)."""
+    if device.type != "cpu":
+        return f"the cpu backend serves CPU tensors only, got {device}"
     if dtype not in _DTYPES:
         return f"the C++ kernels take float16, bfloat16, float32 or float64, not {dtype}"
     try:

@@ -7,7 +7,7 @@ One op per function, one implementation per backend (the ``backend`` string argu
     leapformer::leap_attention_step  -> (o, S, z)
 
 so ``torch.compile(fullgraph=True)`` traces models through them and ``opcheck`` tests them.
-A backend provides a kernel module (``backends.<name>.attention_kernels()``) with, for
+A backend provides a kernel module (``backends.kernels("attention", <name>)``) with, for
 contiguous inputs:
 
     fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
@@ -55,7 +55,7 @@ _EMPTY = 0  # size of the placeholder returned for an absent optional tensor
 
 
 def _kernels(backend: str):
-    return backends.get(backend).attention_kernels()
+    return backends.kernels("attention", backend)
 
 
 def _device_guard(t: Tensor):

@@ -75,9 +75,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_support import interpreting, unavailable  # noqa: F401  (unavailable: the backend table's probe)
 from .triton_bwd import leap_bwd_kernel_dden, leap_bwd_kernel_dkv
 from .triton_segments import leap_segment_grad_sums_kernel, leap_segment_scan_kernel, leap_segment_sums_kernel
-from .triton_fwd import interpreting, leap_fwd_kernel_sweep
+from .triton_fwd import leap_fwd_kernel_sweep
 from .triton_monotone import leap_monotone_kernel_dkv, leap_monotone_kernel_q, monotone_tables
 from .triton_step import leap_step_kernel
 

@@ -34,16 +34,12 @@ the ``den`` clamp is a ``where`` too, so a non-finite q_t, or k, v or pk of a vi
 o_t non-finite as on the other backends. A padded or out-of-range key is never loaded (masked
 loads with ``other=0``: a selection, so NaN / Inf there reach no output and no state).
 """
-import os
-
 import triton
 import triton.language as tl
 
+from .._triton_support import interpreting
+
 HALF_PI = tl.constexpr(1.5707963267948966)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def autotune_configs():

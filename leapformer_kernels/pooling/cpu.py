@@ -41,8 +41,11 @@ def argmax_dtype(windows):
     return torch.int16 if max(int(b) - int(a) for a, b in windows) <= 32767 else torch.int32
 
 
-def unavailable(dtype):
-    """None if the C++ kernels can run ``dtype``, else the reason (a failed build's log tail)."""
+def unavailable(device, dtype):
+    """None if the C++ kernels can run ``device`` / ``dtype`` inputs, else the reason (a failed
+    build's log tail)."""
+    if device.type != "cpu":
+        return f"the cpu backend serves CPU tensors only, got {device}"
     if dtype not in DTYPES:
         return f"the cpu window_pool kernels take {DTYPES}, got {dtype}"
     try:

@@ -3,7 +3,7 @@
     leapformer::window_pool_fwd(x, starts, ends, reduce, need_argmax, backend) -> (pooled, valid, argmax)
     leapformer::window_pool_bwd(grad, argmax, T, starts, ends, reduce, backend) -> dx
 
-A backend provides a kernel module (``backends.<name>.pool_kernels()``) with, for a contiguous
+A backend provides a kernel module (``backends.kernels("pooling", <name>)``) with, for a contiguous
 x [B, T, D] and windows as a tuple of (a, b):
 
     pool_fwd(x, windows, reduce, need_argmax) -> (pooled [B, T, W, D] in x's dtype, valid [B, T, W] bool,
@@ -25,7 +25,7 @@ from .._functorch import backward_function, functorch_active
 
 
 def _kernels(backend: str):
-    return backends.get(backend).pool_kernels()
+    return backends.kernels("pooling", backend)
 
 
 def _windows(starts, ends):

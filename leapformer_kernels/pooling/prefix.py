@@ -13,6 +13,11 @@ import torch
 from .naive import window_bounds
 
 
+def unavailable(device, dtype):
+    """The torch backend runs anywhere: None."""
+    return None
+
+
 def _first_max(va, ia, vb, ib):
     """Combine two (value, index) candidates; NaN ranks above every number (a window holding NaN
     gives NaN, as ``torch.amax``); ties (NaN with NaN included) keep the lower index."""

@@ -52,12 +52,12 @@ Launch grids (``pool_grid``): every kernel runs one program per (b, row-block, c
 tile, all on grid axis 0 (2^31 - 1 programs), decoded by ``_tile_ids``: CUDA limits axes 1 and 2
 to 65535, which B, T-blocks or D-blocks (W * D columns in the backward) can exceed.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._triton_support import interpreting, unavailable  # noqa: F401  (unavailable: the backend table's probe)
 from .naive import clamp_windows
 
 PBT = 128  # rows per prefix block (the precision unit of the two-level prefix)
@@ -67,7 +67,7 @@ SCAN_BD = 64  # columns per program of the carry scan
 OUT_BD = 64  # columns per program of the tiled kernels
 # rows per program of the tiled kernels: the interpreter pays per program and per op, not per
 # element, so it gets bigger tiles (still several per sequence at T = 1000: multi-tile paths run)
-OUT_BT = 256 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 64
+OUT_BT = 256 if interpreting() else 64
 # cap (bytes) of the max path's sparse-table scratch (``st_plan``)
 ST_SCRATCH = 128 << 20
 

@@ -1,34 +1,20 @@
-"""The ``triton`` backend: fused Triton kernels for CUDA tensors (and CPU tensors under
-``TRITON_INTERPRET=1``, which is how CI tests them).
-
-Kernel modules: ``attention/triton_chunk.py`` (fwd / bwd / step, see ``attention/op.py``) and
-``pooling/triton_pool.py`` (pool_fwd / pool_bwd, see ``pooling/op.py``). float64 is refused.
-"""
+"""Whether the Triton kernels can run here, answered without importing triton (so that a missing
+triton is a reason, not an ImportError). Shared by every family's Triton kernel module."""
+import importlib.util
 import os
+from typing import Optional
 
 import torch
 
 
 def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (Triton runs the kernels on the CPU, as CI does)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def attention_kernels():
-    from ..attention import triton_chunk
-
-    return triton_chunk
-
-
-def pool_kernels():
-    from ..pooling import triton_pool
-
-    return triton_pool
-
-
-def unavailable(op, device, dtype):
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+def unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if the Triton kernels can run on ``device`` / ``dtype`` tensors, else the reason."""
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"

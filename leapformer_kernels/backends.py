@@ -1,9 +1,11 @@
-"""Backend registry and selection (DESIGN section 3).
+"""Backend selection and the kernel table (DESIGN section 3).
 
 Three backends: ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``cpu``
-(C++ kernels for CPU tensors), ``torch`` (anywhere). Each backend module provides
-``unavailable(op, device, dtype) -> str | None`` and its kernel modules
-``attention_kernels()`` and ``pool_kernels()`` (interfaces in attention/op.py, pooling/op.py).
+(C++ kernels for CPU tensors), ``torch`` (anywhere). ``KERNELS`` maps (op family, backend) to the
+family's kernel module, which provides the family's interface (``attention/op.py``,
+``pooling/op.py``) and says itself whether it can run: ``unavailable(device, dtype) -> str | None``.
+Kernel modules are imported on first use by name, so the op modules import this one and never the
+reverse (no import cycle).
 
 Selection: the ``backend=`` argument (raises ``ValueError`` if it cannot serve), else the
 ``LEAPFORMER_BACKEND`` environment variable (a preference: falls back to torch with one
@@ -12,24 +14,35 @@ warning), else automatic by device (falls back to torch with one warning naming 
 import importlib
 import os
 import warnings
+from types import ModuleType
 from typing import List, Optional
 
 import torch
 
-from .._validate import BACKEND_NAMES
+from ._validate import BACKEND_NAMES
 
-_MODULES = {"torch": "torch_backend", "cpu": "cpu_backend", "triton": "triton_backend"}
+FAMILY = {"leap_attention": "attention", "leap_attention_step": "attention", "window_pool": "pooling"}
+KERNELS = {
+    ("attention", "torch"): "attention.chunk",
+    ("attention", "cpu"): "attention.cpu",
+    ("attention", "triton"): "attention.triton_chunk",
+    ("pooling", "torch"): "pooling.prefix",
+    ("pooling", "cpu"): "pooling.cpu",
+    ("pooling", "triton"): "pooling.triton_pool",
+}
 _warned = set()
 _chosen = {}
 
 
-def get(name: str):
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+def kernels(op: str, backend: str) -> ModuleType:
+    """The kernel module of ``backend`` for ``op`` (an op name or a family: "attention", "pooling")."""
+    return importlib.import_module(f"{__package__}.{KERNELS[(FAMILY.get(op, op), backend)]}")
 
 
-def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if ``backend`` can run ``op`` on ``device`` / ``dtype`` tensors, else the reason."""
     try:
-        return get(name).unavailable(op, device, dtype)
+        return kernels(op, backend).unavailable(device, dtype)
     except Exception as e:  # an import error of an optional backend is a reason, not a crash
         return f"{type(e).__name__}: {e}"
 
@@ -48,35 +61,35 @@ def _automatic(device: torch.device, dtype: torch.dtype) -> List[str]:
     return []
 
 
-def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype):
-    """Return the backend module that runs ``op`` on tensors of ``device`` / ``dtype``."""
+def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The name of the backend that runs ``op`` on tensors of ``device`` / ``dtype``."""
     if backend is not None:
-        reason = _reason(backend, op, device, dtype)
+        reason = unavailable(op, backend, device, dtype)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run {op} on {device} {dtype} tensors: {reason}")
-        return get(backend)
+        return backend
     pref = os.environ.get("LEAPFORMER_BACKEND")
     if pref:
         if pref not in BACKEND_NAMES:
             _warn_once(f"LEAPFORMER_BACKEND={pref!r} is not one of {BACKEND_NAMES}; using torch")
-            return get("torch")
-        reason = _reason(pref, op, device, dtype)
+            return "torch"
+        reason = unavailable(op, pref, device, dtype)
         if reason is None:
-            return get(pref)
+            return pref
         _warn_once(f"LEAPFORMER_BACKEND={pref!r} cannot run {op} here ({reason}); falling back to torch")
-        return get("torch")
+        return "torch"
     for name in _automatic(device, dtype):
-        reason = _reason(name, op, device, dtype)
+        reason = unavailable(op, name, device, dtype)
         if reason is None:
-            return get(name)
+            return name
         _warn_once(f"leapformer_kernels: the {name} backend is unavailable ({reason}); "
                    "falling back to the torch backend")
-    return get("torch")
+    return "torch"
 
 
 def choose(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The name of the backend that runs ``op``; evaluated once per trace under torch.compile,
-    and memoised per (arguments, environment) in eager mode (the decode step is latency-bound)."""
+    """``select``, evaluated once per trace under torch.compile, and memoised per (arguments,
+    environment) in eager mode (the decode step is latency-bound)."""
     env = (os.environ.get("LEAPFORMER_BACKEND"), os.environ.get("TRITON_INTERPRET"))
     return _choose_cached(op, backend, device.type, device.index, dtype, env)
 
@@ -85,8 +98,7 @@ def choose(op: str, backend: Optional[str], device: torch.device, dtype: torch.d
 def _choose_cached(op, backend, device_type, device_index, dtype, env) -> str:
     key = (op, backend, device_type, device_index, dtype, env)
     if key not in _chosen:
-        mod = select(op, backend, torch.device(device_type, device_index), dtype)
-        _chosen[key] = next(name for name, m in _MODULES.items() if mod.__name__.endswith(m))
+        _chosen[key] = select(op, backend, torch.device(device_type, device_index), dtype)
     return _chosen[key]
 
 
@@ -98,10 +110,6 @@ def reset() -> None:
 
 def available_backends(op: str = "leap_attention") -> List[str]:
     """Backends that can run ``op`` (float32) on this machine, e.g. ["torch", "cpu", "triton"]."""
-    out = []
     probes = {"torch": torch.device("cpu"), "cpu": torch.device("cpu"),
               "triton": torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")}
-    for name in BACKEND_NAMES:
-        if _reason(name, op, probes[name], torch.float32) is None:
-            out.append(name)
-    return out
+    return [name for name in BACKEND_NAMES if unavailable(op, name, probes[name], torch.float32) is None]
