@@ -327,3 +327,23 @@ def test_cli_linearize_ctrl_c_saves_what_was_trained(hf_run, capsys, monkeypatch
     assert res["interrupted"] == "attention transfer, after step 3" and len(res["transfer"]["history"]) == 3
     back = lk.hf.load(hf_run / "lin")  # the partly transferred model was saved
     assert len(leap_layers(back)) == 2
+
+
+def test_linearize_demo_quick(tmp_path):
+    """The demo behind the README table runs end to end at tiny sizes (python -m benchmarks.linearize_demo
+    --quick): teacher, leapformer linearize, decode timing, md / json / png."""
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import linearize_demo
+    assert linearize_demo.main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "linearize_demo.json").read_text())
+    assert set(res["held_out_loss"]) == {"softmax", "before_transfer", "after_transfer", "after_finetune"}
+    assert set(res["decode_ms_per_token"]) == {64, 256} or set(res["decode_ms_per_token"]) == {"64", "256"}
+    assert all(v["softmax"] > 0 and v["leap"] > 0 for v in res["decode_ms_per_token"].values())
+    md = (tmp_path / "linearize_demo.md").read_text()
+    assert "| softmax teacher |" in md and "after LoRA fine-tuning" in md and res["device"] in md
+    assert (tmp_path / "linearize_demo.png").stat().st_size > 0
+    assert lk.hf.load(tmp_path / "work" / "linearised").config.leapformer["layers"] == [0, 1]
