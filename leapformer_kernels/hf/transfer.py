@@ -31,8 +31,9 @@ from .attention import LeapSelfAttention
 class TrainLog:
     """What a training call did. ``history``: one dict per step (``step``, ``loss``, ``lr``,
     ``seconds``; attention transfer adds ``layers``, {layer index: MSE}); ``trainable``: the names of
-    the parameters that trained; ``interrupted``: stopped by Ctrl-C / SIGTERM (or ``steps_done <
-    steps`` when the batches ran out, then ``exhausted``)."""
+    the parameters that trained; ``steps_done``: the optimizer steps taken, fewer than ``steps`` when
+    ``interrupted`` (Ctrl-C / SIGTERM) or ``exhausted`` (an iterator of batches ran out);
+    ``seconds``: time in the training loop."""
 
     model: object
     steps: int
@@ -256,8 +257,8 @@ def transfer_attention(model, batches, steps: int, *, lr: float = 1e-2, train_qk
         steps: optimizer steps (>= 1).
         lr: peak learning rate. warmup: warm-up steps (None = steps // 10).
         grad_clip: clip the gradient norm (0 = off). progress: tqdm bar (loss, worst layer).
-        log_every: keep the per-layer losses of every this many steps in ``history`` (the last
-            step's always).
+        log_every: keep the per-layer losses of every this many steps in ``history`` (the first
+            and the last step's always).
 
     Returns a ``TrainLog`` (``history[i]["layers"]``: {layer index: MSE}).
     """
