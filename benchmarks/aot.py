@@ -38,20 +38,21 @@ def label(name: str, kwargs: Dict) -> str:
         return "bwd.dkv"
     if name == "leap_bwd_kernel_dden":
         return "bwd.dden"
-    if name == "leap_step_kernel":
+    if name == "leap_fwd_kernel_step":
         return "step_inplace" if kwargs.get("HAS_IDX") else "step"
-    if name == "leap_segment_sums_kernel":
+    if name == "leap_fwd_kernel_segment_sums":
         return "fwd.segment_sums"
-    if name == "leap_segment_grad_sums_kernel":
+    if name == "leap_bwd_kernel_segment_sums":
         return "bwd.segment_sums"
-    if name == "leap_segment_scan_kernel":
+    if name == "leap_fwd_kernel_segment_scan":
         return "segment_scan"
-    if name == "leap_monotone_kernel_q":  # monotone cross-attention (num_visible_keys)
+    if name == "leap_fwd_kernel_monotone":  # monotone cross-attention (num_visible_keys)
         return {0: "monotone.fwd", 2: "monotone.bwd.dq"}.get(
             kwargs.get("STAGE"), f"monotone.q{kwargs.get('STAGE')}")
-    if name == "leap_monotone_kernel_dkv":
+    if name == "leap_bwd_kernel_monotone_dkv":
         return "monotone.bwd.dkv"
-    return "pool." + name.strip("_").removesuffix("_kernel")
+    part = name.split("_kernel_", 1)[-1]  # pool_<fwd|bwd>_kernel_<part>
+    return "pool." + {"pool_bwd_kernel_max": "max_bwd", "pool_bwd_kernel_sum": "sum_bwd"}.get(name, part)
 
 
 class Ptr:

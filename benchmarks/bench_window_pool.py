@@ -70,10 +70,10 @@ def triton_plan(B, T, dims, windows):
         for reduce in ("sum", "max"):
             for direction in ("fwd", "bwd"):
                 with aot.record() as launches:
-                    pooled, _, arg = tp.pool_fwd(x, windows, reduce, True)
+                    pooled, _, arg = tp.fwd(x, windows, reduce, True)
                 if direction == "bwd":
                     with aot.record() as launches:
-                        tp.pool_bwd(torch.empty(pooled.shape, device="meta"), T, windows, reduce, arg)
+                        tp.bwd(torch.empty(pooled.shape, device="meta"), T, windows, reduce, arg)
                 by = {}
                 for L in launches:
                     by.setdefault(L.label, []).append(L.grid[0] * L.grid[1] * L.grid[2])

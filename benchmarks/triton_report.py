@@ -53,8 +53,8 @@ def launches(dtype, D, B=ANCHOR["B"], H=ANCHOR["H"], T=ANCHOR["T"]):
         pool = (torch.empty(2 * B, H, 2 * D, D, device="meta"), torch.empty(2 * B, H, 2 * D, device="meta"))
         tc.step_(*one, *pool, torch.empty(B, dtype=torch.int64, device="meta"), 1e-6, True)
         for reduce in ("sum", "mean", "max"):  # sum_out / block_prefix without and with MEAN
-            pooled, _, arg = tp.pool_fwd(x, wins, reduce, True)
-            tp.pool_bwd(pooled, T, wins, reduce, arg)
+            pooled, _, arg = tp.fwd(x, wins, reduce, True)
+            tp.bwd(pooled, T, wins, reduce, arg)
     return out
 
 

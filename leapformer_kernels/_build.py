@@ -245,3 +245,19 @@ def build(names: Optional[Sequence[str]] = None) -> List[str]:
     if bad:
         raise BuildError("\n".join(_failed[n] for n in bad))
     return names
+
+
+def cpu_unavailable(device, dtype, name: str):
+    """The ``unavailable(device, dtype)`` of a C++ kernel module (``attention/cpu.py``,
+    ``pooling/cpu.py``) whose extension is ``name``: None if it can run, else the reason."""
+    import torch
+
+    if device.type != "cpu":
+        return f"the cpu backend serves CPU tensors only, got {device}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"the C++ kernels take float16, bfloat16, float32 or float64, not {dtype}"
+    try:
+        load(name)
+    except BuildError as e:
+        return f"the C++ extension could not be built: {e}"
+    return None

@@ -23,10 +23,10 @@ from ._validate import BACKEND_NAMES
 
 FAMILY = {"leap_attention": "attention", "leap_attention_step": "attention", "window_pool": "pooling"}
 KERNELS = {
-    ("attention", "torch"): "attention.chunk",
+    ("attention", "torch"): "attention.torch_chunk",
     ("attention", "cpu"): "attention.cpu",
     ("attention", "triton"): "attention.triton_chunk",
-    ("pooling", "torch"): "pooling.prefix",
+    ("pooling", "torch"): "pooling.torch_prefix",
     ("pooling", "cpu"): "pooling.cpu",
     ("pooling", "triton"): "pooling.triton_pool",
 }

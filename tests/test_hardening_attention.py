@@ -187,10 +187,10 @@ def test_bad_cu_seqlens_cpu_under_compile():
 
 # ----------------------------------------------------------------------------- 4. allocation
 def test_torch_backend_allocates_T_rows():
-    from leapformer_kernels.attention import chunk
+    from leapformer_kernels.attention import torch_chunk
 
     for bs in (6, 100, 2 ** 31 - 1, 2 ** 63 - 1):
-        C, _ = chunk._chunk_plan(5, bs)
+        C, _ = torch_chunk._chunk_plan(5, bs)
         assert C <= 64, (bs, C)
     q, k, v, pq, pk = make_inputs(1, 5, None, 2, None, 4, 4)
     o = lk.leap_attention(q, k, v, pq, pk, block_size=2 ** 31 - 1, backend="torch")

@@ -413,9 +413,9 @@ def test_triton_launch_grids(monkeypatch, case, reduce):
     B, T, D = GRID_CASES[case]
     windows = ((-3, 0), (1, 1))
     x = torch.empty(B, T, D, device="meta")
-    pooled, _, arg = triton_pool.pool_fwd(x, windows, reduce, need_argmax=True)
+    pooled, _, arg = triton_pool.fwd(x, windows, reduce, with_argmax=True)
     grad = torch.empty(pooled.shape, device="meta")
-    triton_pool.pool_bwd(grad, T, windows, reduce, arg)
+    triton_pool.bwd(grad, T, windows, reduce, arg)
     assert log
     for name, grid in log:
         assert grid[0] <= CUDA_AXIS0_MAX, (name, grid)

@@ -206,7 +206,7 @@ def test_max_scratch_matches_formula(monkeypatch, case):
     want_bc, want_dc = {"one_chunk": (B, D), "columns": (B, 128), "sequences": (2, 64)}[case]
     x = torch.empty(B, T, D, device="meta")
     with _Allocations() as rec:
-        tp.pool_fwd(x, windows, "max", need_argmax=True)
+        tp.fwd(x, windows, "max", with_argmax=True)
     n = want_bc * (T + R) * want_dc
     expected = sorted([((B, T, len(windows), D), torch.float32), ((B, T, len(windows), D), torch.int16)]
                       + [((n,), torch.float32), ((n,), torch.int32)] * nbuf, key=str)
@@ -247,11 +247,11 @@ def test_launch_options(monkeypatch):
             monkeypatch.setattr(tp, name, Rec(name))
     x = torch.empty(2, 300, 70, device="meta")
     for reduce in ("sum", "mean", "max"):
-        pooled, _, arg = tp.pool_fwd(x, [(-3, 0), (1, 4)], reduce, need_argmax=True)
-        tp.pool_bwd(torch.empty(pooled.shape, device="meta"), 300, [(-3, 0), (1, 4)], reduce, arg)
+        pooled, _, arg = tp.fwd(x, [(-3, 0), (1, 4)], reduce, with_argmax=True)
+        tp.bwd(torch.empty(pooled.shape, device="meta"), 300, [(-3, 0), (1, 4)], reduce, arg)
     names = {n for n, _ in log}
-    assert {"_block_prefix_kernel", "_carry_scan_kernel", "_st_init_kernel", "_st_level_kernel", "_max_out_kernel",
-            "_max_runs_kernel", "_max_bwd_kernel", "_sum_out_kernel", "_sum_bwd_kernel"} <= names
+    assert {"pool_fwd_kernel_block_prefix", "pool_fwd_kernel_carry_scan", "pool_fwd_kernel_st_init", "pool_fwd_kernel_st_level", "pool_fwd_kernel_max_out",
+            "pool_bwd_kernel_max_runs", "pool_bwd_kernel_max", "pool_fwd_kernel_sum_out", "pool_bwd_kernel_sum"} <= names
     assert all(k.get("enable_fp_fusion") is True for _, k in log), [n for n, k in log if "enable_fp_fusion" not in k]
 
 
@@ -271,8 +271,8 @@ x = torch.empty(2, 300, 70, device="meta")
 wins = [(-3, 0), (1, 1), (2, 40)]
 with aot.record() as launches:
     for red in ("mean", "max"):
-        p, _, arg = tp.pool_fwd(x, wins, red, True)
-        tp.pool_bwd(p, 300, wins, red, arg)
+        p, _, arg = tp.fwd(x, wins, red, True)
+        tp.bwd(p, 300, wins, red, arg)
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
 seen, bad = set(), []

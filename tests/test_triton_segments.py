@@ -62,8 +62,8 @@ def policy(request, monkeypatch):
 def _launch_grids(monkeypatch):
     """Record the third grid axis (segments) of every sweep launch."""
     seen = []
-    for name in ("leap_fwd_kernel_sweep", "leap_bwd_kernel_dkv", "leap_segment_sums_kernel",
-                 "leap_segment_grad_sums_kernel"):
+    for name in ("leap_fwd_kernel_sweep", "leap_bwd_kernel_dkv", "leap_fwd_kernel_segment_sums",
+                 "leap_bwd_kernel_segment_sums"):
         kernel = getattr(tc, name)
 
         class Spy:
@@ -133,10 +133,10 @@ def test_parity(case, policy, monkeypatch):
     segments = {name: grid[2] if len(grid) > 2 else 1 for name, grid in seen}
     if policy == "segmented":
         assert segments["leap_fwd_kernel_sweep"] > 1 and segments["leap_bwd_kernel_dkv"] > 1, seen
-        assert "leap_segment_sums_kernel" in segments and "leap_segment_grad_sums_kernel" in segments
+        assert "leap_fwd_kernel_segment_sums" in segments and "leap_bwd_kernel_segment_sums" in segments
     else:
         assert all(s == 1 for s in segments.values()), seen
-        assert "leap_segment_sums_kernel" not in segments
+        assert "leap_fwd_kernel_segment_sums" not in segments
 
 
 def test_segmented_equals_unsegmented_in_float32_to_rounding(monkeypatch):

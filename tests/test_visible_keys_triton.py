@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import leapformer_kernels as lk
-from leapformer_kernels.attention import chunk
+from leapformer_kernels.attention import torch_chunk
 from utils import assert_close, make_inputs, make_state
 
 pytestmark = pytest.mark.skipif("triton" not in lk.available_backends(), reason="triton backend unavailable")
@@ -76,7 +76,7 @@ def test_triton_monotone_matches_oracle(case):
     cot = (torch.randn(B, T, H, Dv, dtype=torch.float64), torch.randn(B, H, 2 * Dk, Dv, dtype=torch.float64),
            torch.randn(B, H, 2 * Dk, dtype=torch.float64))
     # the Triton kernels must serve the mode themselves (no torch fallback)
-    with mock.patch.object(chunk, "monotone_core", side_effect=AssertionError("torch fallback")):
+    with mock.patch.object(torch_chunk, "monotone_core", side_effect=AssertionError("torch fallback")):
         outs, grads = _run(lk.leap_attention, ins, kw, cot, backend="triton")
     outs_ref, grads_ref = _run(lk.reference.leap_attention, ref_ins, kw, cot)
     for name, a, b in zip(["o", "final S", "final z"], outs, outs_ref):

@@ -236,11 +236,11 @@ def test_argmax_storage(backend):
     assert kern.argmax_dtype(((1, 1), (-32768, 0))) == torch.int32
     x = torch.randn(1, 50, 3)
     for windows in (((-3, 0), (5, 7)), ((-40000, 0), (1, 1))):
-        pooled, valid, arg = kern.pool_fwd(x, windows, "max")
+        pooled, valid, arg = kern.fwd(x, windows, "max")
         assert arg.dtype == kern.argmax_dtype(windows) and arg.shape == (1, 50, 2, 3)
         ref, _ = lk.reference.window_pool(x, list(windows), "max")
         assert torch.equal(pooled, ref)
-    _, _, arg = kern.pool_fwd(x, ((60, 70),), "max")  # wholly outside: no argmax
+    _, _, arg = kern.fwd(x, ((60, 70),), "max")  # wholly outside: no argmax
     assert bool((arg == -1).all())
 
 
@@ -251,11 +251,11 @@ def test_max_without_argmax(backend):
     x = torch.randn(2, 300, 37)
     x[0, 5:40, 3] = float("-inf")  # -inf inside a window beats the padding outside [0, T)
     windows = [(-300, -200), (-7, 3), (0, 0), (1, 1), (2, 3), (100, 170), (250, 400), (-5, -2)]
-    pooled, valid, arg = kern.pool_fwd(x, windows, "max", need_argmax=False)
+    pooled, valid, arg = kern.fwd(x, windows, "max", with_argmax=False)
     assert arg is None
     ref, ref_valid = lk.reference.window_pool(x, windows, "max")
     assert torch.equal(pooled, ref) and torch.equal(valid, ref_valid)
-    with_arg, _, arg = kern.pool_fwd(x, windows, "max", need_argmax=True)
+    with_arg, _, arg = kern.fwd(x, windows, "max", with_argmax=True)
     assert arg is not None and torch.equal(with_arg, ref)
     # the public op picks the mode from grad mode and x.requires_grad
     xg = x.clone().requires_grad_()

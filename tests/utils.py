@@ -87,13 +87,13 @@ def plain_pool(x, windows, reduce="mean", *, dtype):
     division by the count and the max all in ``dtype`` (the oracle itself sums in float64 and
     takes the max in float32 for half inputs). The baseline of flash-attn's rule for window_pool;
     differentiable in x, gradients in ``dtype``. Returns (pooled, valid)."""
-    from leapformer_kernels.pooling import naive, prefix
+    from leapformer_kernels.pooling import naive, torch_prefix
 
     x = x.to(dtype)
     B, T, D = x.shape
     if reduce == "max":
         if B * T * T * D * len(windows) > PLAIN_POOL_MAX_ELEMENTS:
-            return prefix.prefix_window_pool(x, windows, "max")
+            return torch_prefix.prefix_window_pool(x, windows, "max")
         with mock.patch.object(naive, "state_dtype", lambda d: d):
             return naive.window_pool(x, windows, "max")
     lo, hi, valid = naive.window_bounds(T, windows, x.device)

@@ -1,1 +1,2 @@
-"""LeaP attention: reference (``naive``), PyTorch chunked form (``chunk``), kernels, autograd glue."""
+"""LeaP attention: reference (``naive``), torch backend (``torch_chunk``), C++ wrapper (``cpu``),
+Triton kernels (``triton_*``), custom ops and autograd (``op``); the naming rule is in the README."""

@@ -32,7 +32,6 @@ import torch
 from .. import _build
 
 NAME = "leap_attention"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ISAS = ("generic", "avx2", "avx512")  # the C++ codes 0, 1, 2 (csrc/common/isa.h); -1: automatic
 
 _mode = 0  # the driver: 0 automatic, 1 sequential over chunks, 2 across chunks
@@ -66,15 +65,7 @@ def _ext():
 
 def unavailable(device, dtype):
     """None if the C++ kernels can run ``device`` / ``dtype`` inputs, else the reason (a string)."""
-    if device.type != "cpu":
-        return f"the cpu backend serves CPU tensors only, got {device}"
-    if dtype not in _DTYPES:
-        return f"the C++ kernels take float16, bfloat16, float32 or float64, not {dtype}"
-    try:
-        _ext()
-    except _build.BuildError as e:
-        return f"the C++ extension could not be built: {e}"
-    return None
+    return _build.cpu_unavailable(device, dtype, NAME)
 
 
 def _acc(q):

@@ -41,7 +41,6 @@ unchecked (value checks are skipped under torch.compile) never makes it read or 
 bounds: the C++ and torch kernels raise, the Triton kernels clamp (see ``triton_chunk.py``).
 Every op returns fresh tensors: an output that would share memory with an input is copied.
 """
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -49,6 +48,7 @@ from torch import Tensor
 
 from .. import backends
 from .._functorch import backward_function, functorch_active
+from .._guard import contiguous_as, on_device
 from .._validate import state_dtype
 
 _EMPTY = 0  # size of the placeholder returned for an absent optional tensor
@@ -56,14 +56,6 @@ _EMPTY = 0  # size of the placeholder returned for an absent optional tensor
 
 def _kernels(backend: str):
     return backends.kernels("attention", backend)
-
-
-def _device_guard(t: Tensor):
-    """Launch on the tensor's own GPU; nothing to do elsewhere (a ``torch.device`` context would
-    install a TorchFunctionMode that taxes every op inside)."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 _I64_MAX = 2 ** 63 - 1
@@ -102,7 +94,7 @@ def leap_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, 
                        normalize: bool, output_final_state: bool,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     kern = _kernels(backend)
-    with _device_guard(q):
+    with on_device(q):
         out = kern.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
                        causal, block_size, eps, normalize, output_final_state)
     o, S, z, den = out if getattr(kern, "SAVES_DEN", False) else (*out, None)
@@ -140,7 +132,7 @@ def leap_attention_bwd(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q
     if getattr(kern, "SAVES_DEN", False):
         present = o is not None and den is not None and den.numel() > 0
         saved = dict(o=o if present else None, den=den if present else None)
-    with _device_guard(q):
+    with on_device(q):
         dq, dk, dv, dpq, dpk, dS0, dz0 = kern.bwd(*args, **saved)
     out = (dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype))
     return _fresh(out, (do, dS, dz, q, k, v, pq, pk, S0, z0, o, den))
@@ -191,7 +183,7 @@ leap_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def leap_attention_step_op(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, S0: Optional[Tensor],
                            z0: Optional[Tensor], eps: float, normalize: bool,
                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    with _device_guard(q):
+    with on_device(q):
         out = _kernels(backend).step(q, k, v, pq, pk, S0, z0, eps, normalize)
     return _fresh(out, (q, k, v, pq, pk, S0, z0))
 
@@ -204,17 +196,11 @@ def _(q, k, v, pq, pk, S0, z0, eps, normalize, backend):
     return q.new_empty(B, T, H, Dv), q.new_empty(B, H, 2 * Dk, Dv, dtype=acc), q.new_empty(B, H, 2 * Dk, dtype=acc)
 
 
-def _as(t: Optional[Tensor], dtype) -> Optional[Tensor]:
-    """``t`` in ``dtype``, contiguous (itself when it already is: no dispatch on the decode path)."""
-    if t is None or (t.dtype == dtype and t.is_contiguous()):
-        return t
-    return t.to(dtype).contiguous()
-
-
 def _prepare(q, k, v, pq, pk, S0, z0):
     acc = state_dtype(q.dtype)
-    c = [_as(q, q.dtype), _as(k, q.dtype), _as(v, q.dtype), _as(pq, acc), _as(pk, acc)]
-    return c, _as(S0, acc), _as(z0, acc)
+    c = [contiguous_as(q), contiguous_as(k, q.dtype), contiguous_as(v, q.dtype), contiguous_as(pq, acc),
+         contiguous_as(pk, acc)]
+    return c, contiguous_as(S0, acc), contiguous_as(z0, acc)
 
 
 def _visible_keys(n: Optional[Tensor], B: int, T: int, S: int) -> Optional[Tensor]:
@@ -251,7 +237,7 @@ def leap_attention_step(backend: str, q, k, v, pq, pk, state, *, eps, normalize)
     if torch.compiler.is_compiling():
         o, S, z = leap_attention_step_op(*c, S0, z0, float(eps), normalize, backend)
     else:  # eager decoding: skip the dispatcher round trip (the step has no autograd to record)
-        with _device_guard(q):
+        with on_device(q):
             o, S, z = _kernels(backend).step(*c, S0, z0, float(eps), normalize)
     return o, (S, z)
 

@@ -35,7 +35,8 @@ from the reverse scan (``triton_chunk.query_grad_states``). Deterministic: no at
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, _clamp_den, _cvt, _dot, _grad_rows, _key_valid, _load_feat, _seq_bounds, autotune_configs
+from .triton_fwd import (HALF_PI, _clamp_den, _cvt, _dot, _grad_rows, _grad_rows_of, _key_rows, _key_valid,
+                         _load_feat, _load_state, _query_rows_of, _seq_bounds, autotune_configs)
 
 
 @triton.jit
@@ -112,6 +113,22 @@ def _key_tile(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m
     return b_dhs, b_dhc, b_dzs, b_dzc
 
 
+@triton.jit
+def _key_range(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, s_lo, s_hi, o_i, o_k, m_k, o_v, m_v,
+               b_dhs, b_dhc, b_dzs, b_dzc, i_k, NSK, eps,
+               H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, HAS_KPM: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+               NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """Gradients of the keys [s_lo, s_hi), in tiles of BT, from one (inclusive) state gradient: no
+    intra-chunk terms, so dH, dZ are not changed."""
+    b_M = o_i[:, None] >= 0  # unused without intra-chunk terms
+    for s0 in range(s_lo, s_hi, BT):
+        o_s = s0 + o_i
+        _key_tile(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < s_hi, o_k, m_k, o_v, m_v,
+                  b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
+                  H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
+
+
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
                       'USE_DS', 'DO_DK', 'DO_DV', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
@@ -140,15 +157,9 @@ def leap_bwd_kernel_dkv(
         i_v = i_b * 0
     bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
     h0 = i_hk * G  # the group's first query head
-    q += (bos * H + h0) * K
-    pq += bos * H + h0
-    do += (bos * H + h0) * V
-    den += bos * H + h0
-    dden += bos * H + h0
-    k += (kbos * HKV + i_hk) * K
-    pk += kbos * HKV + i_hk
-    v += (kbos * HKV + i_hk) * V
-    kpm += kbos
+    q, pq = _query_rows_of(q, pq, bos, h0, H, K)
+    do, den, dden = _grad_rows_of(do, den, dden, bos, h0, H, V)
+    k, pk, v, kpm = _key_rows(k, pk, v, kpm, kbos, i_hk, HKV, K, V)
     dk += (kbos * HKV + i_hk) * K
     dpk += kbos * HKV + i_hk
     dv += (kbos * HKV + i_hk) * V
@@ -157,26 +168,20 @@ def leap_bwd_kernel_dkv(
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_dhs = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dhc = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dzs = tl.zeros([BK], dtype=tl.float32)
-    b_dzc = tl.zeros([BK], dtype=tl.float32)
+    b_dhs, b_dhc, b_dzs, b_dzc = _load_state(dS, dz, 0, o_k, m_k, o_v, m_v, BK, BV, K, V, False, False)
     # the state gradient this program starts from, summed over the group's query heads h: dS row
     # (i_n, h), or (SEGMENTED 1) that of the queries after segment i_s (the reverse exclusive
     # scan), row (i_n, h) * (segments) + i_s, or (SEGMENTED 2) the whole state gradient
     if USE_DS:
-        m_st = m_k[:, None] & m_v[None, :]
         for j in range(0, G):
             st_row = (i_n * H + h0 + j).to(tl.int64)
             if SEGMENTED == 1:
                 st_row = st_row * tl.num_programs(2) + i_s
-            p_st = dS + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-            b_dhs += tl.load(p_st, mask=m_st, other=0.)
-            b_dhc += tl.load(p_st + K * V, mask=m_st, other=0.)
-            if DO_DK:
-                p_z = dz + st_row * (2 * K) + o_k
-                b_dzs += tl.load(p_z, mask=m_k, other=0.)
-                b_dzc += tl.load(p_z + K, mask=m_k, other=0.)
+            a_s, a_c, a_zs, a_zc = _load_state(dS, dz, st_row, o_k, m_k, o_v, m_v, BK, BV, K, V, True, DO_DK)
+            b_dhs += a_s
+            b_dhc += a_c
+            b_dzs += a_zs
+            b_dzc += a_zc
 
     o_i = tl.arange(0, BT)
     r0 = i_s * L  # this program's rows: [r0, r1) (one segment; L >= T unsegmented)
@@ -193,16 +198,10 @@ def leap_bwd_kernel_dkv(
                 b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
                 H, G, HKV, K, V, True, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
     elif SEGMENTED == 2:  # one block holds every query: dS is the whole state gradient; keys [r0, r1)
-        b_M = o_i[:, None] >= 0  # unused
-        r1 = tl.minimum(r0 + L, Lk)
-        for s0 in range(r0, r1, BT):
-            o_s = s0 + o_i
-            b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
-                q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < r1, o_k, m_k, o_v, m_v,
-                b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
-                H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
+        _key_range(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, r0, tl.minimum(r0 + L, Lk), o_i, o_k, m_k, o_v,
+                   m_v, b_dhs, b_dhc, b_dzs, b_dzc, i_k, NSK, eps, H, G, HKV, K, V, BT, HAS_KPM, DO_DK, DO_DV,
+                   NORMALIZE, DOT_MODE, DT)
     else:
-        b_M = o_i[:, None] >= 0  # unused
         # whole blocks from the segment's end back to r0 (a multiple of W when segmented)
         nb = tl.cdiv(tl.minimum(r0 + L, tl.maximum(Lq, Lk)) - r0, W)
         for jb in range(0, nb):
@@ -215,13 +214,9 @@ def leap_bwd_kernel_dkv(
                         q + j * K, pq + j, do + j * V, den + j, dden + j, o_t, o_t < qe, o_k, m_k, o_v, m_v,
                          b_dhs, b_dhc, b_dzs, b_dzc, eps, H, K, V, DO_DK, NORMALIZE,
                         DOT_MODE, DT)
-            ke = tl.minimum(b0 + W, Lk)
-            for s0 in range(b0, ke, BT):
-                o_s = s0 + o_i
-                b_dhs, b_dhc, b_dzs, b_dzc = _key_tile(
-                    q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, o_s < ke, o_k, m_k, o_v, m_v,
-                    b_dhs, b_dhc, b_dzs, b_dzc, b_M, i_k, NSK, eps,
-                    H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
+            _key_range(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, b0, tl.minimum(b0 + W, Lk), o_i, o_k, m_k,
+                       o_v, m_v, b_dhs, b_dhc, b_dzs, b_dzc, i_k, NSK, eps, H, G, HKV, K, V, BT, HAS_KPM, DO_DK,
+                       DO_DV, NORMALIZE, DOT_MODE, DT)
 
 
 @triton.jit(do_not_specialize=['R', 'eps'])

@@ -9,8 +9,8 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
 - ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, one program per
   key/value head (the group's state gradient summed, its query heads looped over): dk and dv
   together (Dk, Dv <= 64), or a dk launch over key blocks and a dv launch over value tiles.
-- ``triton_step.leap_step_kernel``: the decode step (one launch per step).
-- ``triton_monotone.leap_monotone_kernel_q`` / ``leap_monotone_kernel_dkv``: monotone
+- ``triton_step.leap_fwd_kernel_step``: the decode step (one launch per step).
+- ``triton_monotone.leap_fwd_kernel_monotone`` / ``leap_bwd_kernel_monotone_dkv``: monotone
   cross-attention (``num_visible_keys``): a forward-order sweep over query chunks (o and ``den``;
   ``dq`` / ``dpq``) and a reverse sweep over key chunks (``dk``, ``dv``, ``dpk``,
   ``dS0``, ``dz0``), one program per (batch x query head, value tile), not segmented
@@ -67,7 +67,6 @@ then its initial state); every row belongs to one sequence, so every output row 
 is written. For example, with T = 9, [0, 4, 100000] reads as [0, 4, 9], [0, 4, 7] as [0, 4, 9],
 [2, 5, 9] as [0, 5, 9] and [0, 6, 3, 9] as [0, 6, 6, 9]. A valid ``cu_seqlens`` is unchanged.
 """
-import contextlib
 import functools
 import math
 
@@ -75,12 +74,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .._guard import contiguous_as, on_device
 from .._triton_support import interpreting, unavailable  # noqa: F401  (unavailable: the backend table's probe)
 from .triton_bwd import leap_bwd_kernel_dden, leap_bwd_kernel_dkv
-from .triton_segments import leap_segment_grad_sums_kernel, leap_segment_scan_kernel, leap_segment_sums_kernel
+from .triton_segments import leap_bwd_kernel_segment_sums, leap_fwd_kernel_segment_scan, leap_fwd_kernel_segment_sums
 from .triton_fwd import leap_fwd_kernel_sweep
-from .triton_monotone import leap_monotone_kernel_dkv, leap_monotone_kernel_q, monotone_tables
-from .triton_step import leap_step_kernel
+from .triton_monotone import leap_bwd_kernel_monotone_dkv, leap_fwd_kernel_monotone, monotone_tables
+from .triton_step import leap_fwd_kernel_step
 
 SAVES_DEN = True  # fwd returns (o, S, z, den); bwd takes o=, den= (see attention/op.py)
 
@@ -173,7 +173,7 @@ def key_states(k, pk, v, kpm, cu, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L
     is added in both. The final state ``[N, H, 2K, V]``, ``[N, H, 2K]`` goes to ``S_fin``/``z_fin``
     when given. Returns ``(S_start, z_start)``; deterministic (a scan in a fixed order)."""
     nseg = triton.cdiv(S, L)
-    leap_segment_sums_kernel[(N * H, NV, nseg)](
+    leap_fwd_kernel_segment_sums[(N * H, NV, nseg)](
         k, pk, v, kpm if kpm is not None else pk, cu if cu is not None else pk, seg, zseg, T, S, L,
         H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, HAS_KPM=kpm is not None,
         DOT_MODE=dot_mode, DT=dt, **LAUNCH)
@@ -181,7 +181,7 @@ def key_states(k, pk, v, kpm, cu, S0, z0, T, S, N, H, G, K, V, BT, BK, BV, NV, L
 
 
 def _scan(seg, zseg, S_init, z_init, N, H, K, V, nseg, whole, reverse, S_whole, z_whole, S_fin, z_fin):
-    """One launch of ``leap_segment_scan_kernel``, in place in ``seg`` / ``zseg`` (or into
+    """One launch of ``leap_fwd_kernel_segment_scan``, in place in ``seg`` / ``zseg`` (or into
     ``S_whole`` / ``z_whole`` when ``whole``); the finals written into ``S_fin`` / ``z_fin`` when
     given (the op's own output buffers: no copy). Returns (start states, start normalisers)."""
     S_start, z_start = (S_whole, z_whole) if whole else (seg, zseg)
@@ -189,7 +189,7 @@ def _scan(seg, zseg, S_init, z_init, N, H, K, V, nseg, whole, reverse, S_whole, 
     BLOCK = min(1024, triton.next_power_of_2(SK))
     has_init = S_init is not None
     fin = S_fin is not None
-    leap_segment_scan_kernel[(N * H, triton.cdiv(SK, BLOCK))](
+    leap_fwd_kernel_segment_scan[(N * H, triton.cdiv(SK, BLOCK))](
         seg, zseg, S_init if has_init else seg, z_init if has_init else zseg, S_start, z_start,
         S_fin if fin else seg, z_fin if fin else zseg,
         nseg, SK=SK, ZK=2 * K, BLOCK=BLOCK, BLOCK_Z=triton.next_power_of_2(2 * K),
@@ -207,7 +207,7 @@ def query_grad_states(q, pq, do, den, dden, cu, dS, dz, T, S, N, H, K, V, BT, BK
     key side sums a GQA group). ``dS0``/``dz0`` are written when given. Returns ``(dS_start,
     dz_start)``; deterministic."""
     nseg = triton.cdiv(T, L)
-    leap_segment_grad_sums_kernel[(N * H, NV, nseg)](
+    leap_bwd_kernel_segment_sums[(N * H, NV, nseg)](
         q, pq, do, den, dden, cu if cu is not None else pq, seg, zseg, T, S, L, eps,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, IS_VARLEN=cu is not None, NORMALIZE=normalize, DOT_MODE=dot_mode, DT=dt,
         **LAUNCH)
@@ -234,24 +234,16 @@ def _safe_cu_seqlens(cu: torch.Tensor, T: int) -> torch.Tensor:
     return c
 
 
-def _guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _check_dtype(q: torch.Tensor):
     if q.dtype not in _DT:
         raise ValueError(f"backend='triton' supports float32, float16 and bfloat16, got {q.dtype}")
 
 
 def _c(t, dtype=None):
-    """Contiguous (and in ``dtype``), or None for an absent or empty placeholder. The kernels
-    index dense row-major tensors: an expanded gradient (``S.sum()`` gives a stride-0 dS)
-    must be materialised first."""
-    if t is None or t.numel() == 0:
-        return None
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.contiguous()
+    """Contiguous (and in ``dtype``: ``_guard.contiguous_as``), or None for an absent or empty
+    placeholder. The kernels index dense row-major tensors: an expanded gradient (``S.sum()`` gives
+    a stride-0 dS) must be materialised first."""
+    return None if t is None or t.numel() == 0 else contiguous_as(t, dtype)
 
 
 def _bwd_tiles(K: int, V: int):
@@ -371,7 +363,7 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
         Sf = zf = None
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     dummy = pq
-    with _guard(q):
+    with on_device(q):
         plan = _plan(q.device, T, S, N, H, NV, INTRA, W, CL)
         ws = _alloc({n: v for n, v in _scratch(False, B, T, S, H, Hkv, K, V, N, plan,
                                                 output_final_state=output_final_state).items() if n != "cu"},
@@ -467,7 +459,7 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
     dS0 = torch.empty(N, H, 2 * K, V, **f32) if S0 is not None else None
     dz0 = torch.empty(N, H, 2 * K, **f32) if S0 is not None else None
     whole_bufs = (ws.get("whole_S"), ws.get("whole_z"))
-    with _guard(q):
+    with on_device(q):
         s0, z0_ = S0, z0
         if plan:  # the query-side stages run segment-parallel from the forward's prefix states
             L, nseg, whole = plan
@@ -533,8 +525,8 @@ def _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize
     zf = torch.empty(B, H, 2 * K, **f32) if output_final_state else None
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     dummy = pq
-    with _guard(q):
-        leap_monotone_kernel_q[sweep_grid(B, H, NV)](
+    with on_device(q):
+        leap_fwd_kernel_monotone[sweep_grid(B, H, NV)](
             q, k, v, pq, pk, kpm if kpm is not None else dummy, nvk,
             S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
             o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
@@ -592,16 +584,16 @@ def _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, ep
     dS0 = torch.empty(B, H, 2 * K, V, **f32) if S0 is not None else None
     dz0 = torch.empty(B, H, 2 * K, **f32) if S0 is not None else None
     grid = sweep_grid(B, H, NV)
-    with _guard(q):
+    with on_device(q):
         tab = monotone_tables(nvk, T, S, BT)
         if normalize:
             _dden(o, do, den, dden, eps)
-        leap_monotone_kernel_q[grid](
+        leap_fwd_kernel_monotone[grid](
             q, k, v, pq, pk, kp, nvk, s0, z0_, dummy, dummy, dummy,
             do, den, dden, dq, dpq,
             T, S, NTH, eps,
             STAGE=2, USE_S0=S0 is not None, STORE_STATE=False, **common)
-        leap_monotone_kernel_dkv[grid](
+        leap_bwd_kernel_monotone_dkv[grid](
             q, k, v, pq, pk, kp, nvk, tab, dS if dS is not None else dummy, dz if dz is not None else dummy,
             do, den, dden,
             dk, dv, dpk, dS0 if dS0 is not None else dummy, dz0 if dz0 is not None else dummy,
@@ -638,8 +630,8 @@ def step(q, k, v, pq, pk, S0, z0, eps, normalize):
     Sn = torch.empty(B, H, 2 * K, V, **f32)
     zn = torch.empty(B, H, 2 * K, **f32)
     dummy = pq
-    with _guard(q):
-        leap_step_kernel[step_grid(B, H, NV)](
+    with on_device(q):
+        leap_fwd_kernel_step[step_grid(B, H, NV)](
             q, k, v, pq, pk, S0 if S0 is not None else dummy, z0 if z0 is not None else dummy, o, Sn, zn, dummy,
             T, B, eps, H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, USE_S0=S0 is not None, NORMALIZE=normalize,
             HAS_IDX=False, num_warps=_step_warps(BK, BV), **LAUNCH)
@@ -660,8 +652,8 @@ def step_(q, k, v, pq, pk, S, z, state_indices, eps, normalize):
     BV = max(16, triton.next_power_of_2(V))
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     idx = state_indices.contiguous() if state_indices is not None else pq
-    with _guard(q):
-        leap_step_kernel[step_grid(B, H, 1)](
+    with on_device(q):
+        leap_fwd_kernel_step[step_grid(B, H, 1)](
             q, k, v, pq, pk, S, z, o, S, z, idx,
             T, S.shape[0], eps, H=H, G=H // Hkv, K=K, V=V, BK=BK, BV=BV, USE_S0=True, NORMALIZE=normalize,
             HAS_IDX=state_indices is not None, num_warps=_step_warps(BK, BV), **LAUNCH)

@@ -125,6 +125,25 @@ def _load_feat(x, p, o_r, m_r, stride_x, stride_p, o_d, m_d):
 
 
 @triton.jit
+def _key_rows(k, pk, v, kpm, kbos, i_hk, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """k, pk, v, kpm from the first key row ``kbos`` (int64) of a sequence, key/value head ``i_hk``:
+    rows are then plain offsets from the sequence start."""
+    return k + (kbos * HKV + i_hk) * K, pk + kbos * HKV + i_hk, v + (kbos * HKV + i_hk) * V, kpm + kbos
+
+
+@triton.jit
+def _query_rows_of(q, pq, bos, i_h, H: tl.constexpr, K: tl.constexpr):
+    """q, pq from the first query row ``bos`` (int64) of a sequence, query head ``i_h``."""
+    return q + (bos * H + i_h) * K, pq + bos * H + i_h
+
+
+@triton.jit
+def _grad_rows_of(do, den, dden, bos, i_h, H: tl.constexpr, V: tl.constexpr):
+    """do, den, dden from the first query row ``bos`` (int64) of a sequence, query head ``i_h``."""
+    return do + (bos * H + i_h) * V, den + bos * H + i_h, dden + bos * H + i_h
+
+
+@triton.jit
 def _key_valid(kpm, o_r, m_r, HAS_KPM: tl.constexpr):
     """In-range and not padded."""
     if HAS_KPM:
@@ -132,6 +151,50 @@ def _key_valid(kpm, o_r, m_r, HAS_KPM: tl.constexpr):
         return m_r & (b_pad == 0)
     else:
         return m_r
+
+
+@triton.jit
+def _load_state(S, z, row, o_k, m_k, o_v, m_v, BK: tl.constexpr, BV: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, USE: tl.constexpr, load_z):
+    """The fp32 state a program starts from: row ``row`` (int64) of ``S [rows, 2K, V]`` (this
+    program's value tile of its sin and cos halves) and of ``z [rows, 2K]`` (where ``load_z``),
+    or zeros (``USE`` False)."""
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    b_c = tl.zeros([BK, BV], dtype=tl.float32)
+    b_zs = tl.zeros([BK], dtype=tl.float32)
+    b_zc = tl.zeros([BK], dtype=tl.float32)
+    if USE:
+        p_st = S + row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
+        m_st = m_k[:, None] & m_v[None, :]
+        b_s += tl.load(p_st, mask=m_st, other=0.)
+        b_c += tl.load(p_st + K * V, mask=m_st, other=0.)
+        if load_z:
+            p_z = z + row * (2 * K) + o_k
+            b_zs += tl.load(p_z, mask=m_k, other=0.)
+            b_zc += tl.load(p_z + K, mask=m_k, other=0.)
+    return b_s, b_c, b_zs, b_zc
+
+
+@triton.jit
+def _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H: tl.constexpr, V: tl.constexpr,
+             NORMALIZE: tl.constexpr):
+    """Store o rows ``o_t64`` = num / max(den, eps) (or num) and, on value tile 0, den."""
+    if NORMALIZE:
+        b_num = b_num / _clamp_den(b_den, eps)[:, None]
+        if i_v == 0:
+            tl.store(den + o_t64 * H, b_den, mask=m_t)
+    tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _dq_tile(dq, dpq, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """dq~ (sin and cos halves) -> dq rows ``o_t64`` (columns o_k) and their dpq (one fp32 per row)."""
+    b_dq = tl.where(b_a > 0, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None], 0.)
+    b_dp = HALF_PI * tl.sum(b_a * (b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None]), 1)
+    tl.store(dq + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+             mask=m_t[:, None] & m_k[None, :])
+    tl.store(dpq + o_t64 * H, b_dp, mask=m_t)
 
 
 @triton.jit
@@ -188,6 +251,17 @@ def _grad_rows(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps,
 
 
 @triton.jit
+def _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps, H: tl.constexpr,
+                   V: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """g, r of query rows o_t (``_grad_rows``) and their dq~ through the state: ``g S^T + r z^T``
+    (sin and cos halves)."""
+    b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
+    b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
+    b_dqc = _dot(b_g, tl.trans(b_hc), DOT_MODE, DT) + b_r[:, None] * b_zc[None, :]
+    return b_g, b_r, b_dqs, b_dqc
+
+
+@triton.jit
 def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
                 b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, STAGE: tl.constexpr,
@@ -205,31 +279,21 @@ def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
         b_num = _dot(b_qs, b_hs, DOT_MODE, DT) + _dot(b_qc, b_hc, DOT_MODE, DT)
         if HAS_A:
             b_num += _dot(b_A, b_v, DOT_MODE, DT)
-        if NORMALIZE:
-            b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
-            if HAS_A:
-                b_den += tl.sum(b_A, 1)
-            b_num = b_num / _clamp_den(b_den, eps)[:, None]
-            if i_v == 0:
-                tl.store(den + o_t64 * H, b_den, mask=m_t)
-        tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+        b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
+        if HAS_A:
+            b_den += tl.sum(b_A, 1)
+        _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
     else:
-        b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
         # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk)
-        b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
-        b_dqc = _dot(b_g, tl.trans(b_hc), DOT_MODE, DT) + b_r[:, None] * b_zc[None, :]
+        b_g, b_r, b_dqs, b_dqc = _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps,
+                                                H, V, NORMALIZE, DOT_MODE, DT)
         if HAS_A:
             b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
             b_dqs += _dot(b_dA, b_ks, DOT_MODE, DT)
             b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
-        b_dq = tl.where(b_a > 0, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None], 0.)
-        b_dp = HALF_PI * tl.sum(b_a * (b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None]), 1)
         # complete dq rows for this program's key columns o_k (all value columns are here);
         # dpq sums over every key column: one partial per key block (i_k), summed on the host
-        tl.store(dq + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
-                 mask=m_t[:, None] & m_k[None, :])
-        tl.store(dpq + i_k * NTH + o_t64 * H, b_dp, mask=m_t)
+        _dq_tile(dq, dpq + i_k * NTH, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H, K)
 
 
 @triton.jit
@@ -274,16 +338,10 @@ def leap_fwd_kernel_sweep(
     i_hk = i_h // G
     bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
     # per-(sequence, head) base pointers; rows are then plain offsets from the sequence start
-    q += (bos * H + i_h) * K
-    pq += bos * H + i_h
-    k += (kbos * HKV + i_hk) * K
-    pk += kbos * HKV + i_hk
-    v += (kbos * HKV + i_hk) * V
-    kpm += kbos
+    q, pq = _query_rows_of(q, pq, bos, i_h, H, K)
+    k, pk, v, kpm = _key_rows(k, pk, v, kpm, kbos, i_hk, HKV, K, V)
     o += (bos * H + i_h) * V
-    do += (bos * H + i_h) * V
-    den += bos * H + i_h
-    dden += bos * H + i_h
+    do, den, dden = _grad_rows_of(do, den, dden, bos, i_h, H, V)
     dq += (bos * H + i_h) * K
     dpq += bos * H + i_h
 
@@ -291,23 +349,12 @@ def leap_fwd_kernel_sweep(
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_hs = tl.zeros([BK, BV], dtype=tl.float32)
-    b_hc = tl.zeros([BK, BV], dtype=tl.float32)
-    b_zs = tl.zeros([BK], dtype=tl.float32)
-    b_zc = tl.zeros([BK], dtype=tl.float32)
     # the state this program starts from: S0 row i_nh, or (SEGMENTED 1) the exclusive prefix state
     # of segment i_s, row i_nh * (number of segments) + i_s, or (SEGMENTED 2) the whole state
     st_row = i_nh.to(tl.int64)
     if SEGMENTED == 1:
         st_row = st_row * tl.num_programs(2) + i_s
-    if USE_S0:
-        p_st = S0 + st_row * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_st = m_k[:, None] & m_v[None, :]
-        b_hs += tl.load(p_st, mask=m_st, other=0.)
-        b_hc += tl.load(p_st + K * V, mask=m_st, other=0.)
-        p_z = z0 + st_row * (2 * K) + o_k
-        b_zs += tl.load(p_z, mask=m_k, other=0.)
-        b_zc += tl.load(p_z + K, mask=m_k, other=0.)
+    b_hs, b_hc, b_zs, b_zc = _load_state(S0, z0, st_row, o_k, m_k, o_v, m_v, BK, BV, K, V, USE_S0, True)
 
     o_i = tl.arange(0, BT)
     q0 = i_s * L  # this program's query rows: [q0, q1) (one segment; L >= T unsegmented)

@@ -9,13 +9,13 @@ it reads the state of the whole key chunks below ``j0 = lo // BT`` (``S0`` plus 
 are non-decreasing in c, so the (query chunk, key tile) pairs form a staircase: at most
 ``ceil(T/BT) + ceil(S/BT)`` of them, and the work is O(BT (T + S)) (no T x S buffer).
 
-- ``leap_monotone_kernel_q``: one program per (batch x query head, value tile) sweeps the query
+- ``leap_fwd_kernel_monotone``: one program per (batch x query head, value tile) sweeps the query
   chunks in order, folding whole key chunks into the fp32 state carried in registers
   (``2 x [BK, BV]`` and ``2 x [BK]``) up to each chunk's ``j0`` (a loop-carried fold position).
   ``STAGE`` 0: o and ``den`` (and, with ``STORE_STATE``, the final state: the remaining keys
   folded after the last chunk); 2: ``dq``, ``dpq`` (``dq~ = g S^T + r z^T + (where(M, g v^T + r,
   0)) k~`` over the masked tiles).
-- ``leap_monotone_kernel_dkv``: one program per (batch x query head, value tile) sweeps the key
+- ``leap_bwd_kernel_monotone_dkv``: one program per (batch x query head, value tile) sweeps the key
   chunks in reverse, carrying ``dH = dS + sum q~_c^T g_c`` and ``dZ = dz + sum q~_c r_c`` over
   the query chunks whose base state holds the key chunk (``j0(c) > j``: a suffix of the query
   chunks that grows as j falls), plus, per key chunk, the masked-pair terms of the query chunks
@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import HALF_PI, _clamp_den, _cvt, _dot, _fold_keys, _grad_rows, _key_valid, _load_feat, _store_state
+from .triton_fwd import (HALF_PI, _cvt, _dot, _dq_from_state, _dq_tile, _fold_keys, _grad_rows, _grad_rows_of, _key_rows, _key_valid,
+                         _load_feat, _load_state, _query_rows_of, _store_o, _store_state)
 
 
 def monotone_tables(n: torch.Tensor, T: int, S: int, BT: int) -> torch.Tensor:
@@ -78,6 +79,15 @@ def _k_tile(k, pk, v, kpm, o_s, Lk, o_k, m_k, o_v, m_v, HKV: tl.constexpr, K: tl
 
 
 @triton.jit
+def _mono_program(T, S, H: tl.constexpr, G: tl.constexpr):
+    """This program's (batch x query head, value tile, batch row, query head, key/value head,
+    first query row, first key row) (rows int64)."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    return i_nh, i_v, i_n, i_h, i_h // G, i_n.to(tl.int64) * T, i_n.to(tl.int64) * S
+
+
+@triton.jit
 def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, dden, dq, dpq, t0, Lq, Lk, s_lo, s_hi,
                       o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps, NTH,
                       H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -99,24 +109,18 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, dden, dq, dpq, t0, 
                                                               HKV, K, V, HAS_KPM, DOT_MODE, DT)
             if DOT_MODE == 1:
                 b_lqs, b_lqc = b_qs, b_qc
-            else:  # fp32 operands: reload q per tile, not hoisted (see leap_monotone_kernel_dkv)
+            else:  # fp32 operands: reload q per tile, not hoisted (see leap_bwd_kernel_monotone_dkv)
                 _x0, _x1, _x2, b_lqs, b_lqc = _q_feats(q, pq, o_t, m_t & (s0 >= 0), o_k, m_k, H, K, DOT_MODE, DT)
             b_A = _dot(b_lqs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_lqc, tl.trans(b_kc), DOT_MODE, DT)
             # selected, not multiplied: a key a query does not see reaches nothing
             b_A = tl.where(o_s[None, :] < b_n[:, None], b_A, 0.)
             b_num += _dot(b_A, b_v, DOT_MODE, DT)
             b_den += tl.sum(b_A, 1)
-        if NORMALIZE:
-            b_num = b_num / _clamp_den(b_den, eps)[:, None]
-            if i_v == 0:
-                tl.store(den + o_t64 * H, b_den, mask=m_t)
-        tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+        _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
     else:
-        b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
         # dq~ = g S^T + r z^T + where(M, g v^T + r, 0) k~ over the masked tiles
-        b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
-        b_dqc = _dot(b_g, tl.trans(b_hc), DOT_MODE, DT) + b_r[:, None] * b_zc[None, :]
+        b_g, b_r, b_dqs, b_dqc = _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps,
+                                                H, V, NORMALIZE, DOT_MODE, DT)
         for s0 in range(s_lo, s_hi, BT):
             o_s = s0 + o_i
             b_kv, b_ak, b_sk, b_ck, b_ks, b_kc, b_v = _k_tile(k, pk, v, kpm, o_s, Lk, o_k, m_k, o_v, m_v,
@@ -124,15 +128,13 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, dden, dq, dpq, t0, 
             b_dA = tl.where(o_s[None, :] < b_n[:, None], _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
             b_dqs += _dot(b_dA, b_ks, DOT_MODE, DT)
             b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
-        b_dq = tl.where(b_a > 0, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None], 0.)
-        b_dp = HALF_PI * tl.sum(b_a * (b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None]), 1)
-        p_dq = dq + i_v.to(tl.int64) * NTH * K + o_t64[:, None] * (H * K) + o_k[None, :]
-        tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-        tl.store(dpq + i_v.to(tl.int64) * NTH + o_t64 * H, b_dp, mask=m_t)
+        # per value tile i_v: fp32 partials, summed on the host
+        _dq_tile(dq + i_v.to(tl.int64) * NTH * K, dpq + i_v.to(tl.int64) * NTH, b_a, b_sin, b_cos, b_dqs, b_dqc,
+                 o_t64, m_t, o_k, m_k, H, K)
 
 
 @triton.jit(do_not_specialize=['T', 'S', 'NTH', 'eps'])
-def leap_monotone_kernel_q(
+def leap_fwd_kernel_monotone(
     q, k, v, pq, pk, kpm, nvk, S0, z0,
     o, Sf, zf,
     do, den, dden, dq, dpq,
@@ -142,23 +144,13 @@ def leap_monotone_kernel_q(
     STAGE: tl.constexpr, HAS_KPM: tl.constexpr, USE_S0: tl.constexpr, STORE_STATE: tl.constexpr,
     NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_nh, i_v, i_n, i_h, i_hk, bos, kbos = _mono_program(T, S, H, G)
     HKV: tl.constexpr = H // G
-    i_hk = i_h // G
-    bos = i_n.to(tl.int64) * T
-    kbos = i_n.to(tl.int64) * S
-    q += (bos * H + i_h) * K
-    pq += bos * H + i_h
+    q, pq = _query_rows_of(q, pq, bos, i_h, H, K)
     nvk += bos
-    k += (kbos * HKV + i_hk) * K
-    pk += kbos * HKV + i_hk
-    v += (kbos * HKV + i_hk) * V
-    kpm += kbos
+    k, pk, v, kpm = _key_rows(k, pk, v, kpm, kbos, i_hk, HKV, K, V)
     o += (bos * H + i_h) * V
-    do += (bos * H + i_h) * V
-    den += bos * H + i_h
-    dden += bos * H + i_h
+    do, den, dden = _grad_rows_of(do, den, dden, bos, i_h, H, V)
     dq += (bos * H + i_h) * K
     dpq += bos * H + i_h
 
@@ -167,18 +159,7 @@ def leap_monotone_kernel_q(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_i = tl.arange(0, BT)
-    b_hs = tl.zeros([BK, BV], dtype=tl.float32)
-    b_hc = tl.zeros([BK, BV], dtype=tl.float32)
-    b_zs = tl.zeros([BK], dtype=tl.float32)
-    b_zc = tl.zeros([BK], dtype=tl.float32)
-    if USE_S0:
-        p_st = S0 + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_st = m_k[:, None] & m_v[None, :]
-        b_hs += tl.load(p_st, mask=m_st, other=0.)
-        b_hc += tl.load(p_st + K * V, mask=m_st, other=0.)
-        p_z = z0 + i_nh.to(tl.int64) * (2 * K) + o_k
-        b_zs += tl.load(p_z, mask=m_k, other=0.)
-        b_zc += tl.load(p_z + K, mask=m_k, other=0.)
+    b_hs, b_hc, b_zs, b_zc = _load_state(S0, z0, i_nh.to(tl.int64), o_k, m_k, o_v, m_v, BK, BV, K, V, USE_S0, True)
 
     f0 = i_nh * 0  # keys [0, f0) are in the state (a whole number of key chunks)
     for t0 in range(0, T, BT):
@@ -215,7 +196,7 @@ def _fold_queries(q, pq, do, den, dden, c0, c1, Lq, o_i, o_k, m_k, o_v, m_v, b_d
 
 
 @triton.jit(do_not_specialize=['T', 'S', 'NTH', 'NSH', 'eps'])
-def leap_monotone_kernel_dkv(
+def leap_bwd_kernel_monotone_dkv(
     q, k, v, pq, pk, kpm, nvk, tab, dS, dz,
     do, den, dden,
     dk, dv, dpk, dS0, dz0,
@@ -225,23 +206,13 @@ def leap_monotone_kernel_dkv(
     HAS_KPM: tl.constexpr, USE_DS: tl.constexpr, STORE_DS0: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_nh, i_v, i_n, i_h, i_hk, bos, kbos = _mono_program(T, S, H, G)
     HKV: tl.constexpr = H // G
-    i_hk = i_h // G
-    bos = i_n.to(tl.int64) * T
-    kbos = i_n.to(tl.int64) * S
     NK = tl.cdiv(S, BT)
-    q += (bos * H + i_h) * K
-    pq += bos * H + i_h
+    q, pq = _query_rows_of(q, pq, bos, i_h, H, K)
     nvk += bos
-    do += (bos * H + i_h) * V
-    den += bos * H + i_h
-    dden += bos * H + i_h
-    k += (kbos * HKV + i_hk) * K
-    pk += kbos * HKV + i_hk
-    v += (kbos * HKV + i_hk) * V
-    kpm += kbos
+    do, den, dden = _grad_rows_of(do, den, dden, bos, i_h, H, V)
+    k, pk, v, kpm = _key_rows(k, pk, v, kpm, kbos, i_hk, HKV, K, V)
     dk += (kbos * H + i_h) * K
     dpk += kbos * H + i_h
     dv += (kbos * H + i_h) * V
@@ -253,19 +224,9 @@ def leap_monotone_kernel_dkv(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_i = tl.arange(0, BT)
-    b_dhs = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dhc = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dzs = tl.zeros([BK], dtype=tl.float32)
-    b_dzc = tl.zeros([BK], dtype=tl.float32)
-    if USE_DS:
-        p_st = dS + i_nh.to(tl.int64) * (2 * K * V) + o_k[:, None] * V + o_v[None, :]
-        m_st = m_k[:, None] & m_v[None, :]
-        b_dhs += tl.load(p_st, mask=m_st, other=0.)
-        b_dhc += tl.load(p_st + K * V, mask=m_st, other=0.)
-        if i_v == 0:
-            p_z = dz + i_nh.to(tl.int64) * (2 * K) + o_k
-            b_dzs += tl.load(p_z, mask=m_k, other=0.)
-            b_dzc += tl.load(p_z + K, mask=m_k, other=0.)
+    # the state gradient of the final state; dz on value tile 0 only (its r terms are counted there)
+    b_dhs, b_dhc, b_dzs, b_dzc = _load_state(dS, dz, i_nh.to(tl.int64), o_k, m_k, o_v, m_v, BK, BV, K, V, USE_DS,
+                                             i_v == 0)
 
     for jr in range(0, NK):
         j = NK - 1 - jr

@@ -6,19 +6,20 @@ sums its segment's ``k~^T v`` (``[2Dk, BV]``) and ``k~`` (``[2Dk]``, value tile 
 writes them to row ``i_nh * NSEG + i_s`` of ``Sseg`` ``[N*H*NSEG, 2Dk, Dv]`` and ``zseg``
 ``[N*H*NSEG, 2Dk]``. A segment past its sequence's end (varlen: the grid is sized for the
 longest possible sequence, no host sync) writes zeros. ``triton_chunk`` then scans the segment
-sums (``leap_segment_scan_kernel``, in place: exclusive prefix per segment, the final state) and
+sums (``leap_fwd_kernel_segment_scan``, in place: exclusive prefix per segment, the final state) and
 the sweep kernel runs every segment in parallel from its prefix state. The re-weighted features live in registers only.
 """
 import triton
 import triton.language as tl
 
-from .triton_fwd import _cvt, _dot, _fold_keys, _grad_rows, _load_feat, _seq_bounds, _store_state, autotune_configs
+from .triton_fwd import (_cvt, _dot, _fold_keys, _grad_rows, _grad_rows_of, _key_rows, _load_feat, _load_state,
+                         _query_rows_of, _seq_bounds, _store_state, autotune_configs)
 
 
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'IS_VARLEN', 'HAS_KPM', 'DOT_MODE'])
 @triton.jit(do_not_specialize=['T', 'S', 'L'])
-def leap_segment_sums_kernel(
+def leap_fwd_kernel_segment_sums(
     k, pk, v, kpm, cu_seqlens, Sseg, zseg,
     T, S, L,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -30,19 +31,13 @@ def leap_segment_sums_kernel(
     HKV: tl.constexpr = H // G
     i_hk = i_h // G
     bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
-    k += (kbos * HKV + i_hk) * K
-    pk += kbos * HKV + i_hk
-    v += (kbos * HKV + i_hk) * V
-    kpm += kbos
+    k, pk, v, kpm = _key_rows(k, pk, v, kpm, kbos, i_hk, HKV, K, V)
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_hs = tl.zeros([BK, BV], dtype=tl.float32)
-    b_hc = tl.zeros([BK, BV], dtype=tl.float32)
-    b_zs = tl.zeros([BK], dtype=tl.float32)
-    b_zc = tl.zeros([BK], dtype=tl.float32)
+    b_hs, b_hc, b_zs, b_zc = _load_state(Sseg, zseg, 0, o_k, m_k, o_v, m_v, BK, BV, K, V, False, False)
     b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, i_s * L, tl.minimum(i_s * L + L, Lk), tl.arange(0, BT),
                                         o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM,
                                         DOT_MODE, DT)
@@ -53,34 +48,28 @@ def leap_segment_sums_kernel(
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'K', 'V', 'BT', 'BK', 'BV', 'IS_VARLEN', 'NORMALIZE', 'DOT_MODE'])
 @triton.jit(do_not_specialize=['T', 'S', 'L', 'eps'])
-def leap_segment_grad_sums_kernel(
+def leap_bwd_kernel_segment_sums(
     q, pq, do, den, dden, cu_seqlens, dHseg, dzseg,
     T, S, L, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
-    """The backward's mirror of ``leap_segment_sums_kernel``: per query segment, ``q~^T g``
+    """The backward's mirror of ``leap_fwd_kernel_segment_sums``: per query segment, ``q~^T g``
     (``[2Dk, BV]``) and ``q~ r`` (``[2Dk]``, value tile 0; ``g = dL/dnum``, ``r = dL/dden`` as
     in ``triton_bwd``), the pieces of the state gradient that the reverse scan assembles."""
     i_nh, i_v, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
-    q += (bos * H + i_h) * K
-    pq += bos * H + i_h
-    do += (bos * H + i_h) * V
-    den += bos * H + i_h
-    dden += bos * H + i_h
+    q, pq = _query_rows_of(q, pq, bos, i_h, H, K)
+    do, den, dden = _grad_rows_of(do, den, dden, bos, i_h, H, V)
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_i = tl.arange(0, BT)
-    b_dhs = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dhc = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dzs = tl.zeros([BK], dtype=tl.float32)
-    b_dzc = tl.zeros([BK], dtype=tl.float32)
+    b_dhs, b_dhc, b_dzs, b_dzc = _load_state(dHseg, dzseg, 0, o_k, m_k, o_v, m_v, BK, BV, K, V, False, False)
     t1 = tl.minimum(i_s * L + L, Lq)
     for t0 in range(i_s * L, t1, BT):
         o_t = t0 + o_i
@@ -123,7 +112,7 @@ def _scan_rows(seg, init, start, fin, i_nh, NSEG, offs, m, HAS_INIT: tl.constexp
 
 
 @triton.jit(do_not_specialize=['NSEG'])
-def leap_segment_scan_kernel(
+def leap_fwd_kernel_segment_scan(
     Sseg, zseg, S_init, z_init, S_start, z_start, S_fin, z_fin, NSEG,
     SK: tl.constexpr, ZK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Z: tl.constexpr,
     HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, WHOLE: tl.constexpr, STORE_FIN: tl.constexpr = True,

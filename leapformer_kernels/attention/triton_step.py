@@ -24,7 +24,7 @@ from .triton_fwd import HALF_PI, _clamp_den, _relu
 
 
 @triton.jit(do_not_specialize=['T', 'N', 'eps'])
-def leap_step_kernel(
+def leap_fwd_kernel_step(
     q, k, v, pq, pk, S0, z0, o, Sn, zn, idx,
     T, N, eps,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,

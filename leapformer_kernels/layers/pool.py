@@ -6,7 +6,7 @@ from ..ops import window_pool
 
 
 class WindowPool(nn.Module):
-    """Pool x [B, T, D] over fixed windows of offsets: -> (pooled [B, T, W, D], valid [B, T, W])."""
+    """Pool x [B, T, D] over fixed windows of offsets: -> (pooled [B, T, NW, D], valid [B, T, NW])."""
 
     def __init__(self, windows, reduce: str = "mean", backend=None):
         super().__init__()

@@ -2,8 +2,8 @@
 
 Implements the kernel interface of ``pooling/op.py``:
 
-    pool_fwd(x, windows, reduce, need_argmax) -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax or None)
-    pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D]
+    fwd(x, windows, reduce, with_argmax) -> (pooled [B, T, NW, D], valid [B, T, NW] bool, argmax or None)
+    bwd(grad [B, T, NW, D], T, windows, reduce, argmax) -> dx [B, T, D]
     argmax_dtype(windows) -> torch.int16 or torch.int32
 
 sum / mean: one blocked two-level prefix sum along T (float64 inside blocks of 256 rows and for
@@ -20,11 +20,9 @@ element (so the tests' NaN poisoning of fresh buffers covers them).
 """
 import torch
 
-from .._build import BuildError, load
+from .._build import cpu_unavailable, load
 from .naive import clamp_windows
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+from .naive import offset_argmax_dtype as argmax_dtype  # noqa: F401  (the interface of pooling/op.py)
 
 def _ext():
     return load("window_pool")
@@ -36,41 +34,27 @@ def _clamp(windows, T):
     return [w[0] for w in wins], [w[1] for w in wins]
 
 
-def argmax_dtype(windows):
-    """int16 offsets within the window where the longest window fits, else int32."""
-    return torch.int16 if max(int(b) - int(a) for a, b in windows) <= 32767 else torch.int32
-
-
 def unavailable(device, dtype):
-    """None if the C++ kernels can run ``device`` / ``dtype`` inputs, else the reason (a failed
-    build's log tail)."""
-    if device.type != "cpu":
-        return f"the cpu backend serves CPU tensors only, got {device}"
-    if dtype not in DTYPES:
-        return f"the cpu window_pool kernels take {DTYPES}, got {dtype}"
-    try:
-        _ext()
-    except BuildError as e:
-        return str(e)
-    return None
+    """None if the C++ kernels can run ``device`` / ``dtype`` inputs, else the reason."""
+    return cpu_unavailable(device, dtype, "window_pool")
 
 
-def pool_fwd(x, windows, reduce, need_argmax=True):
+def fwd(x, windows, reduce, with_argmax=True):
     B, T, D = x.shape
-    W = len(windows)
+    NW = len(windows)
     a, b = _clamp(windows, T)
     # outputs from torch.empty (looked up at call time: the tests' NaN poisoning reaches them);
     # the C++ checks them and writes every element
-    pooled = torch.empty(B, T, W, D, dtype=x.dtype, device=x.device)
-    valid = torch.empty(B, T, W, dtype=torch.bool, device=x.device)
+    pooled = torch.empty(B, T, NW, D, dtype=x.dtype, device=x.device)
+    valid = torch.empty(B, T, NW, dtype=torch.bool, device=x.device)
     argmax = None
-    if reduce == "max" and need_argmax:
-        argmax = torch.empty(B, T, W, D, dtype=argmax_dtype(windows), device=x.device)
+    if reduce == "max" and with_argmax:
+        argmax = torch.empty(B, T, NW, D, dtype=argmax_dtype(windows), device=x.device)
     _ext().pool_fwd(x.contiguous(), a, b, reduce, pooled, valid, argmax)
     return pooled, valid, argmax
 
 
-def pool_bwd(grad, T, windows, reduce, argmax):
+def bwd(grad, T, windows, reduce, argmax):
     B, _, _, D = grad.shape
     a, b = _clamp(windows, T)
     dx = torch.empty(B, int(T), D, dtype=grad.dtype, device=grad.device)

@@ -31,8 +31,14 @@ def clamp_windows(windows, T: int):
     return [(max(-T, min(T, int(a))), max(-T, min(T, int(b)))) for a, b in windows]
 
 
+def offset_argmax_dtype(windows):
+    """The argmax dtype of kernels that store offsets within the window (cpu, triton): int16 where
+    the longest window fits, else int32."""
+    return torch.int16 if max(int(b) - int(a) for a, b in windows) <= 32767 else torch.int32
+
+
 def window_bounds(T: int, windows, device):
-    """lo, hi [T, W] int64: the clipped half-open range [lo, hi) of each window; valid [T, W]."""
+    """lo, hi [T, NW] int64: the clipped half-open range [lo, hi) of each window; valid [T, NW]."""
     windows = clamp_windows(windows, T)
     t = torch.arange(T, device=device)[:, None]
     a = torch.tensor([w[0] for w in windows], dtype=torch.int64, device=device)[None, :]
@@ -58,7 +64,7 @@ def _exact_einsum(eq, m, y):
 
 
 class _WindowSum(torch.autograd.Function):
-    """Sum over the members m [T, W, S] of each window: [B, T, W, D], exact for non-finite values
+    """Sum over the members m [T, NW, S] of each window: [B, T, NW, D], exact for non-finite values
     in x and in the gradient (linear in x: the gradient is the membership's transpose)."""
 
     @staticmethod
@@ -78,8 +84,8 @@ def window_pool(x, windows, reduce="mean", backend=None):
     B, T, D = x.shape
     lo, hi, valid = window_bounds(T, windows, x.device)
     s = torch.arange(T, device=x.device)
-    member = (s[None, None, :] >= lo[:, :, None]) & (s[None, None, :] < hi[:, :, None])  # [T, W, T]
-    count = member.sum(-1)  # [T, W]
+    member = (s[None, None, :] >= lo[:, :, None]) & (s[None, None, :] < hi[:, :, None])  # [T, NW, T]
+    count = member.sum(-1)  # [T, NW]
     if reduce in ("sum", "mean"):
         out = _WindowSum.apply(member.to(torch.float64), x.to(torch.float64))
         if reduce == "mean":
@@ -88,11 +94,11 @@ def window_pool(x, windows, reduce="mean", backend=None):
         acc = state_dtype(x.dtype)
         xa = x.to(acc)
         vals = torch.where(member[None, :, :, :, None], xa[:, None, None, :, :],
-                           torch.tensor(float("-inf"), dtype=acc, device=x.device))  # [B, T, W, S, D]
+                           torch.tensor(float("-inf"), dtype=acc, device=x.device))  # [B, T, NW, S, D]
         best = vals.amax(dim=3, keepdim=True)  # NaN where the window holds one
         # the first maximal element; where the window holds NaN, its first NaN (as torch.max)
         hit = torch.where(torch.isnan(best), torch.isnan(vals), vals == best) & member[None, :, :, :, None]
-        first = hit.to(torch.int8).argmax(dim=3)  # [B, T, W, D]
+        first = hit.to(torch.int8).argmax(dim=3)  # [B, T, NW, D]
         idx = first.reshape(B, -1, D)
         out = torch.gather(xa, 1, idx).reshape(B, T, len(windows), D)
         out = torch.where((count > 0)[None, :, :, None], out, torch.zeros((), dtype=acc, device=x.device))

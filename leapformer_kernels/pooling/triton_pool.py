@@ -2,14 +2,14 @@
 
 Implements the kernel interface of ``pooling/op.py``:
 
-    pool_fwd(x, windows, reduce, need_argmax) -> (pooled [B, T, W, D], valid [B, T, W] bool, argmax or None)
-    pool_bwd(grad [B, T, W, D], T, windows, reduce, argmax) -> dx [B, T, D]
+    fwd(x, windows, reduce, with_argmax) -> (pooled [B, T, NW, D], valid [B, T, NW] bool, argmax or None)
+    bwd(grad [B, T, NW, D], T, windows, reduce, argmax) -> dx [B, T, D]
     argmax_dtype(windows) -> torch.int16 or torch.int32
 
-sum / mean: a blocked two-level prefix in two launches. ``_block_prefix_kernel`` runs one program
+sum / mean: a blocked two-level prefix in two launches. ``pool_fwd_kernel_block_prefix`` runs one program
 per (b, block of ``PBT`` rows, ``PRE_BD`` columns) tile, all in parallel: it reads its tile of x
 once and writes Q, the float32 inclusive prefix inside the block, and the block's float64 sum;
-``_carry_scan_kernel`` (one program per (b, column block), ``SCAN_BK`` blocks per step) turns the
+``pool_fwd_kernel_carry_scan`` (one program per (b, column block), ``SCAN_BK`` blocks per step) turns the
 block sums into Cr, the float64 exclusive prefix over blocks (the carry of every block: the sum
 of the blocks before it, never its own, so a non-finite block cannot reach the carries before
 it). A window sum is then ``(Cr[h] - Cr[l]) + (Q[h] - Q[l])``, combined in float64 and rounded
@@ -18,15 +18,15 @@ window whatever its length. Overflow: a float32 in-block prefix of x = 1e37 reac
 34 rows (NaN even for the window (0, 0)), so a block whose largest |value| exceeds ``BIG`` =
 2^120 is summed scaled by 2^-8 (exact: a power of two), with the factor kept per (block,
 column) in S: no in-block partial sum can then exceed 2^127, and blocks of ordinary data are
-summed exactly as before. ``_sum_out_kernel`` tiles (T-block, D-block) and writes every window.
+summed exactly as before. ``pool_fwd_kernel_sum_out`` tiles (T-block, D-block) and writes every window.
 The backward is the same operation on the gradient over the reversed windows (-b, -a), summed
-over windows (``_sum_bwd_kernel``; mean scales the gradient by 1 / count in the prefix pass).
+over windows (``pool_bwd_kernel_sum``; mean scales the gradient by 1 / count in the prefix pass).
 max: a sparse table over the extended axis p in [-R, T), R = min(T, 2^jmax) with jmax =
 floor(log2) of the longest (clamped) window: level j holds the first maximum of x over
 [p, p + 2^j) clipped to [0, T) with its index (rows p <= -2^j are empty at level j, so rows
 below -R are never stored), built level by level by an elementwise kernel
-(``_st_level_kernel``, O(T * D) per level, jmax levels, shared by every window);
-``_max_out_kernel`` answers window (a, b) of length L at level floor(log2 L) as the first
+(``pool_fwd_kernel_st_level``, O(T * D) per level, jmax levels, shared by every window);
+``pool_fwd_kernel_max_out`` answers window (a, b) of length L at level floor(log2 L) as the first
 maximum of two overlapping halves, O(T * D) per window, and stores the argmax as an offset from
 the window's clipped start (int16 where the longest window fits, else int32; -1 for a
 wholly-outside window). The table is built for one chunk of (sequences, columns) at a time
@@ -36,21 +36,21 @@ index), at most ``max(ST_SCRATCH, nbuf * 8 * (T + R) * min(D, OUT_BD))``, i.e. `
 (128 MiB) unless one sequence's table for 64 columns alone is larger (T + R > 2^17).
 The backward is deterministic and atomic-free:
 for one (w, d) column the argmax of consecutive t is non-decreasing, so the t that send their
-gradient to a row s form one run [st, en]; ``_max_runs_kernel`` records each run at its row
-(every row written at most once) and ``_max_bwd_kernel`` gathers the run sums from the blocked
+gradient to a row s form one run [st, en]; ``pool_bwd_kernel_max_runs`` records each run at its row
+(every row written at most once) and ``pool_bwd_kernel_max`` gathers the run sums from the blocked
 prefix of the gradient. (No ``tl.associative_scan`` with a custom combine: the interpreter runs
 those element by element.) The order of the max puts NaN above every number: a window holding
 NaN gives NaN, as ``torch.amax``, and its argmax (which takes the gradient) is its first NaN.
 
 Addresses: every offset into a [B, T, ...] buffer is computed in int64 (row indices are widened
-before they are multiplied by a stride), so B * T * W * D >= 2^31 elements address correctly;
+before they are multiplied by a stride), so B * T * NW * D >= 2^31 elements address correctly;
 window offsets are clamped to [-T, T] on the host (``clamp_windows``) and row indices t + a stay
 int32 (|t + a| < 2T). Every launch pins ``enable_fp_fusion`` (``LAUNCH``), as the attention
 kernels do.
 
 Launch grids (``pool_grid``): every kernel runs one program per (b, row-block, column-block)
 tile, all on grid axis 0 (2^31 - 1 programs), decoded by ``_tile_ids``: CUDA limits axes 1 and 2
-to 65535, which B, T-blocks or D-blocks (W * D columns in the backward) can exceed.
+to 65535, which B, T-blocks or D-blocks (NW * D columns in the backward) can exceed.
 """
 
 import torch
@@ -59,6 +59,7 @@ import triton.language as tl
 
 from .._triton_support import interpreting, unavailable  # noqa: F401  (unavailable: the backend table's probe)
 from .naive import clamp_windows
+from .naive import offset_argmax_dtype as argmax_dtype  # noqa: F401  (the interface of pooling/op.py)
 
 PBT = 128  # rows per prefix block (the precision unit of the two-level prefix)
 PRE_BD = 32  # columns per program of the block-prefix kernel (one [PBT, PRE_BD] tile each)
@@ -101,6 +102,14 @@ def pool_grid(B, rows, cols, block_rows, block_cols):
 
 
 @triton.jit
+def _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, NW, D, NBLK):
+    """(columns NW*D, and batch row pid_b's bases of the prefix ``q [B, T, NCOL]``, the block carries
+    ``c [B, NBLK, NCOL]`` and block sums ``s [B, NBLK, NCOL]``), int64."""
+    NCOL = tl.cast(NW, tl.int64) * D
+    return NCOL, q_ptr + pid_b * T * NCOL, c_ptr + pid_b * NBLK * NCOL, s_ptr + pid_b * NBLK * NCOL
+
+
+@triton.jit
 def _tile_ids(ROWS, COLS, BR: tl.constexpr, BC: tl.constexpr):
     """(b as int64, row-block, column-block) of this program in a ``pool_grid`` launch."""
     pid = tl.program_id(0)
@@ -108,11 +117,6 @@ def _tile_ids(ROWS, COLS, BR: tl.constexpr, BC: tl.constexpr):
     nr = tl.cdiv(ROWS, BR)
     rest = pid // nc
     return (rest // nr).to(tl.int64), rest % nr, pid % nc
-
-
-def argmax_dtype(windows):
-    """int16 offsets within the window where the longest window fits, else int32."""
-    return torch.int16 if max(int(b) - int(a) for a, b in windows) <= 32767 else torch.int32
 
 
 def _win_tensor(wins, device):
@@ -129,7 +133,7 @@ def _valid(wins, B, T, device):
 
 # ----------------------------------------------------------------------------- sum / mean
 @triton.jit
-def _block_prefix_kernel(y_ptr, q_ptr, bs_ptr, s_ptr, win_ptr, T, NCOL, D, stride_yb, stride_yt, NBLK,
+def pool_fwd_kernel_block_prefix(y_ptr, q_ptr, bs_ptr, s_ptr, win_ptr, T, NCOL, D, stride_yb, stride_yt, NBLK,
                          MEAN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """One (b, block k, column block) tile: Q[b, t, c] = sum y[b, k*BT .. t, c] / S[b, k, c]
     (float32), Bs[b, k, c] = sum y[b, k*BT .. k*BT+BT-1, c] (float64), S[b, k, c] = 1 / SCALE where
@@ -163,7 +167,7 @@ def _block_prefix_kernel(y_ptr, q_ptr, bs_ptr, s_ptr, win_ptr, T, NCOL, D, strid
 
 
 @triton.jit
-def _carry_scan_kernel(bs_ptr, c_ptr, NCOL, NBLK, BK: tl.constexpr, BD: tl.constexpr):
+def pool_fwd_kernel_carry_scan(bs_ptr, c_ptr, NCOL, NBLK, BK: tl.constexpr, BD: tl.constexpr):
     """Cr[b, k, c] = sum of Bs[b, 0 .. k-1, c] (float64, exclusive: 0 at k = 0), BK blocks per step:
     each step scans the block sums shifted down by one (so a block's own sum never enters its carry)."""
     pid_b, _, pid_c = _tile_ids(1, NCOL, 1, BD)
@@ -203,7 +207,7 @@ def _range_sum(q_base, c_base, s_base, lo, hi, cols, m, NCOL, BT: tl.constexpr):
 
 
 @triton.jit
-def _sum_out_kernel(q_ptr, c_ptr, s_ptr, win_ptr, out_ptr, T, D, W, NBLK,
+def pool_fwd_kernel_sum_out(q_ptr, c_ptr, s_ptr, win_ptr, out_ptr, T, D, NW, NBLK,
                     MEAN: tl.constexpr, PB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
     t = pid_t * BT + tl.arange(0, BT)
@@ -214,8 +218,8 @@ def _sum_out_kernel(q_ptr, c_ptr, s_ptr, win_ptr, out_ptr, T, D, W, NBLK,
     q_base = q_ptr + pid_b * T * D
     c_base = c_ptr + pid_b * NBLK * D
     s_base = s_ptr + pid_b * NBLK * D
-    o_base = out_ptr + pid_b * T * W * D
-    for w in range(W):
+    o_base = out_ptr + pid_b * T * NW * D
+    for w in range(NW):
         a = tl.load(win_ptr + 2 * w)
         b = tl.load(win_ptr + 2 * w + 1)
         lo = tl.minimum(tl.maximum(t + a, 0), T)
@@ -224,25 +228,22 @@ def _sum_out_kernel(q_ptr, c_ptr, s_ptr, win_ptr, out_ptr, T, D, W, NBLK,
                          tmask[:, None] & cmask[None, :], D, PB)
         if MEAN:
             val = val / tl.maximum(hi - lo, 1).to(tl.float64)[:, None]
-        tl.store(o_base + (t64[:, None] * W + w) * D + cols[None, :], val.to(tl.float32).to(out_ptr.dtype.element_ty),
+        tl.store(o_base + (t64[:, None] * NW + w) * D + cols[None, :], val.to(tl.float32).to(out_ptr.dtype.element_ty),
                  mask=tmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _sum_bwd_kernel(q_ptr, c_ptr, s_ptr, win_ptr, dx_ptr, T, D, W, NBLK,
+def pool_bwd_kernel_sum(q_ptr, c_ptr, s_ptr, win_ptr, dx_ptr, T, D, NW, NBLK,
                     PB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """dx[s] = sum_w sum_{t in [s-b, s-a]} g'[t, w] from the prefix of g' [B, T, W*D]."""
+    """dx[s] = sum_w sum_{t in [s-b, s-a]} g'[t, w] from the prefix of g' [B, T, NW*D]."""
     pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
     s = pid_t * BT + tl.arange(0, BT)
     d = pid_d * BD + tl.arange(0, BD)
     smask = s < T
     dmask = d < D
-    NCOL = tl.cast(W, tl.int64) * D
-    q_base = q_ptr + pid_b * T * NCOL
-    c_base = c_ptr + pid_b * NBLK * NCOL
-    s_base = s_ptr + pid_b * NBLK * NCOL
+    NCOL, q_base, c_base, s_base = _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, NW, D, NBLK)
     acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for w in range(W):
+    for w in range(NW):
         a = tl.load(win_ptr + 2 * w)
         b = tl.load(win_ptr + 2 * w + 1)
         lo = tl.minimum(tl.maximum(s - b, 0), T)
@@ -268,9 +269,9 @@ def _prefix(y3, ncol, T, wins_t, D, mean):
     c = torch.empty((B, nblk, ncol), dtype=torch.float64, device=y3.device)
     s = torch.empty((B, nblk, ncol), dtype=torch.float32, device=y3.device)
     g_blk, g_scan = prefix_grids(B, T, ncol)
-    _block_prefix_kernel[g_blk](y3, q, bs, s, wins_t, T, ncol, D, y3.stride(0), y3.stride(1), nblk,
+    pool_fwd_kernel_block_prefix[g_blk](y3, q, bs, s, wins_t, T, ncol, D, y3.stride(0), y3.stride(1), nblk,
                                 MEAN=mean, BT=PBT, BD=PRE_BD, **LAUNCH)
-    _carry_scan_kernel[g_scan](bs, c, ncol, nblk, BK=SCAN_BK, BD=SCAN_BD, **LAUNCH)
+    pool_fwd_kernel_carry_scan[g_scan](bs, c, ncol, nblk, BK=SCAN_BK, BD=SCAN_BD, **LAUNCH)
     return q, c, s, nblk
 
 
@@ -300,7 +301,7 @@ def st_plan(B, T, D, windows):
 # x DC columns (buffers [BC, NR, DC]): M_j[p] = first max of x over [p, p + 2^j) clipped to
 # [0, T), with its index (-1 when that range is empty).
 @triton.jit
-def _st_init_kernel(x_ptr, mv_ptr, mi_ptr, T, D, R, NR, DC, b0, c0, BT: tl.constexpr, BD: tl.constexpr):
+def pool_fwd_kernel_st_init(x_ptr, mv_ptr, mi_ptr, T, D, R, NR, DC, b0, c0, BT: tl.constexpr, BD: tl.constexpr):
     pid_b, pid_r, pid_d = _tile_ids(NR, DC, BT, BD)
     r = pid_r * BT + tl.arange(0, BT)
     cols = pid_d * BD + tl.arange(0, BD)
@@ -318,7 +319,7 @@ def _st_init_kernel(x_ptr, mv_ptr, mi_ptr, T, D, R, NR, DC, b0, c0, BT: tl.const
 
 
 @triton.jit
-def _st_level_kernel(sv_ptr, si_ptr, dv_ptr, di_ptr, NR, DC, H, BT: tl.constexpr, BD: tl.constexpr):
+def pool_fwd_kernel_st_level(sv_ptr, si_ptr, dv_ptr, di_ptr, NR, DC, H, BT: tl.constexpr, BD: tl.constexpr):
     """M_j[p] = first max of (M_{j-1}[p], M_{j-1}[p + H]), H = 2^(j-1); NaN ranks above every number;
     ties (NaN with NaN included) keep the left (lower) index."""
     pid_b, pid_r, pid_d = _tile_ids(NR, DC, BT, BD)
@@ -340,8 +341,8 @@ def _st_level_kernel(sv_ptr, si_ptr, dv_ptr, di_ptr, NR, DC, H, BT: tl.constexpr
 
 
 @triton.jit
-def _max_out_kernel(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, W, R, NR, DC, b0, c0, w, a, b, H,
-                    BT: tl.constexpr, BD: tl.constexpr, STORE_ARG: tl.constexpr):
+def pool_fwd_kernel_max_out(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, NW, R, NR, DC, b0, c0, w, a, b, H,
+                    BT: tl.constexpr, BD: tl.constexpr, WITH_ARGMAX: tl.constexpr):
     """Window (a, b) of length L, H = 2^floor(log2 L): max over [t+a, t+b] = first max of
     M[t+a] and M[t+b-H+1] (NaN above every number, ties to the lower index; rows below -R are
     empty at this level); the argmax is stored as an offset from the clipped start."""
@@ -372,9 +373,9 @@ def _max_out_kernel(mv_ptr, mi_ptr, out_ptr, arg_ptr, T, D, W, R, NR, DC, b0, c0
     empty = idx < 0
     off = tl.where(empty, -1, idx - tl.maximum(p1, 0)[:, None])
     val = tl.where(empty, 0.0, val)
-    o = (((b0 + pid_b) * T + t.to(tl.int64)[:, None]) * W + w) * D + c0 + cols[None, :]
+    o = (((b0 + pid_b) * T + t.to(tl.int64)[:, None]) * NW + w) * D + c0 + cols[None, :]
     tl.store(out_ptr + o, val.to(out_ptr.dtype.element_ty), mask=m)
-    if STORE_ARG:
+    if WITH_ARGMAX:
         tl.store(arg_ptr + o, off.to(arg_ptr.dtype.element_ty), mask=m)
 
 
@@ -386,7 +387,7 @@ def _argkey(arg_ptr, o, t, a, T, m):
 
 
 @triton.jit
-def _max_runs_kernel(arg_ptr, win_ptr, st_ptr, en_ptr, T, D, W, BT: tl.constexpr, BD: tl.constexpr):
+def pool_bwd_kernel_max_runs(arg_ptr, win_ptr, st_ptr, en_ptr, T, D, NW, BT: tl.constexpr, BD: tl.constexpr):
     """For one (w, d) column the argmax of consecutive t is non-decreasing, so the t sending their
     gradient to a row s form one run [st, en]: record it at row s (each row is written once)."""
     pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
@@ -397,22 +398,22 @@ def _max_runs_kernel(arg_ptr, win_ptr, st_ptr, en_ptr, T, D, W, BT: tl.constexpr
     m = (t < T)[:, None] & cmask[None, :]
     mp = m & (t >= 1)[:, None]
     mn = m & (t + 1 < T)[:, None]
-    base = pid_b * T * W * D
+    base = pid_b * T * NW * D
     tt = t[:, None] + tl.zeros([BT, BD], dtype=tl.int32)
-    for w in range(W):
+    for w in range(NW):
         a = tl.load(win_ptr + 2 * w)
-        o = base + (t64[:, None] * W + w) * D + cols[None, :]
+        o = base + (t64[:, None] * NW + w) * D + cols[None, :]
         key = _argkey(arg_ptr, o, t, a, T, m)
-        key_p = _argkey(arg_ptr, base + ((t64[:, None] - 1) * W + w) * D + cols[None, :], t - 1, a, T, mp)
-        key_n = _argkey(arg_ptr, base + ((t64[:, None] + 1) * W + w) * D + cols[None, :], t + 1, a, T, mn)
-        dst = base + (tl.maximum(key, 0).to(tl.int64) * W + w) * D + cols[None, :]
+        key_p = _argkey(arg_ptr, base + ((t64[:, None] - 1) * NW + w) * D + cols[None, :], t - 1, a, T, mp)
+        key_n = _argkey(arg_ptr, base + ((t64[:, None] + 1) * NW + w) * D + cols[None, :], t + 1, a, T, mn)
+        dst = base + (tl.maximum(key, 0).to(tl.int64) * NW + w) * D + cols[None, :]
         has = m & (key >= 0)
         tl.store(st_ptr + dst, tt, mask=has & (key != key_p))
         tl.store(en_ptr + dst, tt, mask=has & (key != key_n))
 
 
 @triton.jit
-def _max_bwd_kernel(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, dx_ptr, T, D, W, NBLK,
+def pool_bwd_kernel_max(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, dx_ptr, T, D, NW, NBLK,
                     PB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """dx[s] = sum_w (sum of grad[t, w] over the run [st, en] recorded at s), from the prefix of grad."""
     pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
@@ -420,12 +421,9 @@ def _max_bwd_kernel(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, dx_ptr, T, D, W, NBLK,
     s64 = s.to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     m = (s < T)[:, None] & (d < D)[None, :]
-    NCOL = tl.cast(W, tl.int64) * D
-    q_base = q_ptr + pid_b * T * NCOL
-    c_base = c_ptr + pid_b * NBLK * NCOL
-    s_base = s_ptr + pid_b * NBLK * NCOL
+    NCOL, q_base, c_base, s_base = _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, NW, D, NBLK)
     acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for w in range(W):
+    for w in range(NW):
         wd = tl.cast(w, tl.int64) * D + d  # [BD] columns of window w in the prefix of grad
         o = pid_b * T * NCOL + s64[:, None] * NCOL + wd[None, :]
         st = tl.load(st_ptr + o, mask=m, other=-1)
@@ -439,21 +437,21 @@ def _max_bwd_kernel(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, dx_ptr, T, D, W, NBLK,
 
 
 # ----------------------------------------------------------------------------- interface
-def pool_fwd(x, windows, reduce, need_argmax=True):
+def fwd(x, windows, reduce, with_argmax=True):
     x = x.contiguous()
     B, T, D = x.shape
     wins = clamp_windows(windows, T)
-    W = len(wins)
+    NW = len(wins)
     wins_t = _win_tensor(wins, x.device)
     valid = _valid(wins, B, T, x.device)
-    out = torch.empty((B, T, W, D), dtype=x.dtype, device=x.device)
+    out = torch.empty((B, T, NW, D), dtype=x.dtype, device=x.device)
     if reduce in ("sum", "mean"):
         q, c, s, nblk = _prefix(x, D, T, wins_t, D, False)
-        _sum_out_kernel[pool_grid(B, T, D, OUT_BT, OUT_BD)](q, c, s, wins_t, out, T, D, W, nblk,
+        pool_fwd_kernel_sum_out[pool_grid(B, T, D, OUT_BT, OUT_BD)](q, c, s, wins_t, out, T, D, NW, nblk,
                                                            MEAN=reduce == "mean", PB=PBT, BT=OUT_BT, BD=OUT_BD,
                                                            **HEAVY)
         return out, valid, None
-    arg = torch.empty((B, T, W, D) if need_argmax else (0,), dtype=argmax_dtype(windows), device=x.device)
+    arg = torch.empty((B, T, NW, D) if with_argmax else (0,), dtype=argmax_dtype(windows), device=x.device)
     # windows by sparse-table level floor(log2 L) (L <= 2T + 1 after clamping)
     levels = [(b - a + 1).bit_length() - 1 for a, b in wins]
     plan = st_plan(B, T, D, wins)
@@ -467,40 +465,40 @@ def pool_fwd(x, windows, reduce, need_argmax=True):
             dc = min(DC, D - c0)
             grid_st = pool_grid(bc, NR, dc, OUT_BT, OUT_BD)
             grid_out = pool_grid(bc, T, dc, OUT_BT, OUT_BD)
-            _st_init_kernel[grid_st](x, bufs[0][0], bufs[0][1], T, D, R, NR, dc, b0, c0, BT=OUT_BT, BD=OUT_BD,
+            pool_fwd_kernel_st_init[grid_st](x, bufs[0][0], bufs[0][1], T, D, R, NR, dc, b0, c0, BT=OUT_BT, BD=OUT_BD,
                                      **LAUNCH)
             for j in range(plan["jmax"] + 1):
                 cur = bufs[j % 2]
                 if j > 0:
                     prev = bufs[(j - 1) % 2]
-                    _st_level_kernel[grid_st](prev[0], prev[1], cur[0], cur[1], NR, dc, 1 << (j - 1), BT=OUT_BT,
+                    pool_fwd_kernel_st_level[grid_st](prev[0], prev[1], cur[0], cur[1], NR, dc, 1 << (j - 1), BT=OUT_BT,
                                               BD=OUT_BD, **LAUNCH)
                 for w, (a, b) in enumerate(wins):
                     if levels[w] == j:
-                        _max_out_kernel[grid_out](cur[0], cur[1], out, arg, T, D, W, R, NR, dc, b0, c0, w, a, b,
-                                                  1 << j, BT=OUT_BT, BD=OUT_BD, STORE_ARG=need_argmax, **LAUNCH)
-    return out, valid, (arg if need_argmax else None)
+                        pool_fwd_kernel_max_out[grid_out](cur[0], cur[1], out, arg, T, D, NW, R, NR, dc, b0, c0, w, a, b,
+                                                  1 << j, BT=OUT_BT, BD=OUT_BD, WITH_ARGMAX=with_argmax, **LAUNCH)
+    return out, valid, (arg if with_argmax else None)
 
 
-def pool_bwd(grad, T, windows, reduce, argmax):
+def bwd(grad, T, windows, reduce, argmax):
     grad = grad.contiguous()
-    B, _, W, D = grad.shape
+    B, _, NW, D = grad.shape
     wins = clamp_windows(windows, T)
     wins_t = _win_tensor(wins, grad.device)
     grid = pool_grid(B, T, D, OUT_BT, OUT_BD)
     if reduce in ("sum", "mean"):
-        g3 = grad.view(B, T, W * D)
-        q, c, s, nblk = _prefix(g3, W * D, T, wins_t, D, reduce == "mean")
+        g3 = grad.view(B, T, NW * D)
+        q, c, s, nblk = _prefix(g3, NW * D, T, wins_t, D, reduce == "mean")
         dx = torch.empty((B, T, D), dtype=grad.dtype, device=grad.device)
-        _sum_bwd_kernel[grid](q, c, s, wins_t, dx, T, D, W, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
+        pool_bwd_kernel_sum[grid](q, c, s, wins_t, dx, T, D, NW, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
         return dx
     if argmax is None:
         raise ValueError("argmax is required for the max backward")
     argmax = argmax.contiguous()
-    st = torch.full((B, T, W, D), -1, dtype=torch.int32, device=grad.device)
-    en = torch.full((B, T, W, D), -1, dtype=torch.int32, device=grad.device)
-    _max_runs_kernel[grid](argmax, wins_t, st, en, T, D, W, BT=OUT_BT, BD=OUT_BD, **HEAVY)
-    q, c, s, nblk = _prefix(grad.view(B, T, W * D), W * D, T, wins_t, D, False)
+    st = torch.full((B, T, NW, D), -1, dtype=torch.int32, device=grad.device)
+    en = torch.full((B, T, NW, D), -1, dtype=torch.int32, device=grad.device)
+    pool_bwd_kernel_max_runs[grid](argmax, wins_t, st, en, T, D, NW, BT=OUT_BT, BD=OUT_BD, **HEAVY)
+    q, c, s, nblk = _prefix(grad.view(B, T, NW * D), NW * D, T, wins_t, D, False)
     dx = torch.empty((B, T, D), dtype=grad.dtype, device=grad.device)
-    _max_bwd_kernel[grid](q, c, s, st, en, dx, T, D, W, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
+    pool_bwd_kernel_max[grid](q, c, s, st, en, dx, T, D, NW, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
     return dx

@@ -27,26 +27,26 @@ def _first_max(va, ia, vb, ib):
 
 
 def prefix_window_pool(x, windows, reduce="mean"):
-    """x [B, T, D] -> pooled [B, T, W, D] in x's dtype, valid [B, T, W] bool (validated input)."""
+    """x [B, T, D] -> pooled [B, T, NW, D] in x's dtype, valid [B, T, NW] bool (validated input)."""
     B, T, D = x.shape
-    W = len(windows)
-    lo, hi, valid = window_bounds(T, windows, x.device)  # [T, W]
+    NW = len(windows)
+    lo, hi, valid = window_bounds(T, windows, x.device)  # [T, NW]
     count = hi - lo
     if reduce in ("sum", "mean"):
         cs = torch.nn.functional.pad(torch.cumsum(x.to(torch.float64), dim=1), (0, 0, 1, 0))  # [B, T+1, D]
         out = cs[:, hi.reshape(-1)] - cs[:, lo.reshape(-1)]
-        out = out.reshape(B, T, W, D)
+        out = out.reshape(B, T, NW, D)
         if reduce == "mean":
             out = out / count.clamp(min=1)[None, :, :, None].to(out.dtype)
-        return out.to(x.dtype), valid[None].expand(B, T, W).clone()
+        return out.to(x.dtype), valid[None].expand(B, T, NW).clone()
     idx = max_index(x, lo, hi)
-    out = torch.gather(x, 1, idx.reshape(B, T * W, D)).reshape(B, T, W, D)
+    out = torch.gather(x, 1, idx.reshape(B, T * NW, D)).reshape(B, T, NW, D)
     out = torch.where((count > 0)[None, :, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
-    return out, valid[None].expand(B, T, W).clone()
+    return out, valid[None].expand(B, T, NW).clone()
 
 
 def max_index(x, lo, hi):
-    """Index [B, T, W, D] (int64, into T) of the first maximum of x over [lo, hi) per window,
+    """Index [B, T, NW, D] (int64, into T) of the first maximum of x over [lo, hi) per window,
     by a sparse table of (value, first index) pairs; an empty range gives index 0."""
     B, T, D = x.shape
     count = hi - lo
@@ -64,12 +64,12 @@ def max_index(x, lo, hi):
         values.append(v_new)
         index.append(i_new)
         j += 1
-    level = torch.floor(torch.log2(count.clamp(min=1).to(torch.float64))).to(torch.int64)  # [T, W]
+    level = torch.floor(torch.log2(count.clamp(min=1).to(torch.float64))).to(torch.int64)  # [T, NW]
     stacked_i = torch.stack(index, 0)  # [L, B, T, D]
     stacked_v = torch.stack(values, 0)
     first = lo.clamp(max=T - 1)  # empty ranges (lo == hi == T) are masked by the caller
     second = (hi - (1 << level)).clamp(min=0)
-    va, ia = stacked_v[level, :, first], stacked_i[level, :, first]  # [T, W, B, D]
+    va, ia = stacked_v[level, :, first], stacked_i[level, :, first]  # [T, NW, B, D]
     vb, ib = stacked_v[level, :, second], stacked_i[level, :, second]
     _, idx = _first_max(va, ia, vb, ib)
     return idx.clamp(max=T - 1).permute(2, 0, 1, 3).contiguous()
@@ -80,8 +80,8 @@ def argmax_dtype(windows):
     return torch.int64
 
 
-def pool_fwd(x, windows, reduce, need_argmax=True):
-    """-> pooled, valid, argmax (absolute int64 indices into T for "max" with need_argmax, else None)."""
+def fwd(x, windows, reduce, with_argmax=True):
+    """-> pooled, valid, argmax (absolute int64 indices into T for "max" with with_argmax, else None)."""
     B, T, D = x.shape
     with torch.no_grad():
         if reduce != "max":
@@ -91,19 +91,19 @@ def pool_fwd(x, windows, reduce, need_argmax=True):
         idx = max_index(x, lo, hi)
         out = torch.gather(x, 1, idx.reshape(B, -1, D)).reshape(idx.shape)
         out = torch.where((hi > lo)[None, :, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
-        return out, valid[None].expand(B, T, len(windows)).clone(), (idx if need_argmax else None)
+        return out, valid[None].expand(B, T, len(windows)).clone(), (idx if with_argmax else None)
 
 
-def pool_bwd(grad, T, windows, reduce, argmax):
+def bwd(grad, T, windows, reduce, argmax):
     """dx [B, T, D]: sum / mean are linear (differentiate the prefix form at x = 0); max scatters
     to the saved first-maximum indices."""
-    B, _, W, D = grad.shape
+    B, _, NW, D = grad.shape
     if reduce == "max":
         lo, hi, _ = window_bounds(T, windows, grad.device)
         g = grad * (hi > lo)[None, :, :, None].to(grad.dtype)
         dx = torch.zeros(B, T, D, dtype=torch.float32 if grad.dtype != torch.float64 else grad.dtype,
                          device=grad.device)
-        dx.scatter_add_(1, argmax.reshape(B, T * W, D), g.reshape(B, T * W, D).to(dx.dtype))
+        dx.scatter_add_(1, argmax.reshape(B, T * NW, D), g.reshape(B, T * NW, D).to(dx.dtype))
         return dx.to(grad.dtype)
     x0 = torch.zeros(B, T, D, dtype=grad.dtype, device=grad.device)
     _, vjp = torch.func.vjp(lambda x: prefix_window_pool(x, windows, reduce)[0], x0)  # runs below autograd
