@@ -229,6 +229,34 @@ def _progress(enabled, total, desc):
 
 
 # --------------------------------------------------------------------------- (1) attention transfer
+def _steps(stop, source, log, opt, steps, lr, warmup, model, device, fn):
+    """Yield (step, model inputs, learning rate) for each step that runs (see ``_begin_step``)."""
+    for step in range(steps):
+        inputs, cur = _begin_step(stop, source, log, opt, step, steps, lr, warmup, model, device, fn)
+        if inputs is None:
+            return
+        yield step, inputs, cur
+
+
+def _begin_step(stop, source, log, opt, step, steps, lr, warmup, model, device, fn):
+    """(model inputs of the next batch, the learning rate set for ``step``), gradients cleared; (None,
+    None) when a stop was requested (``log.interrupted``) or the batches ran out (``log.exhausted``)."""
+    if stop.signal is not None:
+        log.interrupted = True
+        return None, None
+    try:
+        item = next(source)
+    except StopIteration:
+        log.exhausted = True
+        return None, None
+    inputs = _as_inputs(item, model, device, fn, step)
+    cur = _lr_at(step, steps, lr, warmup)
+    for g in opt.param_groups:
+        g["lr"] = cur
+    opt.zero_grad(set_to_none=True)
+    return inputs, cur
+
+
 def transfer_attention(model, batches, steps: int, *, lr: float = 1e-2, train_qk: bool = False,
                        warmup: Optional[int] = None, grad_clip: float = 1.0, progress: bool = True,
                        log_every: int = 1) -> TrainLog:
@@ -311,20 +339,7 @@ def transfer_attention(model, batches, steps: int, *, lr: float = 1e-2, train_qk
         t_start = time.perf_counter()
         with _StopRequest() as stop:
             try:
-                for step in range(steps):
-                    if stop.signal is not None:
-                        log.interrupted = True
-                        break
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        log.exhausted = True
-                        break
-                    inputs = _as_inputs(item, model, device, fn, step)
-                    cur = _lr_at(step, steps, lr, warmup)
-                    for g in opt.param_groups:
-                        g["lr"] = cur
-                    opt.zero_grad(set_to_none=True)
+                for step, inputs, cur in _steps(stop, source, log, opt, steps, lr, warmup, model, device, fn):
                     for _, m in mods:
                         m.transfer_loss = None
                     model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
@@ -467,19 +482,7 @@ def finetune(model, batches, steps: int, lora: bool = True, *, lr: Optional[floa
         bar = _progress(progress, steps, "fine-tuning (LoRA)" if lora else "fine-tuning (full)")
         with _StopRequest() as stop:
             try:
-                for step in range(steps):
-                    if stop.signal is not None:
-                        break
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        log.exhausted = True
-                        break
-                    inputs = _as_inputs(item, base, device, fn, step)
-                    cur = _lr_at(step, steps, lr, warmup)
-                    for g in opt.param_groups:
-                        g["lr"] = cur
-                    opt.zero_grad(set_to_none=True)
+                for step, inputs, cur in _steps(stop, source, log, opt, steps, lr, warmup, base, device, fn):
                     loss = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                                  labels=_labels(inputs), use_cache=False).loss
                     loss.backward()
