@@ -14,7 +14,11 @@ def interpreting() -> bool:
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None if the Triton kernels can run on ``device`` / ``dtype`` tensors, else the reason."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        missing = importlib.util.find_spec("triton") is None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        missing = True
+    if missing:
         return "triton is not installed"
     if device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"

@@ -43,7 +43,11 @@ def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype)
     """None if ``backend`` can run ``op`` on ``device`` / ``dtype`` tensors, else the reason."""
     try:
         return kernels(op, backend).unavailable(device, dtype)
-    except Exception as e:  # an import error of an optional backend is a reason, not a crash
+    except ImportError as e:  # an optional backend's missing package is a reason, not a crash
+        if (e.name or "").split(".")[0] == "triton":
+            return "triton is not installed"
+        return f"{type(e).__name__}: {e}"
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
 
 
