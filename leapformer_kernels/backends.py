@@ -32,11 +32,17 @@ KERNELS = {
 }
 _warned = set()
 _chosen = {}
+_loaded = {}
 
 
 def kernels(op: str, backend: str) -> ModuleType:
-    """The kernel module of ``backend`` for ``op`` (an op name or a family: "attention", "pooling")."""
-    return importlib.import_module(f"{__package__}.{KERNELS[(FAMILY.get(op, op), backend)]}")
+    """The kernel module of ``backend`` for ``op`` (an op name or a family: "attention", "pooling"),
+    imported on first use and then looked up (the decode step calls this once per token)."""
+    key = (FAMILY.get(op, op), backend)
+    mod = _loaded.get(key)
+    if mod is None:
+        mod = _loaded[key] = importlib.import_module(f"{__package__}.{KERNELS[key]}")
+    return mod
 
 
 def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
