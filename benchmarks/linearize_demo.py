@@ -46,7 +46,8 @@ def train_teacher(args, work):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from leapformer_models.data import ByteTokenizer, encode_corpus, load_text, split_text
-    from leapformer_models.train import TrainConfig, _StopRequest, lr_at, make_optimizer
+    from leapformer_kernels._signals import StopRequest
+    from leapformer_models.train import TrainConfig, lr_at, make_optimizer
     torch.manual_seed(args.seed)
     tok = ByteTokenizer()
     train_text, val_text = split_text(load_text(None), 0.1)
@@ -79,7 +80,7 @@ def train_teacher(args, work):
     bar = tqdm(total=args.teacher_steps, desc="softmax teacher (GPT-2)", dynamic_ncols=True)
     t0 = time.perf_counter()
     model.train()
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         try:
             for step in range(args.teacher_steps):
                 if stop.signal is not None:

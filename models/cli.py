@@ -678,6 +678,20 @@ def _run_linearize(a, config, dev, teacher_history):
         if hasattr(tok, "save_pretrained"):
             tok.save_pretrained(a.out)
 
+    def record(key, stage, what, log, steps):
+        """Record a stage's log and save the model (nothing trained is lost from here on); True
+        (after saying so) when Ctrl-C stopped the stage."""
+        res[key].update(history=log.history, steps_done=log.steps_done, seconds=log.seconds)
+        res["trainable"][key] = log.trainable
+        save(model)
+        if not log.interrupted:
+            return False
+        res["interrupted"] = f"{stage}, after step {log.steps_done}"
+        write()
+        print(f"\ninterrupted: {stage} stopped after step {log.steps_done} of {steps}; {what} is saved in "
+              f"{a.out} (lk.hf.load)", file=sys.stderr)
+        return True
+
     def timed(key, fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
@@ -699,28 +713,14 @@ def _run_linearize(a, config, dev, teacher_history):
                                            progress=a.progress)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        res["transfer"].update(history=log.history, steps_done=log.steps_done, seconds=log.seconds)
-        res["trainable"]["transfer"] = log.trainable
-        save(model)  # nothing trained is lost from here on
-        if log.interrupted:
-            res["interrupted"] = f"attention transfer, after step {log.steps_done}"
-            write()
-            print(f"\ninterrupted: attention transfer stopped after step {log.steps_done} of {a.transfer_steps}; the "
-                  f"model so far is saved in {a.out} (lk.hf.load)", file=sys.stderr)
+        if record("transfer", "attention transfer", "the model so far", log, a.transfer_steps):
             return 130, res
         held["after_transfer"] = timed("eval_after_transfer", lk.hf.evaluate_loss, model, val_batches)
     if a.finetune_steps:
         log = lk.hf.finetune(model, batches, a.finetune_steps, lora=a.lora, lr=a.finetune_lr, lora_r=a.lora_r,
                              progress=a.progress)
         model = log.model
-        res["finetune"].update(history=log.history, steps_done=log.steps_done, seconds=log.seconds)
-        res["trainable"]["finetune"] = log.trainable
-        save(model)
-        if log.interrupted:
-            res["interrupted"] = f"fine-tuning, after step {log.steps_done}"
-            write()
-            print(f"\ninterrupted: fine-tuning stopped after step {log.steps_done} of {a.finetune_steps}; the model "
-                  f"so far (LoRA merged) is saved in {a.out} (lk.hf.load)", file=sys.stderr)
+        if record("finetune", "fine-tuning", "the model so far (LoRA merged)", log, a.finetune_steps):
             return 130, res
         held["after_finetune"] = timed("eval_after_finetune", lk.hf.evaluate_loss, model, val_batches)
     if not (a.transfer_steps or a.finetune_steps):

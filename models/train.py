@@ -21,6 +21,8 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
+from leapformer_kernels._signals import StopRequest
+
 from . import distributed, get_model_class
 from .errors import (CheckpointError, RunExistsError, TrainingInterrupted, UsageError,
                      require)
@@ -453,35 +455,6 @@ def default_out(cfg: TrainConfig, model_overrides: Optional[dict] = None) -> str
     return cfg.out or os.path.join("runs", f"{cfg.model}-{att}" if att else cfg.model)
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM during training set a flag; the loop saves a checkpoint after the current
-    step and stops. A second Ctrl-C interrupts at once (the handlers are restored on exit)."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        import signal
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        import signal
-        if self.signal is not None:  # second signal: give up waiting for the step to finish
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        import signal
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
 def _new_dirs(path: str) -> list:
     """The folders that ``os.makedirs(path)`` would create, deepest first."""
     out, p = [], os.path.abspath(path)
@@ -644,7 +617,7 @@ def _train(cfg, cls, model_overrides, ckpt, ckpt_path, device, return_model, ctx
 
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     bar = None
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         if step == 0:
             history.append({"step": 0, "train_loss": None, "val_loss": val_loss(), "lr": None,
                             "tokens_per_s": None, "elapsed_s": 0.0})

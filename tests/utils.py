@@ -142,7 +142,7 @@ def missing_backends(required):
     for name in required:
         device = torch.device("cuda" if cuda and name != "cpu" else "cpu")
         for op in ("leap_attention", "window_pool"):
-            reason = backends._reason(name, op, device, torch.float32)
+            reason = backends.unavailable(op, name, device, torch.float32)
             if reason is not None:
                 missing[name] = f"{op}: {_one_line(reason)}"
                 break

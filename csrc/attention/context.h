@@ -266,6 +266,7 @@ struct Leap {
   // ---------------- defined in features.h, chunk_ops.h, sweep.h, step.h ----------------
   void load_keys(const Item& it, int64_t h, int64_t j, Scratch& sc, bool transposed = true) const;
   void load_queries(const Item& it, int64_t h, int64_t t0, int64_t nq, Scratch& sc) const;
+  void key_feature_sum(const Scratch& sc, acc_t* dz) const;
   void chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const;
   void chunk_state_T(const Scratch& sc, acc_t* dST, acc_t* dz) const;
   void attend(const Item& it, int64_t j, int64_t t0, int64_t nq, const acc_t* S_, const acc_t* z_, Scratch& sc) const;

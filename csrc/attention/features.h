@@ -88,16 +88,22 @@ void Leap<scalar_t>::load_queries(const Item& it, int64_t h, int64_t t0, int64_t
   }
 }
 
-// dS = Kf^T V, dz = sum_s Kf_s over the loaded key chunk (zero first)
+// dz = sum_s Kf_s over the loaded key chunk (zero first; rows in order: deterministic)
 template <typename scalar_t>
-void Leap<scalar_t>::chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const {
-  std::fill(dS, dS + (size_t)F * Dv, acc_t(0));
-  gemm<acc_t>(F, Dv, sc.nk, sc.Kf.data(), 1, F, sc.V.data(), Dv, dS, Dv);
+void Leap<scalar_t>::key_feature_sum(const Scratch& sc, acc_t* dz) const {
   for (int64_t f = 0; f < F; ++f) dz[f] = 0;
   for (int64_t s = 0; s < sc.nk; ++s) {
     const acc_t* kf = sc.Kf.data() + (int64_t)s * F;
     for (int64_t f = 0; f < F; ++f) dz[f] += kf[f];
   }
+}
+
+// dS = Kf^T V, dz = sum_s Kf_s over the loaded key chunk (zero first)
+template <typename scalar_t>
+void Leap<scalar_t>::chunk_state(const Scratch& sc, acc_t* dS, acc_t* dz) const {
+  std::fill(dS, dS + (size_t)F * Dv, acc_t(0));
+  gemm<acc_t>(F, Dv, sc.nk, sc.Kf.data(), 1, F, sc.V.data(), Dv, dS, Dv);
+  key_feature_sum(sc, dz);
 }
 
 // The same state transposed: dST = V^T Kf (Dv x F), dz as above (the backward's query pass reads
@@ -106,9 +112,5 @@ template <typename scalar_t>
 void Leap<scalar_t>::chunk_state_T(const Scratch& sc, acc_t* dST, acc_t* dz) const {
   std::fill(dST, dST + (size_t)F * Dv, acc_t(0));
   gemm<acc_t>(Dv, F, sc.nk, sc.V.data(), 1, Dv, sc.Kf.data(), F, dST, F);
-  for (int64_t f = 0; f < F; ++f) dz[f] = 0;
-  for (int64_t s = 0; s < sc.nk; ++s) {
-    const acc_t* kf = sc.Kf.data() + (int64_t)s * F;
-    for (int64_t f = 0; f < F; ++f) dz[f] += kf[f];
-  }
+  key_feature_sum(sc, dz);
 }

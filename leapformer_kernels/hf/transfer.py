@@ -15,8 +15,6 @@ once.
 """
 import itertools
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
+from .._signals import StopRequest as _StopRequest
 from .attention import LeapSelfAttention
 
 
@@ -49,28 +48,6 @@ class TrainLog:
         return self.history[-1]["loss"] if self.history else None
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop stops after the step under way. A second signal raises
-    KeyboardInterrupt at once. Handlers are restored on exit (main thread only)."""
-
-    def __init__(self):
-        self.signal, self._old = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 # --------------------------------------------------------------------------- checks and helpers
