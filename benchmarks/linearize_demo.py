@@ -46,7 +46,7 @@ def train_teacher(args, work):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from leapformer_models.data import ByteTokenizer, encode_corpus, load_text, split_text
-    from leapformer_kernels._signals import StopRequest
+    from leapformer_kernels._training import StopRequest
     from leapformer_models.train import TrainConfig, lr_at, make_optimizer
     torch.manual_seed(args.seed)
     tok = ByteTokenizer()

@@ -21,7 +21,7 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from leapformer_kernels._signals import StopRequest
+from leapformer_kernels._training import StopRequest, warmup_cosine
 
 from . import distributed, get_model_class
 from .errors import (CheckpointError, RunExistsError, TrainingInterrupted, UsageError,
@@ -227,10 +227,7 @@ def attention_backend(device) -> str:
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * lr at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
 
 
 def make_optimizer(model, cfg: TrainConfig):

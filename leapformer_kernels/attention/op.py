@@ -61,9 +61,9 @@ def _kernels(backend: str):
 _I64_MAX = 2 ** 63 - 1
 
 
-def _saves_den(backend: str, normalize: bool, num_visible_keys: Optional[Tensor]) -> bool:
-    """Whether ``backend``'s forward returns ``den`` (and its backward reads it with ``o``)."""
-    return normalize and getattr(_kernels(backend), "SAVES_DEN", False)
+def _saves_den(kern) -> bool:
+    """Whether the kernel module's ``fwd`` returns ``den`` (and its ``bwd`` reads it with ``o``)."""
+    return getattr(kern, "SAVES_DEN", False)
 
 
 def _opt(t: Optional[Tensor], like: Tensor, dtype) -> Tensor:
@@ -97,7 +97,7 @@ def leap_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pq: Tensor, pk: Tensor, 
     with on_device(q):
         out = kern.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
                        causal, block_size, eps, normalize, output_final_state)
-    o, S, z, den = out if getattr(kern, "SAVES_DEN", False) else (*out, None)
+    o, S, z, den = out if _saves_den(kern) else (*out, None)
     acc = state_dtype(q.dtype)
     return _fresh((o, _opt(S, q, acc), _opt(z, q, acc), _opt(den, q, acc)), (q, k, v, pq, pk, S0, z0))
 
@@ -109,7 +109,7 @@ def _(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, c
     Dv = v.shape[-1]
     acc = state_dtype(q.dtype)
     o = q.new_empty(B, T, H, Dv)
-    den = q.new_empty((B, T, H) if _saves_den(backend, normalize, num_visible_keys) else (_EMPTY,), dtype=acc)
+    den = q.new_empty((B, T, H) if normalize and _saves_den(_kernels(backend)) else (_EMPTY,), dtype=acc)
     if not output_final_state:
         return o, q.new_empty(_EMPTY, dtype=acc), q.new_empty(_EMPTY, dtype=acc), den
     n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -129,9 +129,8 @@ def leap_attention_bwd(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q
     args = (do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal, block_size,
             eps, normalize)
     saved = {}
-    if getattr(kern, "SAVES_DEN", False):
-        present = o is not None and den is not None and den.numel() > 0
-        saved = dict(o=o if present else None, den=den if present else None)
+    if _saves_den(kern) and o is not None and den is not None and den.numel():
+        saved = dict(o=o, den=den)
     with on_device(q):
         dq, dk, dv, dpq, dpk, dS0, dz0 = kern.bwd(*args, **saved)
     out = (dq, dk, dv, dpq, dpk, _opt(dS0, pq, pq.dtype), _opt(dz0, pq, pq.dtype))

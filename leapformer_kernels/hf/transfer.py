@@ -22,7 +22,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from .._signals import StopRequest as _StopRequest
+from .._training import StopRequest, warmup_cosine
 from .attention import LeapSelfAttention
 
 
@@ -141,14 +141,6 @@ def _labels(inputs: dict) -> torch.Tensor:
     return labels
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to lr / 10 at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def _device(model):
     return next(model.parameters()).device
 
@@ -227,7 +219,7 @@ def _begin_step(stop, source, log, opt, step, steps, lr, warmup, model, device, 
         log.exhausted = True
         return None, None
     inputs = _as_inputs(item, model, device, fn, step)
-    cur = _lr_at(step, steps, lr, warmup)
+    cur = warmup_cosine(step, steps, lr, warmup, 0.1)  # decay to lr / 10
     for g in opt.param_groups:
         g["lr"] = cur
     opt.zero_grad(set_to_none=True)
@@ -314,7 +306,7 @@ def transfer_attention(model, batches, steps: int, *, lr: float = 1e-2, train_qk
         model.eval()
         bar = _progress(progress, steps, "attention transfer")
         t_start = time.perf_counter()
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             try:
                 for step, inputs, cur in _steps(stop, source, log, opt, steps, lr, warmup, model, device, fn):
                     for _, m in mods:
@@ -457,7 +449,7 @@ def finetune(model, batches, steps: int, lora: bool = True, *, lr: Optional[floa
     try:
         model.train()
         bar = _progress(progress, steps, "fine-tuning (LoRA)" if lora else "fine-tuning (full)")
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             try:
                 for step, inputs, cur in _steps(stop, source, log, opt, steps, lr, warmup, base, device, fn):
                     loss = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),

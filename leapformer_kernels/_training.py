@@ -1,5 +1,7 @@
-"""Stop a training loop cleanly: the zoo's ``leapformer train`` and ``lk.hf``'s transfer and
-fine-tuning loops save what they trained instead of losing it to Ctrl-C."""
+"""What the training loops share (the zoo's ``leapformer train``, ``lk.hf``'s transfer and
+fine-tuning): a clean stop on Ctrl-C (they save what they trained instead of losing it) and the
+learning-rate schedule."""
+import math
 import signal
 import threading
 
@@ -27,3 +29,12 @@ class StopRequest:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+def warmup_cosine(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """The learning rate at ``step``: linear warm-up over ``warmup`` steps, then cosine decay to
+    ``min_ratio * lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
