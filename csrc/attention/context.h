@@ -199,8 +199,7 @@ struct Leap {
     std::vector<acc_t> S, z, dS, dz, ST;
     // key gradients of one chunk (inter-chunk part; the intra-chunk part of the backward's query
     // pass: dbi, dvi, dthi)
-    std::vector<acc_t> dKf, dvv, db, dthk, dbi, dvi, dthi;
-    std::vector<int64_t> gb;
+    std::vector<acc_t> dKf, dvv, db, dbi, dvi, dthi;
   };
   Scratch make_scratch() const {
     Scratch s;
@@ -238,7 +237,6 @@ struct Leap {
     s.dKf.resize((size_t)CH * F);
     s.dvv.resize((size_t)CH * Dv);
     s.db.resize((size_t)CH * Dk);
-    s.dthk.resize(CH);
     s.dbi.resize((size_t)CH * Dk);
     s.dvi.resize((size_t)CH * Dv);
     s.dthi.resize(CH);
