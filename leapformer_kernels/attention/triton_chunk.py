@@ -295,8 +295,7 @@ def _scratch(backward, B, T, S, H, Hkv, K, V, N, plan, *, normalize=True, initia
             out["seg_" + n] = v
     if not backward:
         return out
-    NV = _tiles(K, V)[3]
-    BKq, NK, BVf, merged = _bwd_tiles(K, V)
+    NK = _bwd_tiles(K, V)[1]
     if normalize:  # dL/dden per row (den itself is the forward's)
         out["dden"] = ((B, T, H), f32)
     if NK > 1:  # one fp32 per row and key block, summed into dpq / dpk
