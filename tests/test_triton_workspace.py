@@ -5,7 +5,7 @@ inputs and outputs (segment states, ``dden``, one fp32 per row and key block for
 ``dpq``/``dpk`` at Dk = 128). It must stay under 256 MiB at the anchor shape (bf16, B=4, H=16,
 T=32768, Dk = Dv in {64, 128}, MHA and GQA with Hkv=4, 132 SMs), and an interpreted run must
 allocate exactly that: every tensor created between the inputs and the outputs is recorded with a
-``TorchDispatchMode``.
+``TorchDispatchMode``. The same for the monotone mode (``num_visible_keys``, ``monotone=True``).
 """
 import pytest
 import torch
@@ -31,6 +31,13 @@ def test_anchor_workspace_under_256_mib(D, Hkv):
         assert bwd <= 256 * MiB and fwd <= 256 * MiB, (mode, bwd / MiB, fwd / MiB)
     # no per-row fp32 gradient partials: at Dk = 128 the biggest share is the segment states
     assert tc.workspace_bytes(4, 32768, 16, Hkv, D, D, 132) < 160 * MiB
+    # the monotone mode (num_visible_keys): dden, the chunk tables and, at Dk = 128, one fp32 per
+    # row and key block for dpq / dpk; the forward allocates nothing
+    for S in (32768, 4096):
+        bwd = tc.workspace_bytes(4, 32768, 16, Hkv, D, D, 132, S=S, causal=False, monotone=True)
+        assert bwd <= 256 * MiB, (S, bwd / MiB)
+        assert tc.workspace_bytes(4, 32768, 16, Hkv, D, D, 132, S=S, causal=False, monotone=True,
+                                  backward=False) == 0
 
 
 class _Allocations(TorchDispatchMode):
@@ -92,6 +99,40 @@ def test_interpreted_run_allocates_what_workspace_bytes_says(case, monkeypatch):
         grads = tc.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, None, cu, None, causal, bs, 1e-6, normalize,
                        o=o, den=den)
     expected = tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, sms, final_state_grad=dS is not None, **kw)
+    assert rec.scratch(grads) == expected
+    assert expected > 0
+    assert grads[0].dtype == q.dtype and grads[1].shape == k.shape and grads[2].shape == v.shape
+
+
+MONOTONE_CASES = {  # (B, T, S, H, Hkv, Dk, Dv, extras)
+    # Dk = 80: two key blocks (dpq / dpk partials), GQA, a carried state and final-state gradients
+    "dk80_gqa_state": (1, 40, 70, 2, 1, 80, 40, dict(state=True, ofs=True)),
+    "mha_unnormalized": (2, 65, 90, 2, 2, 16, 16, dict(normalize=False)),
+    "gqa_padding": (1, 40, 130, 2, 1, 32, 24, dict(padding=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(MONOTONE_CASES))
+def test_interpreted_monotone_run_allocates_what_workspace_bytes_says(case):
+    B, T, S, H, Hkv, Dk, Dv, ex = MONOTONE_CASES[case]
+    normalize = ex.get("normalize", True)
+    q, k, v, pq, pk = make_inputs(B, T, S, H, Hkv, Dk, Dv)
+    S0, z0 = make_state(B, H, Dk, Dv) if ex.get("state") else (None, None)
+    dS, dz = make_state(B, H, Dk, Dv) if ex.get("ofs") else (None, None)
+    kpm = torch.rand(B, S) < 0.25 if ex.get("padding") else None
+    nvk = lk.wait_k(T, S, 3, 1.3).expand(B, T).contiguous()
+    do = torch.randn(B, T, H, Dv)
+    ins = [q, k, v, pq, pk, S0, z0, kpm, nvk, do, dS, dz]
+    kw = dict(S=S, causal=False, normalize=normalize, initial_state=S0 is not None, monotone=True)
+
+    with _Allocations(ins) as rec:
+        outs = tc.fwd(q, k, v, pq, pk, S0, z0, kpm, None, nvk, False, 0, 1e-6, normalize, ex.get("ofs", False))
+    assert rec.scratch(outs) == tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, 4, backward=False,
+                                                   output_final_state=ex.get("ofs", False), **kw) == 0
+    o, den = outs[0], outs[3]
+    with _Allocations(ins + [o, den]) as rec:
+        grads = tc.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, None, nvk, False, 0, 1e-6, normalize, o=o, den=den)
+    expected = tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, 4, final_state_grad=dS is not None, **kw)
     assert rec.scratch(grads) == expected
     assert expected > 0
     assert grads[0].dtype == q.dtype and grads[1].shape == k.shape and grads[2].shape == v.shape

@@ -42,6 +42,10 @@ CASES = {  # (B, T, S, H, Hkv, Dk, Dv, limits, dtype, padding, state, extra kwar
     "eps-clamp-bf16": (1, 67, 90, 2, 2, 32, 80, lambda T, S: lk.wait_k(T, S, 0, 1.5), torch.bfloat16, False, True,
                        dict(eps=0.5)),
     "fp16-gqa": (2, 40, 100, 4, 2, 16, 24, lambda T, S: lk.wait_k(T, S, 0, 2.5), torch.float16, True, False, {}),
+    # Dk = 80, Dv = 40 (Dk > 64: dq and dk over two 64-column key blocks, the second one partial; dv
+    # over two 32-wide value tiles), GQA groups of 2, padding, a carried state (dS0 from the dq sweep)
+    "dk80-key-blocks-gqa": (1, 70, 100, 4, 2, 80, 40, lambda T, S: lk.wait_k(T, S, 5, 1.4), torch.float32, True,
+                            True, {}),
 }
 
 
@@ -90,8 +94,9 @@ def test_triton_monotone_matches_oracle(case):
 
 
 def test_triton_monotone_backward_is_deterministic():
-    # two value tiles and a GQA group: the partial gradients are summed on the host in a fixed order
-    B, T, S, H, Hkv, Dk, Dv = 1, 30, 50, 2, 1, 16, 80
+    # key blocks (Dk = 72: dpq / dpk partials summed on the host in a fixed order), value tiles and a
+    # GQA group (dk, dv summed over the group's heads in order inside the kernel)
+    B, T, S, H, Hkv, Dk, Dv = 1, 30, 50, 2, 1, 72, 40
     q, k, v, pq, pk = make_inputs(B, T, S, H, Hkv, Dk, Dv)
     ins = [q, k, v, pq, pk] + list(make_state(B, H, Dk, Dv))
     kw = dict(causal=False, num_visible_keys=lk.wait_k(T, S, 1, 2.0))

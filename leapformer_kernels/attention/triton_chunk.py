@@ -10,11 +10,11 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
   key/value head (the group's state gradient summed, its query heads looped over): dk and dv
   together (Dk, Dv <= 64), or a dk launch over key blocks and a dv launch over value tiles.
 - ``triton_step.leap_fwd_kernel_step``: the decode step (one launch per step).
-- ``triton_monotone.leap_fwd_kernel_monotone`` / ``leap_bwd_kernel_monotone_dkv``: monotone
-  cross-attention (``num_visible_keys``): a forward-order sweep over query chunks (o and ``den``;
-  ``dq`` / ``dpq``) and a reverse sweep over key chunks (``dk``, ``dv``, ``dpk``,
-  ``dS0``, ``dz0``), one program per (batch x query head, value tile), not segmented
-  (``_monotone_fwd`` / ``_monotone_bwd``).
+- ``triton_monotone``: monotone cross-attention (``num_visible_keys``), kernels and launchers
+  (``triton_monotone.fwd`` / ``bwd``, called from ``fwd`` / ``bwd`` here): a forward-order sweep over
+  query chunks (o and ``den`` per value tile; ``dq`` / ``dpq`` / ``dS0`` / ``dz0`` per key block) and
+  a reverse sweep over key chunks per key/value head (``dk``, ``dv``, ``dpk``, blocked as
+  ``leap_bwd_kernel_dkv``), not segmented.
 
 Segment-parallel sweeps (v2): when the (sequence x head x value tile) programs do not fill 4x
 the GPU's SMs, each sequence is cut into segments of ``L`` rows (``segment_length``: a multiple of
@@ -37,7 +37,9 @@ Scratch memory: ``_scratch`` lists every tensor a ``fwd`` / ``bwd`` call allocat
 outputs, ``workspace_bytes`` sums it (``tests/test_triton_workspace.py`` records an interpreted
 run and checks the two agree). At B=4, H=16, T=32768, 132 SMs: 26 MiB (D=64) and 96 MiB
 (D=128) for the backward, 73 / 121 MiB with GQA Hkv=4 (34 / 128 and 81 / 153 MiB before the backward
-read the forward's ``den``); the saved ``den`` itself is 8 MiB, an output of the forward.
+read the forward's ``den``); the saved ``den`` itself is 8 MiB, an output of the forward. The
+monotone backward (``workspace_bytes(monotone=True)``, S=T): 8 MiB (D=64, MHA and GQA), 72 / 48 MiB
+(D=128, MHA / GQA Hkv=4), against 8 / 1296 MiB and 10312 / 10824 MiB of fp32 partials before.
 
 Grid: (sequences x query heads, value tiles, segments) (``sweep_grid``, ``step_grid``): B*H on
 axis 0, whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
@@ -79,7 +81,7 @@ from .._triton_support import interpreting, unavailable  # noqa: F401  (unavaila
 from .triton_bwd import leap_bwd_kernel_dden, leap_bwd_kernel_dkv
 from .triton_segments import leap_bwd_kernel_segment_sums, leap_fwd_kernel_segment_scan, leap_fwd_kernel_segment_sums
 from .triton_fwd import leap_fwd_kernel_sweep
-from .triton_monotone import leap_bwd_kernel_monotone_dkv, leap_fwd_kernel_monotone, monotone_tables
+from . import triton_monotone  # its launchers (fwd, bwd) call back into this module's helpers
 from .triton_step import leap_fwd_kernel_step
 
 SAVES_DEN = True  # fwd returns (o, S, z, den); bwd takes o=, den= (see attention/op.py)
@@ -273,12 +275,19 @@ def _state_rows(N, H, K, V, rows):
 
 
 def _scratch(backward, B, T, S, H, Hkv, K, V, N, plan, *, normalize=True, initial_state=False,
-             output_final_state=False, dS_given=False, dz_given=False, varlen=False):
+             output_final_state=False, dS_given=False, dz_given=False, varlen=False, monotone=False):
     """Every scratch tensor one ``fwd`` / ``bwd`` call allocates (besides its outputs):
-    {name: (shape, dtype)}. The launchers allocate exactly these; ``workspace_bytes`` sums them."""
+    {name: (shape, dtype)}. The launchers allocate exactly these; ``workspace_bytes`` sums them.
+    ``monotone`` (``num_visible_keys``, ``triton_monotone``; plan None): the forward allocates
+    nothing; the backward the int32 chunk tables, ``dden`` and the key-block ``dpq``/``dpk``
+    partials (dS0 comes from its dq sweep: no segment states)."""
     f32 = torch.float32
     out = {}
-    if varlen:  # _safe_cu_seqlens: clamp, cummax (values and indices)
+    if monotone:
+        if not backward:
+            return out
+        out["tab"] = ((B, 2, triton.cdiv(S, _tiles(K, V)[0]) + 1), torch.int32)
+    elif varlen:  # _safe_cu_seqlens: clamp, cummax (values and indices)
         out["cu"] = ((3 * (N + 1),), torch.int64)
     if plan:
         L, nseg, whole = plan
@@ -290,7 +299,7 @@ def _scratch(backward, B, T, S, H, Hkv, K, V, N, plan, *, normalize=True, initia
         if whole and (backward or not output_final_state):  # forward: the whole state is S_final
             for n, v in _state_rows(N, H, K, V, N * H).items():
                 out["whole_" + n] = v
-    elif backward and initial_state:  # dS0: one query segment per sequence, a reverse scan
+    elif backward and initial_state and not monotone:  # dS0: one query segment per sequence, a reverse scan
         for n, v in _state_rows(N, H, K, V, N * H).items():
             out["seg_" + n] = v
     if not backward:
@@ -308,27 +317,30 @@ def _scratch(backward, B, T, S, H, Hkv, K, V, N, plan, *, normalize=True, initia
 
 def workspace_bytes(B, T, H, Hkv, Dk, Dv, sm_count, *, S=None, causal=True, block_size=None, normalize=True,
                     initial_state=False, output_final_state=False, final_state_grad=False, cu_seqlens=None,
-                    min_segment=MIN_SEGMENT, backward=True):
+                    min_segment=MIN_SEGMENT, backward=True, monotone=False):
     """Scratch bytes of one triton ``bwd`` call (``backward=False``: ``fwd``) on a GPU with
     ``sm_count`` SMs, beyond its inputs and outputs: what ``_scratch`` lists, which is exactly what
     the launcher allocates (``tests/test_triton_workspace.py`` records it). ``cu_seqlens``: the
     number of sequences N (varlen, B == 1), or None. ``min_segment``: the shortest segment (None:
     one chunk, as under the interpreter). ``final_state_grad``: dS and dz both given (or neither:
     False); the forward's ``output_final_state``. The backward is counted as the op runs it, with
-    the forward's ``o`` and ``den`` given (called without them it first reruns the forward). The
-    monotone mode (``num_visible_keys``) is not covered."""
+    the forward's ``o`` and ``den`` given (called without them it first reruns the forward).
+    ``monotone=True``: the monotone mode (``num_visible_keys``, cross-attention of T queries on S
+    keys; ``causal``, ``block_size``, ``cu_seqlens`` and the segment policy do not apply)."""
     S = T if S is None else S
     N = B if cu_seqlens is None else cu_seqlens
     BT = _tiles(Dk, Dv)[0]
     INTRA, W, CL = _sweep(T, S, causal, block_size or 0, BT)
     policy = lambda dev: (sm_count, min_segment)  # noqa: E731
-    if backward:
+    if monotone:
+        plan = None
+    elif backward:
         plan = _bwd_plan(policy, T, S, N, H, Hkv, Dk, Dv, INTRA, W, CL)
     else:
         plan = _plan(policy, T, S, N, H, _tiles(Dk, Dv)[3], INTRA, W, CL)
     sc = _scratch(backward, B, T, S, H, Hkv, Dk, Dv, N, plan, normalize=normalize, initial_state=initial_state,
                   output_final_state=output_final_state, dS_given=final_state_grad, dz_given=final_state_grad,
-                  varlen=cu_seqlens is not None)
+                  varlen=cu_seqlens is not None, monotone=monotone)
     return sum(math.prod(shape) * dt.itemsize for shape, dt in sc.values())
 
 
@@ -340,8 +352,8 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
         normalize, output_final_state):
     _check_dtype(q)
     if num_visible_keys is not None:
-        return _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, num_visible_keys, eps, normalize,
-                             output_final_state)
+        return triton_monotone.fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, num_visible_keys, eps, normalize,
+                                   output_final_state)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
     key_padding_mask, cu_seqlens = _c(key_padding_mask), _c(cu_seqlens, torch.int64)
@@ -412,8 +424,8 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
         o, _, _, den = fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, causal,
                            block_size, eps, True, False)
     if num_visible_keys is not None:
-        return _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, num_visible_keys, eps,
-                             normalize, o, den)
+        return triton_monotone.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, num_visible_keys, eps,
+                                   normalize, o, den)
     pq_dtype, pk_dtype = pq.dtype, pk.dtype
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
@@ -506,108 +518,6 @@ def _dden(o, do, den, dden, eps):
     BV = max(16, triton.next_power_of_2(V))
     BR = max(16, 4096 // BV)
     leap_bwd_kernel_dden[(triton.cdiv(R, BR),)](o, do, den, dden, R, eps, V=V, BR=BR, BV=BV, num_warps=4, **LAUNCH)
-
-
-def _monotone_fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize, output_final_state):
-    """Monotone cross-attention (``num_visible_keys``; ``triton_monotone``): one program per
-    (batch x query head, value tile) sweeps the query chunks, carrying the key state."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
-    key_padding_mask, nvk = _c(key_padding_mask), nvk.to(torch.int64).contiguous()
-    B, T, H, K = q.shape
-    S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
-    BT, BK, BV, NV = _tiles(K, V)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    den = torch.empty(B, T, H, **f32) if normalize else None
-    Sf = torch.empty(B, H, 2 * K, V, **f32) if output_final_state else None
-    zf = torch.empty(B, H, 2 * K, **f32) if output_final_state else None
-    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
-    dummy = pq
-    with on_device(q):
-        leap_fwd_kernel_monotone[sweep_grid(B, H, NV)](
-            q, k, v, pq, pk, kpm if kpm is not None else dummy, nvk,
-            S0 if S0 is not None else dummy, z0 if z0 is not None else dummy,
-            o, Sf if Sf is not None else dummy, zf if zf is not None else dummy,
-            dummy, den if den is not None else dummy, dummy, dummy, dummy,
-            T, S, B * T * H, eps,
-            H=H, G=H // Hkv, K=K, V=V, BT=BT, BK=BK, BV=BV, STAGE=0, HAS_KPM=kpm is not None,
-            USE_S0=S0 is not None, STORE_STATE=output_final_state, NORMALIZE=normalize,
-            DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype], **_mono_launch(BK, BV))
-    return o, Sf, zf, den
-
-
-def _mono_launch(BK: int, BV: int):
-    """Launch options of the monotone kernels (no autotuning): 8 warps once the two fp32 states
-    are [128, 32] or larger."""
-    return dict(num_warps=8 if BK * BV > 64 * 64 // 2 else 4, num_stages=1, **LAUNCH)
-
-
-def _monotone_bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize, o, den):
-    """Backward of ``_monotone_fwd`` (``o``, ``den``: its results): ``dden`` (normalised), then ``dq`` /
-    ``dpq`` by the forward sweep, then ``dk`` / ``dv`` / ``dpk`` / ``dS0`` / ``dz0`` by the reverse key
-    sweep."""
-    pq_dtype, pk_dtype = pq.dtype, pk.dtype
-    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
-    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
-    dS, dz = _c(dS, torch.float32), _c(dz, torch.float32)
-    key_padding_mask, nvk = _c(key_padding_mask), nvk.to(torch.int64).contiguous()
-    B, T, H, K = q.shape
-    S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
-    G = H // Hkv
-    BT, BK, BV, NV = _tiles(K, V)
-    dev = q.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    NTH, NSH = B * T * H, B * S * H
-    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
-    dummy = pq
-    if dS is None and dz is not None:
-        dS = torch.zeros(B, H, 2 * K, V, **f32)
-    if dz is None and dS is not None:
-        dz = torch.zeros(B, H, 2 * K, **f32)
-    common = dict(H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_KPM=kpm is not None, NORMALIZE=normalize,
-                  DOT_MODE=_dot_mode(q.dtype), DT=_DT[q.dtype], **_mono_launch(BK, BV))
-    kp = kpm if kpm is not None else dummy
-    s0 = S0 if S0 is not None else dummy
-    z0_ = z0 if z0 is not None else dummy
-    if normalize:
-        o, den, dden = o.contiguous(), _c(den, torch.float32), torch.empty(B, T, H, **f32)
-    else:
-        den = dden = dummy
-    dq = torch.empty(NV, B, T, H, K, dtype=q.dtype if NV == 1 else torch.float32, device=dev)
-    dpq = torch.empty(NV, B, T, H, **f32)
-    part_k = NV > 1 or G > 1
-    dk = torch.empty(NV, B, S, H, K, dtype=torch.float32 if part_k else q.dtype, device=dev)
-    dpk = torch.empty(NV, B, S, H, **f32)
-    dv = torch.empty(B, S, H, V, dtype=torch.float32 if G > 1 else q.dtype, device=dev)
-    dS0 = torch.empty(B, H, 2 * K, V, **f32) if S0 is not None else None
-    dz0 = torch.empty(B, H, 2 * K, **f32) if S0 is not None else None
-    grid = sweep_grid(B, H, NV)
-    with on_device(q):
-        tab = monotone_tables(nvk, T, S, BT)
-        if normalize:
-            _dden(o, do, den, dden, eps)
-        leap_fwd_kernel_monotone[grid](
-            q, k, v, pq, pk, kp, nvk, s0, z0_, dummy, dummy, dummy,
-            do, den, dden, dq, dpq,
-            T, S, NTH, eps,
-            STAGE=2, USE_S0=S0 is not None, STORE_STATE=False, **common)
-        leap_bwd_kernel_monotone_dkv[grid](
-            q, k, v, pq, pk, kp, nvk, tab, dS if dS is not None else dummy, dz if dz is not None else dummy,
-            do, den, dden,
-            dk, dv, dpk, dS0 if dS0 is not None else dummy, dz0 if dz0 is not None else dummy,
-            T, S, NTH, NSH, eps,
-            USE_DS=dS is not None, STORE_DS0=S0 is not None, **common)
-    dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
-    dpq = dpq[0] if NV == 1 else dpq.sum(0)
-    if part_k:
-        dk = dk.view(NV, B, S, Hkv, G, K).sum((0, 4)).to(q.dtype)
-        dpk = dpk.view(NV, B, S, Hkv, G).sum((0, 4))
-    else:
-        dk, dpk = dk[0], dpk[0]
-    if G > 1:
-        dv = dv.view(B, S, Hkv, G, V).sum(3).to(q.dtype)
-    return dq, dk, dv, dpq.to(pq_dtype), dpk.to(pk_dtype), dS0, dz0
 
 
 def _step_warps(BK: int, BV: int) -> int:
