@@ -17,8 +17,9 @@ CPU):
 
 prints, without a GPU, the Triton backend's launch plan on meta tensors (``aot.record``): the
 programs of every launch (forward and backward of sum / mean / max, the 8 dyadic windows) against
-an H100's 132 SMs, the max path's sparse-table scratch (``triton_pool.st_plan``; it was two
-[B, 2T, D] float32 + int32 buffers) and the sum prefix's scratch.
+an H100's 132 SMs, and the scratch of every pass (``triton_pool.scratch_bytes``) against the
+layout before issue 18's caps (the max forward's two [B, 2T, D] float32 + int32 tables; the
+backward's [B, T, W, D] prefix of the gradient and, for max, int32 run ends).
 """
 import argparse
 import os
@@ -81,14 +82,22 @@ def triton_plan(B, T, dims, windows):
                     span = f"{min(progs)}" if min(progs) == max(progs) else f"{min(progs)}-{max(progs)}"
                     lines.append(f"| {D} | {reduce} {direction} | {label} | {len(progs)} | {span} |")
         plan = tp.st_plan(B, T, D, tp.clamp_windows(windows, T))
+        bplan = tp.bwd_plan(B, T, D, len(windows), "max")
         W, nblk = len(windows), -(-T // tp.PBT)
         prefix = lambda ncol: B * ncol * (T * 4 + nblk * (8 + 8 + 4))  # noqa: E731  Q, Bs, Cr, S
-        scratch.append(f"| {D} | {2 * 8 * B * 2 * T * D / 2**20:.0f} MiB | {plan['scratch'] / 2**20:.1f} MiB "
-                       f"(chunks of {plan['BC']} x {plan['DC']} columns, {plan['NR']} rows) | "
-                       f"{prefix(D) / 2**20:.0f} MiB | {prefix(W * D) / 2**20:.0f} MiB |")
-    lines += ["", f"Scratch (ST_SCRATCH = {tp.ST_SCRATCH / 2**20:.0f} MiB):", "",
-              "| D | max table before (2 x [B, 2T, D] fp32 + int32) | max table now | sum prefix fwd | "
-              "sum prefix bwd (W*D columns) |", "| --- | --- | --- | --- | --- |"] + scratch
+        mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+        now = {(red, bwd): tp.scratch_bytes(B, T, D, windows, red, backward=bwd)
+               for red in ("sum", "max") for bwd in (False, True)}
+        scratch.append(f"| {D} | {mib(2 * 8 * B * 2 * T * D)} | {mib(now['max', False])} (chunks of {plan['BC']} x "
+                       f"{plan['DC']} columns, {plan['NR']} rows) | {mib(B * T * W * D * 8 + prefix(W * D))} | "
+                       f"{mib(now['max', True])} (chunks of {bplan['BC']} x {bplan['WC']} x {bplan['DC']}) | "
+                       f"{mib(now['sum', False])} | {mib(prefix(W * D))} | {mib(now['sum', True])} |")
+    lines += ["", f"Scratch (``triton_pool.scratch_bytes``; ST_SCRATCH = {tp.ST_SCRATCH / 2**20:.0f} MiB, "
+              f"BWD_SCRATCH = {tp.BWD_SCRATCH / 2**20:.0f} MiB; 'before' is the layout before issue 18's caps; "
+              "backward chunks are sequences x windows x columns):", "",
+              "| D | max fwd before (2 x [B, 2T, D] fp32 + int32) | max fwd now | max bwd before (st, en, prefix "
+              "of [B, T, W*D]) | max bwd now | sum fwd | sum bwd before | sum bwd now |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"] + scratch
     return lines
 
 

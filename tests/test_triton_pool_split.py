@@ -191,7 +191,7 @@ class _NoLaunch:
 
 @pytest.mark.parametrize("case", ["one_chunk", "columns", "sequences"])
 def test_max_scratch_matches_formula(monkeypatch, case):
-    """Every allocation of the max forward, recorded: the output, the argmax and the level
+    """Every allocation of the max forward, recorded: the output, the argmax, valid and the level
     buffers, nbuf x (float32 + int32) of BC * (T + R) * DC elements, i.e. ``st_plan``'s scratch,
     which stays within max(ST_SCRATCH, nbuf * 8 * (T + R) * min(D, 64)) bytes."""
     for name in dir(tp):
@@ -208,12 +208,14 @@ def test_max_scratch_matches_formula(monkeypatch, case):
     with _Allocations() as rec:
         tp.fwd(x, windows, "max", with_argmax=True)
     n = want_bc * (T + R) * want_dc
-    expected = sorted([((B, T, len(windows), D), torch.float32), ((B, T, len(windows), D), torch.int16)]
+    expected = sorted([((B, T, len(windows), D), torch.float32), ((B, T, len(windows), D), torch.int16),
+                       ((B, T, len(windows)), torch.bool)]
                       + [((n,), torch.float32), ((n,), torch.int32)] * nbuf, key=str)
     assert sorted(rec.log, key=str) == expected
     plan = tp.st_plan(B, T, D, windows)
     scratch = sum(s[0] * 4 for s, _ in rec.log if len(s) == 1)
     assert scratch == plan["scratch"] == nbuf * 8 * want_bc * (T + R) * want_dc
+    assert tp.scratch_bytes(B, T, D, windows, "max") == scratch + 8 * len(windows)  # + the window table
     assert scratch <= max(cap, nbuf * 8 * (T + R) * min(D, tp.OUT_BD))
     assert scratch < 2 * 8 * B * 2 * T * D  # before: two [B, 2T, D] float32 + int32 buffers
 

@@ -20,7 +20,8 @@ window whatever its length. Overflow: a float32 in-block prefix of x = 1e37 reac
 column) in S: no in-block partial sum can then exceed 2^127, and blocks of ordinary data are
 summed exactly as before. ``pool_fwd_kernel_sum_out`` tiles (T-block, D-block) and writes every window.
 The backward is the same operation on the gradient over the reversed windows (-b, -a), summed
-over windows (``pool_bwd_kernel_sum``; mean scales the gradient by 1 / count in the prefix pass).
+over windows (``pool_bwd_kernel_sum``; mean scales the gradient by 1 / count in the prefix pass),
+in chunks (see "Backward chunks" below).
 max: a sparse table over the extended axis p in [-R, T), R = min(T, 2^jmax) with jmax =
 floor(log2) of the longest (clamped) window: level j holds the first maximum of x over
 [p, p + 2^j) clipped to [0, T) with its index (rows p <= -2^j are empty at level j, so rows
@@ -41,6 +42,19 @@ gradient to a row s form one run [st, en]; ``pool_bwd_kernel_max_runs`` records 
 prefix of the gradient. (No ``tl.associative_scan`` with a custom combine: the interpreter runs
 those element by element.) The order of the max puts NaN above every number: a window holding
 NaN gives NaN, as ``torch.amax``, and its argmax (which takes the gradient) is its first NaN.
+
+Backward chunks (``bwd_plan``): the prefix of the gradient (float32 per row, float64 carries per
+block) and, for max, the int32 run ends st, en are per (sequence, window, column): [B, T, NW, D]
+each in one piece, about 3 GiB at B=4, T=8192, D=1024, NW=8. So the backward runs over chunks of
+BC sequences x WC windows x DC columns (windows split first, so each launch still covers every
+sequence and column; then columns, in multiples of OUT_BD, with WC = 1; then sequences), with
+buffers allocated once per call within ``BWD_SCRATCH`` (128 MiB): every chunk runs the same
+launches as one piece (max_runs, block_prefix, carry_scan, then max or sum) on its slice of the
+gradient. dx of a (sequence, column) chunk is summed over its window groups in order in a float32
+buffer [BC, T, DC] (the first group starts from 0, the last one adds and writes dx in its dtype):
+the same float32 sum over windows, in the same order, as in one piece, so any chunking gives the
+same bits, with no atomics. ``scratch_bytes`` states what a call allocates beyond its inputs and
+outputs (``tests/test_triton_pool_scratch.py`` records an interpreted run against it).
 
 Addresses: every offset into a [B, T, ...] buffer is computed in int64 (row indices are widened
 before they are multiplied by a stride), so B * T * NW * D >= 2^31 elements address correctly;
@@ -69,8 +83,10 @@ OUT_BD = 64  # columns per program of the tiled kernels
 # rows per program of the tiled kernels: the interpreter pays per program and per op, not per
 # element, so it gets bigger tiles (still several per sequence at T = 1000: multi-tile paths run)
 OUT_BT = 256 if interpreting() else 64
-# cap (bytes) of the max path's sparse-table scratch (``st_plan``)
+# caps (bytes) of the max forward's sparse-table scratch (``st_plan``) and of the backward's
+# chunk buffers (``bwd_plan``); ``scratch_bytes`` states what a call allocates
 ST_SCRATCH = 128 << 20
+BWD_SCRATCH = 128 << 20
 
 # compile options of every launch (as ``attention/triton_chunk.LAUNCH``): floating-point
 # contraction pinned on (triton 3.10 turns the default off). Numerically moot here: the only
@@ -103,8 +119,9 @@ def pool_grid(B, rows, cols, block_rows, block_cols):
 
 @triton.jit
 def _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, NW, D, NBLK):
-    """(columns NW*D, and batch row pid_b's bases of the prefix ``q [B, T, NCOL]``, the block carries
-    ``c [B, NBLK, NCOL]`` and block sums ``s [B, NBLK, NCOL]``), int64."""
+    """(columns NCOL = NW*D (windows x columns of a chunk), and batch row pid_b's bases of the
+    prefix ``q [B, T, NCOL]``, the block carries ``c [B, NBLK, NCOL]`` and block scales
+    ``s [B, NBLK, NCOL]``), int64."""
     NCOL = tl.cast(NW, tl.int64) * D
     return NCOL, q_ptr + pid_b * T * NCOL, c_ptr + pid_b * NBLK * NCOL, s_ptr + pid_b * NBLK * NCOL
 
@@ -124,11 +141,14 @@ def _win_tensor(wins, device):
 
 
 def _valid(wins, B, T, device):
-    t = torch.arange(T, device=device)[:, None]
-    a = torch.tensor([w[0] for w in wins], device=device)[None, :]
-    b = torch.tensor([w[1] for w in wins], device=device)[None, :]
-    v = (t + a >= 0) & (t + b < T)
-    return v[None].expand(B, T, len(wins)).contiguous()
+    """valid [B, T, NW]: t + a >= 0 and t + b < T, i.e. t in [-a, T - b) (offsets clamped to
+    [-T, T]); filled in place, so the output is the only allocation."""
+    v = torch.zeros((B, T, len(wins)), dtype=torch.bool, device=device)
+    for w, (a, b) in enumerate(wins):
+        lo, hi = max(0, -a), min(T, T - b)
+        if lo < hi:
+            v[:, lo:hi, w].fill_(True)
+    return v
 
 
 # ----------------------------------------------------------------------------- sum / mean
@@ -233,25 +253,49 @@ def pool_fwd_kernel_sum_out(q_ptr, c_ptr, s_ptr, win_ptr, out_ptr, T, D, NW, NBL
 
 
 @triton.jit
-def pool_bwd_kernel_sum(q_ptr, c_ptr, s_ptr, win_ptr, dx_ptr, T, D, NW, NBLK,
-                    PB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """dx[s] = sum_w sum_{t in [s-b, s-a]} g'[t, w] from the prefix of g' [B, T, NW*D]."""
-    pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
+def _acc_init(acc_ptr, ao, m, LOAD_ACC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """The float32 running sum of a backward tile: the previous window groups' (``acc [bc, T, dc]``
+    at ``ao``) or zero for the first group."""
+    if LOAD_ACC:
+        return tl.load(acc_ptr + ao, mask=m, other=0.0)
+    else:
+        return tl.zeros([BT, BD], dtype=tl.float32)
+
+
+@triton.jit
+def _acc_store(acc, acc_ptr, ao, dx_ptr, b, s64, d, T, D, c0, m, TO_DX: tl.constexpr):
+    """The last window group writes dx [B, T, D] (rows s64, columns c0 + d of sequence b), the
+    others the float32 running sum (exact: the sum over windows runs in the same order whatever
+    the groups)."""
+    if TO_DX:
+        tl.store(dx_ptr + (b * T + s64[:, None]) * D + c0 + d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(acc_ptr + ao, acc, mask=m)
+
+
+@triton.jit
+def pool_bwd_kernel_sum(q_ptr, c_ptr, s_ptr, win_ptr, acc_ptr, dx_ptr, T, D, WC, DC, NBLK, b0, w0, c0,
+                        LOAD_ACC: tl.constexpr, TO_DX: tl.constexpr, PB: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr):
+    """dx[s] += sum_w sum_{t in [s-b, s-a]} g'[t, w] over the chunk's windows w0 .. w0+WC-1, from
+    the prefix of its g' [bc, T, WC*DC] (columns c0 .. c0+DC-1 of sequences b0 ..)."""
+    pid_b, pid_t, pid_d = _tile_ids(T, DC, BT, BD)
     s = pid_t * BT + tl.arange(0, BT)
+    s64 = s.to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     smask = s < T
-    dmask = d < D
-    NCOL, q_base, c_base, s_base = _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, NW, D, NBLK)
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for w in range(NW):
-        a = tl.load(win_ptr + 2 * w)
-        b = tl.load(win_ptr + 2 * w + 1)
+    m = smask[:, None] & (d < DC)[None, :]
+    NCOL, q_base, c_base, s_base = _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, WC, DC, NBLK)
+    ao = (pid_b * T + s64[:, None]) * DC + d[None, :]
+    acc = _acc_init(acc_ptr, ao, m, LOAD_ACC, BT, BD)
+    for wl in range(WC):
+        a = tl.load(win_ptr + 2 * (w0 + wl))
+        b = tl.load(win_ptr + 2 * (w0 + wl) + 1)
         lo = tl.minimum(tl.maximum(s - b, 0), T)
         hi = tl.maximum(tl.minimum(tl.maximum(s - a + 1, 0), T), lo)
-        acc += _range_sum(q_base, c_base, s_base, lo[:, None], hi[:, None], (tl.cast(w, tl.int64) * D + d)[None, :],
-                          smask[:, None] & dmask[None, :], NCOL, PB).to(tl.float32)
-    tl.store(dx_ptr + pid_b * T * D + s.to(tl.int64)[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=smask[:, None] & dmask[None, :])
+        acc += _range_sum(q_base, c_base, s_base, lo[:, None], hi[:, None],
+                          (tl.cast(wl, tl.int64) * DC + d)[None, :], m, NCOL, PB).to(tl.float32)
+    _acc_store(acc, acc_ptr, ao, dx_ptr, b0 + pid_b, s64, d, T, D, c0, m, TO_DX)
 
 
 def prefix_grids(B, T, ncol):
@@ -260,17 +304,26 @@ def prefix_grids(B, T, ncol):
     return (pool_grid(B, T, ncol, PBT, PRE_BD), pool_grid(B, 1, ncol, 1, SCAN_BD))
 
 
-def _prefix(y3, ncol, T, wins_t, D, mean):
-    """Blocked prefix of y3 (a [B, T, ncol] view with unit column stride): Q, Cr, S, NBLK."""
-    B = y3.shape[0]
+def _prefix_buffers(B, T, ncol, device):
+    """Q, Bs, Cr, S of a blocked prefix over B sequences x ncol columns (flat: a smaller chunk
+    uses their first elements): ``4 * T + 20 * cdiv(T, PBT)`` bytes per (sequence, column)."""
+    n, nblk = B * ncol, triton.cdiv(T, PBT)
+    return (torch.empty(n * T, dtype=torch.float32, device=device),
+            torch.empty(n * nblk, dtype=torch.float64, device=device),
+            torch.empty(n * nblk, dtype=torch.float64, device=device),
+            torch.empty(n * nblk, dtype=torch.float32, device=device))
+
+
+def _prefix(y3, bufs, T, wins_t, D, mean):
+    """Blocked prefix of y3 (a [B, T, ncol] view with unit column stride) into ``bufs``
+    (``_prefix_buffers``): Q, Cr, S, NBLK. With ``mean`` column c belongs to window c // D of
+    ``wins_t``."""
+    B, _, ncol = y3.shape
     nblk = triton.cdiv(T, PBT)
-    q = torch.empty((B, T, ncol), dtype=torch.float32, device=y3.device)
-    bs = torch.empty((B, nblk, ncol), dtype=torch.float64, device=y3.device)
-    c = torch.empty((B, nblk, ncol), dtype=torch.float64, device=y3.device)
-    s = torch.empty((B, nblk, ncol), dtype=torch.float32, device=y3.device)
+    q, bs, c, s = bufs
     g_blk, g_scan = prefix_grids(B, T, ncol)
     pool_fwd_kernel_block_prefix[g_blk](y3, q, bs, s, wins_t, T, ncol, D, y3.stride(0), y3.stride(1), nblk,
-                                MEAN=mean, BT=PBT, BD=PRE_BD, **LAUNCH)
+                                        MEAN=mean, BT=PBT, BD=PRE_BD, **LAUNCH)
     pool_fwd_kernel_carry_scan[g_scan](bs, c, ncol, nblk, BK=SCAN_BK, BD=SCAN_BD, **LAUNCH)
     return q, c, s, nblk
 
@@ -295,6 +348,40 @@ def st_plan(B, T, D, windows):
         DC = min(D, OUT_BD)
         BC = max(1, min(B, ST_SCRATCH // (unit * DC)))
     return dict(jmax=jmax, R=R, NR=NR, nbuf=nbuf, BC=BC, DC=DC, scratch=nbuf * 8 * BC * NR * DC)
+
+
+def _prefix_unit(T):
+    """Bytes of the blocked prefix per (sequence, column): Q (float32 per row), Bs and Cr
+    (float64 per block), S (float32 per block)."""
+    return 4 * T + 20 * triton.cdiv(T, PBT)
+
+
+def bwd_plan(B, T, D, NW, reduce):
+    """The chunks of the backward: dict of BC x WC x DC (sequences x windows x columns per chunk;
+    DC = D unless WC = 1, DC a multiple of OUT_BD unless DC = D), groups (window groups,
+    cdiv(NW, WC)), unit (bytes per (sequence, window, column): the prefix of the gradient, and
+    for max the int32 run ends st, en) and scratch (bytes, allocated once per call: the chunk's
+    buffers, plus a float32 running sum [BC, T, DC] of dx when there are several window groups).
+    Windows are split first (every sequence and column in each launch), then columns, then
+    sequences: scratch <= max(BWD_SCRATCH, (unit + 4 * T) * min(D, OUT_BD))."""
+    unit = _prefix_unit(T) + (8 * T if reduce == "max" else 0)
+    acc = 4 * T  # per (sequence, column) when there are several window groups
+    if B * D * NW * unit <= BWD_SCRATCH:
+        BC, WC, DC = B, NW, D
+    elif BWD_SCRATCH // (B * D) >= unit + acc:  # several windows of every sequence and column
+        BC, WC, DC = B, (BWD_SCRATCH // (B * D) - acc) // unit, D
+    else:
+        per = unit + (acc if NW > 1 else 0)
+        cols = BWD_SCRATCH // (B * per)
+        WC = 1
+        if cols >= OUT_BD:  # one window of every sequence, columns in chunks
+            BC, DC = B, min(D, cols // OUT_BD * OUT_BD)
+        else:  # one window of OUT_BD columns (or D), sequences in chunks
+            DC = min(D, OUT_BD)
+            BC = max(1, min(B, BWD_SCRATCH // (per * DC)))
+    groups = triton.cdiv(NW, WC)
+    scratch = BC * WC * DC * unit + (BC * T * DC * 4 if groups > 1 else 0)
+    return dict(BC=BC, WC=WC, DC=DC, groups=groups, unit=unit, scratch=scratch)
 
 
 # Sparse table over the extended axis p in [-R, T) (row r = p + R) of one chunk of BC sequences
@@ -387,53 +474,60 @@ def _argkey(arg_ptr, o, t, a, T, m):
 
 
 @triton.jit
-def pool_bwd_kernel_max_runs(arg_ptr, win_ptr, st_ptr, en_ptr, T, D, NW, BT: tl.constexpr, BD: tl.constexpr):
+def pool_bwd_kernel_max_runs(arg_ptr, win_ptr, st_ptr, en_ptr, T, D, NW, WC, DC, b0, w0, c0,
+                             BT: tl.constexpr, BD: tl.constexpr):
     """For one (w, d) column the argmax of consecutive t is non-decreasing, so the t sending their
-    gradient to a row s form one run [st, en]: record it at row s (each row is written once)."""
-    pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
+    gradient to a row s form one run [st, en]: record it at row s (each row is written once) in
+    the chunk's ``st`` / ``en [bc, T, WC*DC]`` (windows w0 .. w0+WC-1, columns c0 .. c0+DC-1 of
+    sequences b0 ..; argmax is the whole [B, T, NW, D])."""
+    pid_b, pid_t, pid_d = _tile_ids(T, DC, BT, BD)
     t = pid_t * BT + tl.arange(0, BT)
     t64 = t.to(tl.int64)
     cols = pid_d * BD + tl.arange(0, BD)
-    cmask = cols < D
-    m = (t < T)[:, None] & cmask[None, :]
+    m = (t < T)[:, None] & (cols < DC)[None, :]
     mp = m & (t >= 1)[:, None]
     mn = m & (t + 1 < T)[:, None]
-    base = pid_b * T * NW * D
+    base = (b0 + pid_b) * T * NW * D + c0 + cols[None, :]
+    NCOL = tl.cast(WC, tl.int64) * DC
     tt = t[:, None] + tl.zeros([BT, BD], dtype=tl.int32)
-    for w in range(NW):
+    for wl in range(WC):
+        w = w0 + wl
         a = tl.load(win_ptr + 2 * w)
-        o = base + (t64[:, None] * NW + w) * D + cols[None, :]
-        key = _argkey(arg_ptr, o, t, a, T, m)
-        key_p = _argkey(arg_ptr, base + ((t64[:, None] - 1) * NW + w) * D + cols[None, :], t - 1, a, T, mp)
-        key_n = _argkey(arg_ptr, base + ((t64[:, None] + 1) * NW + w) * D + cols[None, :], t + 1, a, T, mn)
-        dst = base + (tl.maximum(key, 0).to(tl.int64) * NW + w) * D + cols[None, :]
+        key = _argkey(arg_ptr, base + (t64[:, None] * NW + w) * D, t, a, T, m)
+        key_p = _argkey(arg_ptr, base + ((t64[:, None] - 1) * NW + w) * D, t - 1, a, T, mp)
+        key_n = _argkey(arg_ptr, base + ((t64[:, None] + 1) * NW + w) * D, t + 1, a, T, mn)
+        dst = (pid_b * T + tl.maximum(key, 0).to(tl.int64)) * NCOL + tl.cast(wl, tl.int64) * DC + cols[None, :]
         has = m & (key >= 0)
         tl.store(st_ptr + dst, tt, mask=has & (key != key_p))
         tl.store(en_ptr + dst, tt, mask=has & (key != key_n))
 
 
 @triton.jit
-def pool_bwd_kernel_max(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, dx_ptr, T, D, NW, NBLK,
-                    PB: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """dx[s] = sum_w (sum of grad[t, w] over the run [st, en] recorded at s), from the prefix of grad."""
-    pid_b, pid_t, pid_d = _tile_ids(T, D, BT, BD)
+def pool_bwd_kernel_max(q_ptr, c_ptr, s_ptr, st_ptr, en_ptr, acc_ptr, dx_ptr, T, D, WC, DC, NBLK, b0, c0,
+                        LOAD_ACC: tl.constexpr, TO_DX: tl.constexpr, PB: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr):
+    """dx[s] += sum over the chunk's windows of (the sum of grad[t, w] over the run [st, en]
+    recorded at s), from the prefix of the chunk's grad [bc, T, WC*DC]. en is read only where st
+    was written (a run has both ends), so only st is reset between chunks."""
+    pid_b, pid_t, pid_d = _tile_ids(T, DC, BT, BD)
     s = pid_t * BT + tl.arange(0, BT)
     s64 = s.to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
-    m = (s < T)[:, None] & (d < D)[None, :]
-    NCOL, q_base, c_base, s_base = _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, NW, D, NBLK)
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for w in range(NW):
-        wd = tl.cast(w, tl.int64) * D + d  # [BD] columns of window w in the prefix of grad
+    m = (s < T)[:, None] & (d < DC)[None, :]
+    NCOL, q_base, c_base, s_base = _prefix_bases(q_ptr, c_ptr, s_ptr, pid_b, T, WC, DC, NBLK)
+    ao = (pid_b * T + s64[:, None]) * DC + d[None, :]
+    acc = _acc_init(acc_ptr, ao, m, LOAD_ACC, BT, BD)
+    for wl in range(WC):
+        wd = tl.cast(wl, tl.int64) * DC + d  # [BD] columns of window wl in the chunk's prefix
         o = pid_b * T * NCOL + s64[:, None] * NCOL + wd[None, :]
         st = tl.load(st_ptr + o, mask=m, other=-1)
-        en = tl.load(en_ptr + o, mask=m, other=-1)
         has = m & (st >= 0)
+        en = tl.load(en_ptr + o, mask=has, other=-1)
         lo = tl.maximum(st, 0)
         hi = tl.maximum(en + 1, lo)
         v = _range_sum(q_base, c_base, s_base, lo, hi, wd[None, :], has, NCOL, PB).to(tl.float32)
         acc += tl.where(has, v, 0.0)
-    tl.store(dx_ptr + pid_b * T * D + s64[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m)
+    _acc_store(acc, acc_ptr, ao, dx_ptr, b0 + pid_b, s64, d, T, D, c0, m, TO_DX)
 
 
 # ----------------------------------------------------------------------------- interface
@@ -446,7 +540,7 @@ def fwd(x, windows, reduce, with_argmax=True):
     valid = _valid(wins, B, T, x.device)
     out = torch.empty((B, T, NW, D), dtype=x.dtype, device=x.device)
     if reduce in ("sum", "mean"):
-        q, c, s, nblk = _prefix(x, D, T, wins_t, D, False)
+        q, c, s, nblk = _prefix(x, _prefix_buffers(B, T, D, x.device), T, wins_t, D, False)
         pool_fwd_kernel_sum_out[pool_grid(B, T, D, OUT_BT, OUT_BD)](q, c, s, wins_t, out, T, D, NW, nblk,
                                                            MEAN=reduce == "mean", PB=PBT, BT=OUT_BT, BD=OUT_BD,
                                                            **HEAVY)
@@ -485,20 +579,58 @@ def bwd(grad, T, windows, reduce, argmax):
     B, _, NW, D = grad.shape
     wins = clamp_windows(windows, T)
     wins_t = _win_tensor(wins, grad.device)
-    grid = pool_grid(B, T, D, OUT_BT, OUT_BD)
-    if reduce in ("sum", "mean"):
-        g3 = grad.view(B, T, NW * D)
-        q, c, s, nblk = _prefix(g3, NW * D, T, wins_t, D, reduce == "mean")
-        dx = torch.empty((B, T, D), dtype=grad.dtype, device=grad.device)
-        pool_bwd_kernel_sum[grid](q, c, s, wins_t, dx, T, D, NW, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
-        return dx
-    if argmax is None:
-        raise ValueError("argmax is required for the max backward")
-    argmax = argmax.contiguous()
-    st = torch.full((B, T, NW, D), -1, dtype=torch.int32, device=grad.device)
-    en = torch.full((B, T, NW, D), -1, dtype=torch.int32, device=grad.device)
-    pool_bwd_kernel_max_runs[grid](argmax, wins_t, st, en, T, D, NW, BT=OUT_BT, BD=OUT_BD, **HEAVY)
-    q, c, s, nblk = _prefix(grad.view(B, T, NW * D), NW * D, T, wins_t, D, False)
-    dx = torch.empty((B, T, D), dtype=grad.dtype, device=grad.device)
-    pool_bwd_kernel_max[grid](q, c, s, st, en, dx, T, D, NW, nblk, PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
+    is_max = reduce == "max"
+    if is_max:
+        if argmax is None:
+            raise ValueError("argmax is required for the max backward")
+        argmax = argmax.contiguous()
+    plan = bwd_plan(B, T, D, NW, reduce)
+    BC, WC, DC, groups = plan["BC"], plan["WC"], plan["DC"], plan["groups"]
+    dev = grad.device
+    n = BC * WC * DC  # (sequence, window, column) triples of one chunk
+    bufs = _prefix_buffers(BC, T, WC * DC, dev)
+    if is_max:
+        st = torch.empty(n * T, dtype=torch.int32, device=dev)
+        en = torch.empty(n * T, dtype=torch.int32, device=dev)
+    dx = torch.empty((B, T, D), dtype=grad.dtype, device=dev)
+    acc = torch.empty(BC * T * DC, dtype=torch.float32, device=dev) if groups > 1 else dx
+    for b0 in range(0, B, BC):
+        bc = min(BC, B - b0)
+        for c0 in range(0, D, DC):
+            dc = min(DC, D - c0)
+            grid = pool_grid(bc, T, dc, OUT_BT, OUT_BD)
+            for g in range(groups):
+                w0 = g * WC
+                wc = min(WC, NW - w0)
+                # [bc, T, wc * dc] with unit column stride: dc = D, or wc = 1 (bwd_plan)
+                y3 = grad[b0:b0 + bc, :, w0:w0 + wc, c0:c0 + dc].view(bc, T, wc * dc)
+                flags = dict(LOAD_ACC=g > 0, TO_DX=g == groups - 1)
+                if is_max:
+                    st[:bc * T * wc * dc].fill_(-1)
+                    pool_bwd_kernel_max_runs[grid](argmax, wins_t, st, en, T, D, NW, wc, dc, b0, w0, c0, BT=OUT_BT,
+                                                   BD=OUT_BD, **HEAVY)
+                q, c, s, nblk = _prefix(y3, bufs, T, wins_t[2 * w0:], dc, reduce == "mean")
+                if is_max:
+                    pool_bwd_kernel_max[grid](q, c, s, st, en, acc, dx, T, D, wc, dc, nblk, b0, c0, **flags, PB=PBT,
+                                              BT=OUT_BT, BD=OUT_BD, **HEAVY)
+                else:
+                    pool_bwd_kernel_sum[grid](q, c, s, wins_t, acc, dx, T, D, wc, dc, nblk, b0, w0, c0, **flags,
+                                              PB=PBT, BT=OUT_BT, BD=OUT_BD, **HEAVY)
     return dx
+
+
+def scratch_bytes(B, T, D, windows, reduce, *, backward=False):
+    """Bytes one ``fwd`` (``backward=False``; the max forward with or without argmax) or ``bwd``
+    call allocates beyond its inputs and outputs (pooled, valid, argmax; dx), for x [B, T, D] and
+    ``windows`` (as given: clamped here). Every allocation of the launchers is counted: the
+    window table (int32 pairs), the sum prefix (Q, Bs, Cr, S), the max forward's sparse table
+    (``st_plan``), the backward's chunk buffers (``bwd_plan``). At B=4, T=8192, D=1024 and
+    dyadic_windows(8) the max path stays under 128 MiB each way (it was 1 GiB forward and 3 GiB
+    backward); only the sum / mean forward's prefix of x (about 4 * B * T * D bytes) exceeds it."""
+    wins = clamp_windows(windows, T)
+    table = 8 * len(wins)
+    if backward:
+        return table + bwd_plan(B, T, D, len(wins), reduce)["scratch"]
+    if reduce == "max":
+        return table + st_plan(B, T, D, wins)["scratch"]
+    return table + B * D * _prefix_unit(T)
