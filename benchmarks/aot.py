@@ -24,13 +24,14 @@ from unittest import mock
 
 warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
-MODULES = ("leapformer_kernels.attention.triton_chunk", "leapformer_kernels.pooling.triton_pool")
+MODULES = ("leapformer_kernels.attention.triton_chunk", "leapformer_kernels.attention.triton_monotone",
+           "leapformer_kernels.pooling.triton_pool")
 STAGES = {0: "fwd", 2: "bwd.dq"}
 
 
 def label(name: str, kwargs: Dict) -> str:
     """Readable kernel name: fwd, fwd.segment_sums, segment_scan, bwd.dden, bwd.dq,
-    bwd.segment_sums, bwd.dkv, step, step_inplace, monotone.fwd / .bwd.dq / .bwd.dkv,
+    bwd.segment_sums, bwd.dkv, step, step_inplace, monotone.fwd / .bwd.dq / .bwd.dkv / .tables,
     pool.<name>."""
     if name == "leap_fwd_kernel_sweep":
         return STAGES.get(kwargs.get("STAGE"), f"sweep{kwargs.get('STAGE')}")
@@ -51,6 +52,8 @@ def label(name: str, kwargs: Dict) -> str:
             kwargs.get("STAGE"), f"monotone.q{kwargs.get('STAGE')}")
     if name == "leap_bwd_kernel_monotone_dkv":
         return "monotone.bwd.dkv"
+    if name == "leap_bwd_kernel_monotone_tables":
+        return "monotone.tables"
     part = name.split("_kernel_", 1)[-1]  # pool_<fwd|bwd>_kernel_<part>
     return "pool." + {"pool_bwd_kernel_max": "max_bwd", "pool_bwd_kernel_sum": "sum_bwd"}.get(name, part)
 

@@ -34,7 +34,7 @@ H100_SMS = 132  # the segment-parallel sweep plans its grid for this many SMs (a
 
 
 def launches(dtype, D, B=ANCHOR["B"], H=ANCHOR["H"], T=ANCHOR["T"]):
-    """The launches of forward, backward, decode step and window_pool at the anchor shape (meta
+    """The launches of forward, backward (also monotone), decode step and window_pool at the anchor shape (meta
     tensors, through the host wrappers: the grids and constexprs are theirs)."""
     import leapformer_kernels as lk
     from leapformer_kernels.attention import triton_chunk as tc
@@ -48,6 +48,10 @@ def launches(dtype, D, B=ANCHOR["B"], H=ANCHOR["H"], T=ANCHOR["T"]):
     with aot.record() as out, mock.patch.object(tc, "segment_policy", lambda dev: (H100_SMS, tc.MIN_SEGMENT)):
         o, _, _, den = tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
         tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, o=o, den=den)
+        # monotone cross-attention (num_visible_keys [B, T], S = T keys): forward and backward
+        nvk = torch.empty(B, T, dtype=torch.int64, device="meta")
+        o, _, _, den = tc.fwd(q, q, q, p, p, None, None, None, None, nvk, False, None, 1e-6, True, False)
+        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, nvk, False, None, 1e-6, True, o=o, den=den)
         one = (q[:, :1], q[:, :1], q[:, :1], p[:, :1], p[:, :1])
         tc.step(*one, None, None, 1e-6, True)
         pool = (torch.empty(2 * B, H, 2 * D, D, device="meta"), torch.empty(2 * B, H, 2 * D, device="meta"))
@@ -98,11 +102,13 @@ def collect(a):
 
 
 def _label(L):
-    """aot's label, with the backward's key-side kernel split by what it computes: bwd.dkv (dk and
-    dv, Dk, Dv <= 64), bwd.dk (key blocks, every value column), bwd.dv (value tiles)."""
-    if L.name == "leap_bwd_kernel_dkv" and "DO_DK" in L.kwargs:
+    """aot's label, with the backward's key-side kernels (sweep and monotone) split by what they
+    compute: bwd.dkv (dk and dv, Dk, Dv <= 64), bwd.dk (key blocks, every value column), bwd.dv
+    (value tiles); monotone.bwd.dkv / .dk / .dv alike."""
+    prefix = {"leap_bwd_kernel_dkv": "bwd", "leap_bwd_kernel_monotone_dkv": "monotone.bwd"}.get(L.name)
+    if prefix and "DO_DK" in L.kwargs:
         dk, dv = L.kwargs["DO_DK"], L.kwargs["DO_DV"]
-        return "bwd.dkv" if dk and dv else "bwd.dk" if dk else "bwd.dv"
+        return f"{prefix}.dkv" if dk and dv else f"{prefix}.dk" if dk else f"{prefix}.dv"
     return L.label
 
 

@@ -139,9 +139,12 @@ def test_varlen(dtype, mode):
     _check(dtype, T=100, mode=mode, cu_seqlens=cu, padding=True, state=True)
 
 
-def test_wide_tiles_gqa():
-    """Dk = 128 (BT = 64, BK = 128) and Dv = 80 (three value tiles of 32) with GQA."""
-    _check(torch.float32, B=1, T=40, H=4, Hkv=2, Dk=128, Dv=80, state=True, padding=True)
+@pytest.mark.parametrize("mode", ["causal", "block5", "block70", "cross"])
+def test_wide_tiles_gqa(mode):
+    """Dk = 128 (BT = 64, BK = 128) and Dv = 80 (three value tiles of 32) with GQA: the forward's
+    factored query tile (BK > BV: one relu(q) operand) in every sweep shape."""
+    _check(torch.float32, B=1, T=70 if mode != "causal" else 40, H=4, Hkv=2, Dk=128, Dv=80, mode=mode, state=True,
+           padding=True)
 
 
 def test_value_tiles_noncausal():

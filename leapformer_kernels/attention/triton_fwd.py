@@ -24,6 +24,15 @@ Two sweep shapes (constexpr ``INTRA``):
      a ``dpq`` partial per key block (one fp32 per row, summed on the host). It reads the
      forward's ``den`` and ``dden = dL/dden`` per row (``triton_bwd.leap_bwd_kernel_dden``).
 (No stage recomputes ``den`` or ``do . num``: the forward's ``o`` and ``den`` are saved.)
+
+Factored dots (fewer operands held in registers; ``triton_report_3.9.0_v4_sm90_bf16.md``):
+``k~_s = diag(sin_k) relu(k)``, so the state update ``S_s += k~_s^T v`` is ``relu(k)^T (sin_k v)``
+(one register operand, relu(k), for both halves; the scaled values go to shared memory as the other
+operand), and each chunk's key-feature column sums are taken before the query tile, so the feature
+tiles die early. With ``BK > BV`` (Dk = 128: value tiles of 32) the forward's query tile is factored
+too: ``q~_s S_s + q~_c S_c = sin_q (relu(q) S_s) + cos_q (relu(q) S_c)`` and the scores are one dot,
+``(relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q cos_k^T)`` (the two halves share ``relu(q) . relu(k)``);
+the dots then run on the exact relu'd inputs.
 The reverse sweep (``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``) is in ``triton_bwd.py``.
 
 Grid: ``(sequences x query heads, value tiles)`` (``triton_chunk.sweep_grid``): B*H on axis 0,
@@ -51,6 +60,15 @@ def autotune_configs():
     capped at 128 registers, it spilled more (fwd D=64: 0.9 KB, bwd.dkv: 2.3 KB)."""
     configs = [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 1, 3)]
     return configs[:1] if interpreting() else configs
+
+
+def sweep_configs():
+    """The forward-order sweep's one config: 8 warps, 1 stage. At sm_90 bf16 it spilled least of
+    the three stage counts in every head size and stage (forward D=64: 0 B against 86-96 B for 2-3
+    stages; dq D=64: 68 against 132-148 B; ``triton_report_3.9.0_v4_sm90_bf16.md``): its loads feed
+    register math (features), so deeper pipelining only holds more tiles live. One config also means
+    no autotuning at the first call."""
+    return [triton.Config({}, num_warps=8, num_stages=1)]
 
 
 @triton.jit
@@ -233,27 +251,45 @@ def _fold_keys(k, pk, v, kpm, s0, s1, o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs,
 
 
 @triton.jit
-def _grad_rows(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr):
-    """g = dL/dnum = do / max(den, eps) (rows x value tile) and r = dL/dden (rows, read from
-    ``dden``, see ``triton_bwd.leap_bwd_kernel_dden``), r counted on value tile 0 only."""
+def _grad_rows_scaled(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr):
+    """``g = dL/dnum = do / max(den, eps)`` kept factored: do (rows x value tile) as loaded, in its
+    own dtype (an exact dot operand, no fp32 tile of g), and ``1 / max(den, eps)`` per row (1
+    unnormalised); with r = dL/dden (rows, read from ``dden``, see
+    ``triton_bwd.leap_bwd_kernel_dden``), r counted on value tile 0 only."""
     o_r64 = o_r.to(tl.int64)
-    b_do = tl.load(do + o_r64[:, None] * stride_do + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
-                   other=0.).to(tl.float32)
+    b_do = tl.load(do + o_r64[:, None] * stride_do + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.)
     if NORMALIZE:
         b_den = tl.load(den + o_r64 * stride_h, mask=m_r, other=1.)
-        b_g = b_do / _clamp_den(b_den, eps)[:, None]
+        b_inv = 1. / _clamp_den(b_den, eps)
         b_r = tl.load(dden + o_r64 * stride_h, mask=m_r, other=0.)
         b_r = tl.where(m_r & (i_v == 0), b_r, 0.)
     else:
-        b_g = b_do
+        b_inv = tl.full([b_do.shape[0]], 1., dtype=tl.float32)
         b_r = tl.zeros([b_do.shape[0]], dtype=tl.float32)
-    return b_g, b_r
+    return b_do, b_inv, b_r
+
+
+@triton.jit
+def _grad_rows(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr):
+    """g = dL/dnum = do / max(den, eps) (rows x value tile, fp32) and r = dL/dden (``_grad_rows_scaled``)."""
+    b_do, b_inv, b_r = _grad_rows_scaled(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps,
+                                         NORMALIZE)
+    return b_do.to(tl.float32) * b_inv[:, None], b_r
+
+
+@triton.jit
+def _dq_state(b_do, b_inv, b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """dq~ through the state, ``g S^T + r z^T`` (sin and cos halves), from the factored g
+    (``_grad_rows_scaled``): ``(do S^T) / den``."""
+    b_dqs = _dot(b_do, tl.trans(b_hs), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None] * b_zs[None, :]
+    b_dqc = _dot(b_do, tl.trans(b_hc), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None] * b_zc[None, :]
+    return b_dqs, b_dqc
 
 
 @triton.jit
 def _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps, H: tl.constexpr,
                    V: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
-    """g, r of query rows o_t (``_grad_rows``) and their dq~ through the state: ``g S^T + r z^T``
+    """g (fp32), r of query rows o_t (``_grad_rows``) and their dq~ through the state: ``g S^T + r z^T``
     (sin and cos halves)."""
     b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
     b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
@@ -263,43 +299,78 @@ def _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_
 
 @triton.jit
 def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, STAGE: tl.constexpr,
+                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                STAGE: tl.constexpr,
                 HAS_A: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """One query tile of the forward-order sweep against the exclusive state, plus (HAS_A) the
     masked intra-chunk scores against the chunk's own keys b_ks, b_kc, b_v under mask b_M."""
     b_a, b_sin, b_cos = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
-    b_qs = _cvt(b_a * b_sin[:, None], DOT_MODE, DT)
-    b_qc = _cvt(b_a * b_cos[:, None], DOT_MODE, DT)
     o_t64 = o_t.to(tl.int64)
-    if STAGE == 0:
+    if STAGE == 0 and BK > BV:
+        # wide keys (Dk = 128, value tiles of 32): one relu(q) dot operand, the per-query sin / cos
+        # applied to the (narrower) results: q~_s S_s + q~_c S_c = sin_q (relu(q) S_s) + cos_q (...),
+        # and the scores as one dot, (relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q cos_k^T)
+        b_ds = tl.sum(b_a * b_zs[None, :], 1)
+        b_dc = tl.sum(b_a * b_zc[None, :], 1)
+        b_aq = _cvt(b_a, DOT_MODE, DT)
+        b_vs = b_ks  # (sin_k v, cos_k v) in this shape
+        b_vc = b_kc
+        b_ns = _dot(b_aq, b_hs, DOT_MODE, DT)
+        b_nc = _dot(b_aq, b_hc, DOT_MODE, DT)
         if HAS_A:
-            b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
-            b_A = tl.where(b_M, b_A, 0.)
-        b_num = _dot(b_qs, b_hs, DOT_MODE, DT) + _dot(b_qc, b_hc, DOT_MODE, DT)
-        if HAS_A:
-            b_num += _dot(b_A, b_v, DOT_MODE, DT)
-        b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
-        if HAS_A:
-            b_den += tl.sum(b_A, 1)
+            b_R = tl.where(b_M, _dot(b_aq, b_akt, DOT_MODE, DT), 0.)
+            b_ds += tl.sum(b_R * b_sk[None, :], 1)
+            b_dc += tl.sum(b_R * b_ck[None, :], 1)
+            b_Rc = _cvt(b_R, DOT_MODE, DT)
+            b_ns += _dot(b_Rc, b_vs, DOT_MODE, DT)
+            b_nc += _dot(b_Rc, b_vc, DOT_MODE, DT)
+        b_num = b_sin[:, None] * b_ns + b_cos[:, None] * b_nc
+        b_den = b_sin * b_ds + b_cos * b_dc
         _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
     else:
-        # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk)
-        b_g, b_r, b_dqs, b_dqc = _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_v, eps,
-                                                H, V, NORMALIZE, DOT_MODE, DT)
-        if HAS_A:
-            b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
-            b_dqs += _dot(b_dA, b_ks, DOT_MODE, DT)
-            b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
-        # complete dq rows for this program's key columns o_k (all value columns are here);
-        # dpq sums over every key column: one partial per key block (i_k), summed on the host
-        _dq_tile(dq, dpq + i_k * NTH, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H, K)
+        b_qs = _cvt(b_a * b_sin[:, None], DOT_MODE, DT)
+        b_qc = _cvt(b_a * b_cos[:, None], DOT_MODE, DT)
+        if STAGE == 0:
+            if HAS_A:
+                b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
+                b_A = tl.where(b_M, b_A, 0.)
+            b_num = _dot(b_qs, b_hs, DOT_MODE, DT) + _dot(b_qc, b_hc, DOT_MODE, DT)
+            if HAS_A:
+                b_num += _dot(b_A, b_v, DOT_MODE, DT)
+            b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
+            if HAS_A:
+                b_den += tl.sum(b_A, 1)
+            _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
+        else:
+            # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk). With more value columns
+            # than key columns (Dk = 128: key blocks of 32, all 128 value columns) g = do / den stays
+            # factored: do is the dot operand, 1 / den scales the (narrower) results' rows, and no fp32
+            # g tile is held (dq D=128: 274 B of spills against 362 B; at D=64 the plain g spilled less)
+            if BV > BK:
+                b_do, b_inv, b_r = _grad_rows_scaled(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps,
+                                                     NORMALIZE)
+                b_dqs, b_dqc = _dq_state(b_do, b_inv, b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE, DT)
+                if HAS_A:
+                    b_dA = tl.where(b_M, _dot(b_do, tl.trans(b_v), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None], 0.)
+            else:
+                b_g, b_r, b_dqs, b_dqc = _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc,
+                                                        i_v, eps, H, V, NORMALIZE, DOT_MODE, DT)
+                if HAS_A:
+                    b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
+            if HAS_A:
+                b_dqs += _dot(b_dA, b_ks, DOT_MODE, DT)
+                b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
+            # complete dq rows for this program's key columns o_k (all value columns are here);
+            # dpq sums over every key column: one partial per key block (i_k), summed on the host
+            _dq_tile(dq, dpq + i_k * NTH, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H, K)
 
 
 @triton.jit
 def _query_rows(q, pq, o, do, den, dden, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_v,
                 b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, STAGE: tl.constexpr,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, STAGE: tl.constexpr,
                 NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """Query rows [t0, t1) in tiles of BT, all reading the same (inclusive) state: no intra-chunk
     scores."""
@@ -307,11 +378,11 @@ def _query_rows(q, pq, o, do, den, dden, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_
     for r0 in range(t0, t1, BT):
         o_t = r0 + o_i
         _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, o_t < t1, o_k, m_k, o_v, m_v,
-                    b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, i_k, i_v, eps, NTH,
-                    H, K, V, STAGE, False, NORMALIZE, DOT_MODE, DT)
+                    b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, b_hs, b_zs, b_zs, i_k, i_v, eps, NTH,
+                    H, K, V, BK, BV, STAGE, False, NORMALIZE, DOT_MODE, DT)
 
 
-@triton.autotune(configs=autotune_configs(),
+@triton.autotune(configs=sweep_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'STAGE', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
                       'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'SPLIT_K', 'DOT_MODE'])
 @triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'eps'])
@@ -366,21 +437,44 @@ def leap_fwd_kernel_sweep(
             m_t = (o_i < CL) & (o_t < q1)
             b_kv = _key_valid(kpm, o_t, m_t, HAS_KPM)  # padded keys are not loaded: 0
             b_ak, b_sk, b_ck = _load_feat(k, pk, o_t, b_kv, HKV * K, HKV, o_k, m_k)
-            b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
-            b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
+            # this chunk's keys as the state update reads them: relu(k)^T, sin_k v, cos_k v, and the
+            # feature column sums, taken now so that the feature tiles die here (sin_k v, cos_k v:
+            # the forward's before the query tile, which reads them at Dk = 128; the dq stage's after
+            # it, where they spilled less)
+            if STAGE == 0 and BK > BV:  # the factored query tile reads relu(k), sin_k v, cos_k v
+                b_dzs = tl.sum(b_ak * b_sk[:, None], 0)
+                b_dzc = tl.sum(b_ak * b_ck[:, None], 0)
+            else:
+                b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
+                b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
+                b_dzs = tl.sum(b_ks.to(tl.float32), 0)
+                b_dzc = tl.sum(b_kc.to(tl.float32), 0)
+            b_akt = tl.trans(_cvt(b_ak, DOT_MODE, DT))
             o_t64 = o_t.to(tl.int64)
             b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :],
                           other=0.)
+            if STAGE == 0:
+                b_vf = b_v.to(tl.float32)
+                b_vs = _cvt(b_vf * b_sk[:, None], DOT_MODE, DT)
+                b_vc = _cvt(b_vf * b_ck[:, None], DOT_MODE, DT)
+                if BK > BV:
+                    b_ks = b_vs
+                    b_kc = b_vc
             _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, i_k, i_v, eps, NTH,
-                        H, K, V, STAGE, True, NORMALIZE, DOT_MODE, DT)
-            b_hs += _dot(tl.trans(b_ks), b_v, DOT_MODE, DT)
-            b_hc += _dot(tl.trans(b_kc), b_v, DOT_MODE, DT)
-            b_zs += tl.sum(b_ks.to(tl.float32), 0)
-            b_zc += tl.sum(b_kc.to(tl.float32), 0)
+                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
+                        H, K, V, BK, BV, STAGE, True, NORMALIZE, DOT_MODE, DT)
+            if STAGE == 0:
+                b_hs += _dot(b_akt, b_vs, DOT_MODE, DT)
+                b_hc += _dot(b_akt, b_vc, DOT_MODE, DT)
+            else:  # each scaled value tile made just before its dot (fewer live tiles: 68 B against 124 B)
+                b_vf = b_v.to(tl.float32)
+                b_hs += _dot(b_akt, _cvt(b_vf * b_sk[:, None], DOT_MODE, DT), DOT_MODE, DT)
+                b_hc += _dot(b_akt, _cvt(b_vf * b_ck[:, None], DOT_MODE, DT), DOT_MODE, DT)
+            b_zs += b_dzs
+            b_zc += b_dzc
     elif SEGMENTED == 2:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
         _query_rows(q, pq, o, do, den, dden, dq, dpq, q0, q1, o_i, o_k, m_k, o_v, m_v,
-                    b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
+                    b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, BK, BV, STAGE, NORMALIZE, DOT_MODE, DT)
     else:
         # whole blocks [b0, b0 + W) from q0 (a multiple of W when segmented) to the segment's end
         b_end = tl.minimum(q0 + L, tl.maximum(Lq, Lk))
@@ -388,6 +482,6 @@ def leap_fwd_kernel_sweep(
             b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, b0, tl.minimum(b0 + W, Lk), o_i, o_k, m_k, o_v, m_v,
                                                 b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM, DOT_MODE, DT)
             _query_rows(q, pq, o, do, den, dden, dq, dpq, b0, tl.minimum(b0 + W, Lq), o_i, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, STAGE, NORMALIZE, DOT_MODE, DT)
+                        b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, BK, BV, STAGE, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:
         _store_state(Sf, zf, i_nh.to(tl.int64), b_hs, b_hc, b_zs, b_zc, o_k, m_k, o_v, m_v, i_v, K, V)
