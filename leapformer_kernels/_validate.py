@@ -25,10 +25,13 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_TINY32, _TINY64 = torch.finfo(torch.float32).tiny, torch.finfo(torch.float64).tiny  # state dtypes' smallest normals
+
+
 def effective_eps(eps: float, dtype: torch.dtype) -> float:
     """The clamp actually applied: ``eps``, but at least the smallest normal number of the state
     dtype, so that ``eps=0`` gives 0 (not 0/0 = NaN) where no key is visible."""
-    return max(float(eps), torch.finfo(state_dtype(dtype)).tiny)
+    return max(float(eps), _TINY64 if dtype == torch.float64 else _TINY32)
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -253,6 +256,57 @@ def check_step(q, k, v, pq, pk, state, *, eps, normalize, backend) -> AttnDims:
     if state is not None:
         check_state(state, "state", dims.B, dims, q.device)
     return dims
+
+
+_Tensor = torch.Tensor
+_FLOATS = frozenset(FLOAT_DTYPES)
+_P_DTYPES = (torch.float32, torch.float64)
+
+
+def _same_device(q, ts) -> bool:
+    if q.is_cpu:  # one CPU device: no torch.device objects built (the decode step's common case)
+        for t in ts:
+            if not t.is_cpu:
+                return False
+        return True
+    dev = q.device
+    for t in ts:
+        if t.device != dev:
+            return False
+    return True
+
+
+def step_args_ok(q, k, v, pq, pk, state, eps, normalize, backend) -> bool:
+    """True only when ``check_step`` would accept these arguments: the decode step's fast path
+    (a few attribute reads). It accepts a subset of what ``check_step`` accepts (plain tensors,
+    float eps); for anything else, bad or merely unusual, it returns False and the caller runs
+    ``check_step``, which raises its usual error."""
+    if (type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor or type(pq) is not _Tensor
+            or type(pk) is not _Tensor or type(normalize) is not bool or type(eps) is not float
+            or not (0.0 <= eps < math.inf) or (backend is not None and backend not in BACKEND_NAMES)):
+        return False
+    dt = q.dtype
+    if (dt not in _FLOATS or k.dtype is not dt or v.dtype is not dt
+            or (pq.dtype is not dt and pq.dtype not in _P_DTYPES) or (pk.dtype is not dt and pk.dtype not in _P_DTYPES)):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return False
+    B, T, H, Dk = qs
+    Hkv, Dv = ks[2], vs[3]
+    if (ks[0] != B or ks[1] != T or ks[3] != Dk or vs[0] != B or vs[1] != T or vs[2] != Hkv
+            or T < 1 or H < 1 or Hkv < 1 or Dk < 1 or Dv < 1 or H % Hkv
+            or pq.shape != (B, T, H) or pk.shape != (B, T, Hkv)):
+        return False
+    if state is None:
+        return _same_device(q, (k, v, pq, pk))
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        return False
+    S, z = state
+    if (type(S) is not _Tensor or type(z) is not _Tensor or S.dtype not in _FLOATS or z.dtype not in _FLOATS
+            or S.shape != (B, H, 2 * Dk, Dv) or z.shape != (B, H, 2 * Dk)):
+        return False
+    return _same_device(q, (k, v, pq, pk, S, z))
 
 
 def check_step_inplace(q, k, v, pq, pk, state, state_indices, *, eps, normalize, backend) -> AttnDims:

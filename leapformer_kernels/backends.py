@@ -97,19 +97,36 @@ def select(op: str, backend: Optional[str], device: torch.device, dtype: torch.d
     return "torch"
 
 
+_ENV_NAMES = ("LEAPFORMER_BACKEND", "TRITON_INTERPRET")  # what select() reads from the environment
+try:  # CPython's os.environ: a mapping of encoded names to encoded values (_data) kept in step with it
+    _ENV_KEYS = tuple(os.environ.encodekey(n) for n in _ENV_NAMES)
+except AttributeError:  # pragma: no cover
+    _ENV_KEYS = None
+
+
+def _env_state():
+    """The variables ``select`` reads, as a memo key, read on every call (they may change between
+    calls). From ``os.environ``'s encoded mapping where it has one: two dict lookups, against
+    about 1 us for each ``os.environ.get`` (which decodes); distinct values stay distinct."""
+    if not torch.compiler.is_compiling() and _ENV_KEYS is not None and type(os.environ) is os._Environ:
+        data = os.environ._data
+        return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1])
+    return os.environ.get(_ENV_NAMES[0]), os.environ.get(_ENV_NAMES[1])
+
+
 def choose(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """``select``, evaluated once per trace under torch.compile, and memoised per (arguments,
     environment) in eager mode (the decode step is latency-bound)."""
-    env = (os.environ.get("LEAPFORMER_BACKEND"), os.environ.get("TRITON_INTERPRET"))
-    return _choose_cached(op, backend, device.type, device.index, dtype, env)
+    return _choose_cached(op, backend, device.type, device.index, dtype, _env_state())
 
 
 @torch._dynamo.assume_constant_result
 def _choose_cached(op, backend, device_type, device_index, dtype, env) -> str:
     key = (op, backend, device_type, device_index, dtype, env)
-    if key not in _chosen:
-        _chosen[key] = select(op, backend, torch.device(device_type, device_index), dtype)
-    return _chosen[key]
+    name = _chosen.get(key)
+    if name is None:
+        name = _chosen[key] = select(op, backend, torch.device(device_type, device_index), dtype)
+    return name
 
 
 def reset() -> None:

@@ -4,7 +4,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import backends
-from ._validate import check_attention, check_step, check_window_pool, effective_eps
+from ._validate import check_attention, check_step, check_window_pool, effective_eps, step_args_ok
 from .attention import op as attention_op
 from .pooling import op as pooling_op
 
@@ -90,10 +90,10 @@ def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: t
     Returns (o [B, t, H, Dv], (S, z)) as fresh tensors; the input state is not modified.
     Equals ``leap_attention`` on the concatenation of everything decoded so far.
     """
-    check_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize, backend=backend)
+    if torch.compiler.is_compiling() or not step_args_ok(q, k, v, pq, pk, state, eps, normalize, backend):
+        check_step(q, k, v, pq, pk, state, eps=eps, normalize=normalize, backend=backend)
     q, k, v = _autocast(q, k, v)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, pq, pk) + tuple(state or ())):
+    if torch.is_grad_enabled() and _requires_grad(q, k, v, pq, pk, state):
         # the step kernel is inference-only; with autograd on, the same result comes from the
         # differentiable op (DESIGN: the step equals leap_attention on the concatenation)
         name = backends.choose("leap_attention", backend, q.device, q.dtype)
@@ -104,6 +104,12 @@ def leap_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: t
     name = backends.choose("leap_attention_step", backend, q.device, q.dtype)
     return attention_op.leap_attention_step(name, q, k, v, pq, pk, state, eps=effective_eps(eps, q.dtype),
                                             normalize=normalize)
+
+
+def _requires_grad(q, k, v, pq, pk, state) -> bool:
+    if q.requires_grad or k.requires_grad or v.requires_grad or pq.requires_grad or pk.requires_grad:
+        return True
+    return state is not None and any(t is not None and t.requires_grad for t in state)
 
 
 def leap_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
@@ -187,8 +193,9 @@ def window_pool(x: torch.Tensor, windows: Sequence[Tuple[int, int]], reduce: str
 
 def _autocast(*tensors):
     """Under ``torch.autocast`` for the tensors' device, run in the autocast dtype (as matmuls do)."""
-    dev = tensors[0].device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and tensors[0].dtype != torch.float64:
+    t = tensors[0]
+    dev = "cpu" if t.is_cpu else "cuda" if t.is_cuda else None  # (no torch.device built per call)
+    if dev is not None and torch.is_autocast_enabled(dev) and t.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(dev)
         return tuple(t.to(dtype) for t in tensors)
     return tensors

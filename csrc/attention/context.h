@@ -35,8 +35,8 @@ struct Leap {
   int64_t mode = 0;
   double work = 1e30;
   template <typename Sc, typename Make, typename Fn>
-  void parallel(int64_t n, const Make& make, const Fn& fn) const {
-    run_tasks<Sc>(n, work, make, fn);
+  void parallel(int64_t n, const Make& make, const Fn& fn, int64_t block = 1) const {
+    run_tasks<Sc>(n, work, make, fn, block);
   }
   bool causal = true, normalize = true;
   acc_t eps = 0;
@@ -290,4 +290,6 @@ struct Leap {
   void backward(const scalar_t* dout, const acc_t* dSin, const acc_t* dzin, const acc_t* S0, const acc_t* z0,
                 scalar_t* dq, acc_t* dpq, acc_t* dkh, acc_t* dvh, acc_t* dpkh, acc_t* dS0, acc_t* dz0) const;
   void step(const acc_t* S0, const acc_t* z0, scalar_t* o, acc_t* Sout, acc_t* zout) const;
+  void feature_row(const scalar_t* x, acc_t p, acc_t* out) const;
+  void out_row(const acc_t* nm, acc_t den, scalar_t* orow) const;
 };

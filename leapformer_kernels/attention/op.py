@@ -196,7 +196,13 @@ def _(q, k, v, pq, pk, S0, z0, eps, normalize, backend):
 
 
 def _prepare(q, k, v, pq, pk, S0, z0):
-    acc = state_dtype(q.dtype)
+    dt = q.dtype
+    acc = state_dtype(dt)
+    if (k.dtype is dt and v.dtype is dt and pq.dtype is acc and pk.dtype is acc and q.is_contiguous()
+            and k.is_contiguous() and v.is_contiguous() and pq.is_contiguous() and pk.is_contiguous()
+            and (S0 is None or (S0.dtype is acc and S0.is_contiguous()))
+            and (z0 is None or (z0.dtype is acc and z0.is_contiguous()))):
+        return [q, k, v, pq, pk], S0, z0  # already as the kernels take them (the decode step's case)
     c = [contiguous_as(q), contiguous_as(k, q.dtype), contiguous_as(v, q.dtype), contiguous_as(pq, acc),
          contiguous_as(pk, acc)]
     return c, contiguous_as(S0, acc), contiguous_as(z0, acc)
@@ -235,9 +241,11 @@ def leap_attention_step(backend: str, q, k, v, pq, pk, state, *, eps, normalize)
     c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0)
     if torch.compiler.is_compiling():
         o, S, z = leap_attention_step_op(*c, S0, z0, float(eps), normalize, backend)
-    else:  # eager decoding: skip the dispatcher round trip (the step has no autograd to record)
+    elif q.is_cuda:  # eager decoding: skip the dispatcher round trip (the step has no autograd to record)
         with on_device(q):
             o, S, z = _kernels(backend).step(*c, S0, z0, float(eps), normalize)
+    else:  # on_device is a no-op off CUDA
+        o, S, z = _kernels(backend).step(*c, S0, z0, float(eps), normalize)
     return o, (S, z)
 
 
