@@ -14,6 +14,12 @@ Every figure is the median of several repeats after a warm-up; ratios are agains
 timed in the same run (the machine may be shared: medians, not minima).
 
     python -m benchmarks.bench_cpu_attention [--T 2048 4096 8192] [--reps 7] [--markdown out.md]
+    python -m benchmarks.bench_cpu_attention --decode-only [--reps 21]   # the decode step alone
+
+The decode step is timed as the raw C++ entry point (``ext.step`` into preallocated outputs), the
+kernel module's ``attention.cpu.step`` (allocates the outputs), the public op with
+``backend="cpu"`` and with the automatic choice, and the torch backend, against ``copy_`` of the
+state, round-robin; medians and best of rounds.
 """
 import argparse
 import platform
@@ -153,7 +159,10 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--no-torch-backend", action="store_true")
     ap.add_argument("--markdown", type=str, default=None)
+    ap.add_argument("--decode-only", action="store_true", help="time the decode step only")
     args = ap.parse_args()
+    if args.decode_only:
+        args.T = []
     lk.build()
     H, D = args.H, args.D
     load_before = load_average()
@@ -194,6 +203,8 @@ def main():
     z0 = torch.rand(B, H, 2 * D) + 1
     dst, dstz = torch.empty_like(S0), torch.empty_like(z0)
     from leapformer_kernels.attention import cpu as cpu_kernels
+    ext, isa = cpu_kernels._ext(), cpu_kernels._isa_now()
+    o1, S1, z1 = torch.empty(B, 1, H, D), torch.empty_like(S0), torch.empty_like(z0)
 
     def copy():
         dst.copy_(S0)
@@ -202,23 +213,33 @@ def main():
     def step_op():
         lk.leap_attention_step(q, k, v, pq, pk, (S0, z0), backend="cpu")
 
+    def step_raw():  # the C++ entry point alone, into preallocated outputs
+        ext.step(q, k, v, pq, pk, S0, z0, 1e-6, True, o1, S1, z1, isa)
+
     def step_kernel():
         cpu_kernels.step(q, k, v, pq, pk, S0, z0, 1e-6, True)
+
+    def step_auto():
+        lk.leap_attention_step(q, k, v, pq, pk, (S0, z0))
 
     def step_torch():
         lk.leap_attention_step(q, k, v, pq, pk, (S0, z0), backend="torch")
 
     reps = max(args.reps * 40, 200)
-    dec, raw = interleaved_ms({"copy": copy, "kernel": step_kernel, "op": step_op, "torch": step_torch}, reps, 20)
+    with torch.no_grad():
+        dec, raw = interleaved_ms({"copy": copy, "raw": step_raw, "kernel": step_kernel, "op": step_op,
+                                   "auto": step_auto, "torch": step_torch}, reps, 20)
     dec_min = {name: min(v) for name, v in raw.items()}
     print(dec, flush=True)
 
     threads = torch.get_num_threads()
     lines = [f"Device: {cpu_model()} ({platform.machine()}), {threads} threads, torch {torch.__version__} "
-             f"(CPU only); {load_before} before the run, {load_average()} after. fp32, B=1, H={H}, D={D}, "
-             f"causal; median ms over {args.reps} rounds after warm-up, the contenders timed round-robin within "
-             "each round (the machine is shared: medians, and ratios from the same rounds).", "",
-             "| T | SDPA fwd+bwd | torch backend fwd+bwd | cpu fwd+bwd | SDPA / cpu | torch / cpu | "
+             f"(CPU only); {load_before} before the run, {load_average()} after."]
+    if rows:
+        lines[0] += (f" fp32, B=1, H={H}, D={D}, causal; median ms over {args.reps} rounds after warm-up, the "
+                     "contenders timed round-robin within each round (the machine is shared: medians, and ratios "
+                     "from the same rounds).")
+        lines += ["", "| T | SDPA fwd+bwd | torch backend fwd+bwd | cpu fwd+bwd | SDPA / cpu | torch / cpu | "
              "cpu fwd | SDPA fwd / cpu fwd | cpu fwd+bwd peak extra memory MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -228,7 +249,7 @@ def main():
         lines.append(f"| {r['T']} | {r['sdpa_fb']:.1f} | {tb} | {r['cpu_fb']:.1f} | "
                      f"{r['sdpa_fb'] / r['cpu_fb']:.2f}x | {tr} | {r['cpu_f']:.1f} | "
                      f"{r['sdpa_f'] / r['cpu_f']:.2f}x | {mem} |")
-    lines += ["", "Process CPU time (all threads; less sensitive to other processes' load than wall time), "
+    lines += [] if not rows else ["", "Process CPU time (all threads; less sensitive to other processes' load than wall time), "
               "median ms, fwd+bwd: " + "; ".join(
                   f"T={r['T']}: SDPA {r['sdpa_fb_cpu']:.0f}, cpu {r['cpu_fb_cpu']:.0f} "
                   f"({r['sdpa_fb_cpu'] / r['cpu_fb_cpu']:.2f}x)"
@@ -238,14 +259,14 @@ def main():
     if 4096 in {r["T"] for r in rows} and 8192 in {r["T"] for r in rows}:
         c = {r["T"]: r["cpu_fb_cpu"] for r in rows}
         lines += ["", f"Linearity in CPU time: cpu fwd+bwd T=8192 / T=4096 = {c[8192] / c[4096]:.2f}x."]
-    lines += ["", "Best-of-rounds (min) fwd+bwd, for reference: " + "; ".join(
+    lines += [] if not rows else ["", "Best-of-rounds (min) fwd+bwd, for reference: " + "; ".join(
         f"T={r['T']}: SDPA {r['sdpa_fb_min']:.1f}, cpu {r['cpu_fb_min']:.1f} "
         f"({r['sdpa_fb_min'] / r['cpu_fb_min']:.2f}x)" for r in rows) + "."]
     by_t = {r["T"]: r for r in rows}
     if 4096 in by_t and 8192 in by_t:
         lines += ["", f"Linearity: cpu fwd+bwd T=8192 / T=4096 = {by_t[8192]['cpu_fb'] / by_t[4096]['cpu_fb']:.2f}x "
                   f"(SDPA: {by_t[8192]['sdpa_fb'] / by_t[4096]['sdpa_fb']:.2f}x)."]
-    lines += ["", "Against `torch.mm` (2048 x 2048 fp32, the same threads, timed in the same rounds), counting the "
+    lines += [] if not rows else ["", "Against `torch.mm` (2048 x 2048 fp32, the same threads, timed in the same rounds), counting the "
               f"chunked form's FLOPs (C={CHUNK}; forward+backward = 3x the forward): "
               + "; ".join(
                   f"T={r['T']}: mm {r['mm_rate']:.1f} GFLOP/s, cpu fwd+bwd {r['fb_rate']:.1f} "
@@ -254,13 +275,14 @@ def main():
                   f"fwd+bwd {r['fb_rate_min']:.1f} ({100 * r['fb_rate_min'] / r['mm_rate_min']:.0f}%), "
                   f"fwd {r['f_rate_min']:.1f} ({100 * r['f_rate_min'] / r['mm_rate_min']:.0f}%)"
                   for r in rows) + "."]
-    lines += ["", f"Decode step (B={B}, H={H}, D={D}, one token, fp32): copy_ of the state {dec['copy'] * 1e3:.1f} us; "
-              f"C++ step kernel {dec['kernel'] * 1e3:.1f} us ({dec['kernel'] / dec['copy']:.2f}x the copy); "
-              f"public op lk.leap_attention_step(backend='cpu') {dec['op'] * 1e3:.1f} us "
-              f"({dec['op'] / dec['copy']:.2f}x, includes validation and dispatch in Python); "
-              f"torch backend {dec['torch'] * 1e3:.1f} us. Best of rounds: copy_ {dec_min['copy'] * 1e3:.1f} us, "
-              f"kernel {dec_min['kernel'] * 1e3:.1f} us ({dec_min['kernel'] / dec_min['copy']:.2f}x), "
-              f"op {dec_min['op'] * 1e3:.1f} us ({dec_min['op'] / dec_min['copy']:.2f}x)."]
+    names = {"copy": "`copy_` of the state (S and z)", "raw": "C++ entry point `ext.step`, preallocated outputs",
+             "kernel": "`attention.cpu.step` (allocates o, S, z)", "op": "public op, `backend=\"cpu\"`",
+             "auto": "public op, automatic backend", "torch": "torch backend step"}
+    lines += ["", f"Decode step (B={B}, H={H}, D={D}, one token, fp32, no_grad; {reps} rounds round-robin, one call "
+              "of each per round):", "", "| | median us | vs copy_ | best us | vs copy_ |", "| --- | --- | --- | --- | --- |"]
+    for n, label in names.items():
+        lines.append(f"| {label} | {dec[n] * 1e3:.1f} | {dec[n] / dec['copy']:.2f}x | {dec_min[n] * 1e3:.1f} | "
+                     f"{dec_min[n] / dec_min['copy']:.2f}x |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
