@@ -12,11 +12,9 @@ backward must match the unchunked one bit for bit (ties, NaN, shapes that are no
 """
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import leapformer_kernels as lk
-from utils import assert_close
+from utils import assert_close, ScratchRecorder
 
 tp = pytest.importorskip("leapformer_kernels.pooling.triton_pool")
 pytestmark = pytest.mark.skipif("triton" not in lk.available_backends("window_pool"),
@@ -47,28 +45,6 @@ def test_anchor_scratch_under_cap():
     # before: st, en int32 [B, T, NW, D] + the float32 prefix of grad (+ its block carries)
     before = B * T * 8 * D * 12
     assert tp.scratch_bytes(B, T, D, wins, "max", backward=True) < before / 25
-
-
-class _Allocations(TorchDispatchMode):
-    """Bytes of every storage an op creates (views and in-place results share a known one)."""
-
-    def __init__(self, known):
-        super().__init__()
-        self.known = {t.untyped_storage().data_ptr() for t in known if isinstance(t, torch.Tensor)}
-        self.new = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
-                p = t.untyped_storage().data_ptr()
-                if p not in self.known:
-                    self.new.setdefault(p, t.untyped_storage().nbytes())
-        return out
-
-    def scratch(self, outputs):
-        outs = {t.untyped_storage().data_ptr() for t in outputs if isinstance(t, torch.Tensor)}
-        return sum(n for p, n in self.new.items() if p not in outs)
 
 
 B, T, D = 2, 100, 70
@@ -119,11 +95,11 @@ def test_interpreted_run_allocates_what_scratch_bytes_says(monkeypatch, regime):
     for reduce in ("sum", "mean", "max"):
         monkeypatch.setattr(tp, "BWD_SCRATCH", caps(reduce)[regime])
         for with_argmax in ((False, True) if reduce == "max" else (False,)):
-            with _Allocations([x]) as rec:
+            with ScratchRecorder([x]) as rec:
                 outs = tp.fwd(x, WINDOWS, reduce, with_argmax)
             assert rec.scratch(outs) == tp.scratch_bytes(B, T, D, WINDOWS, reduce), (reduce, with_argmax)
         g = torch.randn(outs[0].shape, device=x.device)
-        with _Allocations([x, g, outs[2]]) as rec:
+        with ScratchRecorder([x, g, outs[2]]) as rec:
             dx = tp.bwd(g, T, WINDOWS, reduce, outs[2])
         expected = tp.scratch_bytes(B, T, D, WINDOWS, reduce, backward=True)
         assert rec.scratch([dx]) == expected, reduce

@@ -9,12 +9,10 @@ allocate exactly that: every tensor created between the inputs and the outputs i
 """
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import leapformer_kernels as lk
 from leapformer_kernels.attention import triton_chunk as tc
-from utils import make_inputs, make_state
+from utils import make_inputs, make_state, ScratchRecorder
 
 pytestmark = pytest.mark.skipif("triton" not in lk.available_backends(),
                                 reason="triton backend unavailable (needs CUDA or TRITON_INTERPRET=1)")
@@ -38,28 +36,6 @@ def test_anchor_workspace_under_256_mib(D, Hkv):
         assert bwd <= 256 * MiB, (S, bwd / MiB)
         assert tc.workspace_bytes(4, 32768, 16, Hkv, D, D, 132, S=S, causal=False, monotone=True,
                                   backward=False) == 0
-
-
-class _Allocations(TorchDispatchMode):
-    """Bytes of every storage an op creates (views and in-place results share a known one)."""
-
-    def __init__(self, known):
-        super().__init__()
-        self.known = {t.untyped_storage().data_ptr() for t in known if isinstance(t, torch.Tensor)}
-        self.new = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
-                p = t.untyped_storage().data_ptr()
-                if p not in self.known:
-                    self.new.setdefault(p, t.untyped_storage().nbytes())
-        return out
-
-    def scratch(self, outputs):
-        outs = {t.untyped_storage().data_ptr() for t in outputs if isinstance(t, torch.Tensor)}
-        return sum(n for p, n in self.new.items() if p not in outs)
 
 
 CASES = {  # (B, T, S, H, Hkv, Dk, Dv, mode, extras)
@@ -89,13 +65,13 @@ def test_interpreted_run_allocates_what_workspace_bytes_says(case, monkeypatch):
     kw = dict(S=k.shape[1], causal=causal, block_size=bs, normalize=normalize, initial_state=S0 is not None,
               cu_seqlens=None if cu is None else N, min_segment=None)
 
-    with _Allocations(ins) as rec:
+    with ScratchRecorder(ins) as rec:
         outs = tc.fwd(q, k, v, pq, pk, S0, z0, None, cu, None, causal, bs, 1e-6, normalize, ex.get("ofs", False))
     assert rec.scratch(outs) == tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, sms, backward=False,
                                                    output_final_state=ex.get("ofs", False), **kw)
     o, den = outs[0], outs[3]  # the forward's residuals, which the op saves for the backward
     assert (den is not None) == normalize
-    with _Allocations(ins + [o, den]) as rec:
+    with ScratchRecorder(ins + [o, den]) as rec:
         grads = tc.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, None, cu, None, causal, bs, 1e-6, normalize,
                        o=o, den=den)
     expected = tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, sms, final_state_grad=dS is not None, **kw)
@@ -125,12 +101,12 @@ def test_interpreted_monotone_run_allocates_what_workspace_bytes_says(case):
     ins = [q, k, v, pq, pk, S0, z0, kpm, nvk, do, dS, dz]
     kw = dict(S=S, causal=False, normalize=normalize, initial_state=S0 is not None, monotone=True)
 
-    with _Allocations(ins) as rec:
+    with ScratchRecorder(ins) as rec:
         outs = tc.fwd(q, k, v, pq, pk, S0, z0, kpm, None, nvk, False, 0, 1e-6, normalize, ex.get("ofs", False))
     assert rec.scratch(outs) == tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, 4, backward=False,
                                                    output_final_state=ex.get("ofs", False), **kw) == 0
     o, den = outs[0], outs[3]
-    with _Allocations(ins + [o, den]) as rec:
+    with ScratchRecorder(ins + [o, den]) as rec:
         grads = tc.bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, kpm, None, nvk, False, 0, 1e-6, normalize, o=o, den=den)
     expected = tc.workspace_bytes(B, T, H, Hkv, Dk, Dv, 4, final_state_grad=dS is not None, **kw)
     assert rec.scratch(grads) == expected

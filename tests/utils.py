@@ -5,6 +5,8 @@ import os
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import leapformer_kernels as lk
 from leapformer_kernels._validate import BACKEND_NAMES
@@ -214,3 +216,30 @@ def check_roundtrip_and_exact_resume(model_name, overrides, corpus, tmp_path):
     assert resumed["final_val_loss"] == summary["final_val_loss"]
     assert (tmp_path / "full" / "loss.png").exists()
     return summary, loaded, data
+
+
+class ScratchRecorder(TorchDispatchMode):
+    """Bytes of every storage an op creates between ``known`` inputs and the outputs (views and
+    in-place results share a known storage): ``with ScratchRecorder(inputs) as rec: outs = f(...)``,
+    then ``rec.scratch(outs)``. The storages are held until the recorder goes, so that no address is
+    freed and reused within the recording: a reused address would otherwise be counted once, with
+    the size first seen there (which made the count depend on what earlier tests left in the
+    allocator)."""
+
+    def __init__(self, known):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in known if isinstance(t, torch.Tensor)}
+        self.new = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                p = t.untyped_storage().data_ptr()
+                if p not in self.known:
+                    self.new.setdefault(p, t.untyped_storage())
+        return out
+
+    def scratch(self, outputs):
+        outs = {t.untyped_storage().data_ptr() for t in outputs if isinstance(t, torch.Tensor)}
+        return sum(st.nbytes() for p, st in self.new.items() if p not in outs)

@@ -74,40 +74,58 @@ def _key_tile(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m
     updated dH, dZ."""
     b_kv = _key_valid(kpm, o_s, m_s, HAS_KPM)  # padded keys are not loaded: 0
     b_ak, b_sk, b_ck = _load_feat(k, pk, o_s, b_kv, HKV * K, HKV, o_k, m_k)
-    b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
-    b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
+    b_akc = _cvt(b_ak, DOT_MODE, DT)
     o_s64 = o_s.to(tl.int64)
     b_v = tl.load(v + o_s64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :], other=0.)
-    # the later positions' state gradient (before this chunk's queries are folded in)
-    if DO_DV:  # dv = k~ dH
-        b_dv = _dot(b_ks, b_dhs, DOT_MODE, DT) + _dot(b_kc, b_dhc, DOT_MODE, DT)
-    if DO_DK:  # dk~ = v dH^T + dZ
-        b_dks = _dot(b_v, tl.trans(b_dhs), DOT_MODE, DT) + b_dzs[None, :]
-        b_dkc = _dot(b_v, tl.trans(b_dhc), DOT_MODE, DT) + b_dzc[None, :]
+    # The gradients are sums of independent dot products (no dot accumulates into another's result, so
+    # each keeps the compact [4, 2]-warp accumulator instead of the chained [8, 1] one that 8 warps
+    # hold twice at 64 rows), with the features factored: k~ = diag(sin_k) relu(k), q~ alike.
+    # From the later positions' state gradient (before this chunk's queries are folded in):
+    if DO_DV:  # dv = k~ dH = sin_k (relu(k) dH_s) + cos_k (relu(k) dH_c)
+        b_dv = b_sk[:, None] * _dot(b_akc, b_dhs, DOT_MODE, DT) + b_ck[:, None] * _dot(b_akc, b_dhc, DOT_MODE, DT)
+    if DO_DK:  # dk~ = v dH^T + dZ (sin and cos halves)
+        b_es = _dot(b_v, tl.trans(b_dhs), DOT_MODE, DT) + b_dzs[None, :]
+        b_ec = _dot(b_v, tl.trans(b_dhc), DOT_MODE, DT) + b_dzc[None, :]
     if HAS_A:
+        b_dvi = tl.zeros(b_v.shape, dtype=tl.float32)
+        b_dsi = tl.zeros(b_ak.shape, dtype=tl.float32)
+        b_dci = tl.zeros(b_ak.shape, dtype=tl.float32)
         for j in range(0, G):  # the group's query heads, in order; rows t = o_s of head j
-            b_qs, b_qc = _q_feats(q + j * K, pq + j, o_s, m_s, o_k, m_k, H, K, DOT_MODE, DT)
+            b_aq, b_sq, b_cq = _load_feat(q + j * K, pq + j, o_s, m_s, H * K, H, o_k, m_k)
+            b_aqc = _cvt(b_aq, DOT_MODE, DT)
             b_g, b_r = _grad_rows(do + j * V, den + j, dden + j, o_s, m_s, o_v, m_v, H * V, H, 0, eps, NORMALIZE)
-            if DO_DV:
-                b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
-                b_dv += _dot(tl.trans(tl.where(b_M, b_A, 0.)), b_g, DOT_MODE, DT)
-            if DO_DK:
+            if DO_DV:  # scores (relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q cos_k^T), one dot
+                b_C = b_sq[:, None] * b_sk[None, :] + b_cq[:, None] * b_ck[None, :]
+                b_A = tl.where(b_M, _dot(b_aqc, tl.trans(b_akc), DOT_MODE, DT) * b_C, 0.)
+                b_dvi += _dot(tl.trans(b_A), b_g, DOT_MODE, DT)
+            if DO_DK:  # dk~_s += dA^T q~_s = (dA diag(sin_q))^T relu(q)
                 b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
-                b_dks += _dot(tl.trans(b_dA), b_qs, DOT_MODE, DT)
-                b_dkc += _dot(tl.trans(b_dA), b_qc, DOT_MODE, DT)
-                b_dzs += tl.sum(b_qs.to(tl.float32) * b_r[:, None], 0)
-                b_dzc += tl.sum(b_qc.to(tl.float32) * b_r[:, None], 0)
-            b_dhs += _dot(tl.trans(b_qs), b_g, DOT_MODE, DT)
-            b_dhc += _dot(tl.trans(b_qc), b_g, DOT_MODE, DT)
+                b_dsi += _dot(tl.trans(_cvt(b_dA * b_sq[:, None], DOT_MODE, DT)), b_aqc, DOT_MODE, DT)
+                b_dci += _dot(tl.trans(_cvt(b_dA * b_cq[:, None], DOT_MODE, DT)), b_aqc, DOT_MODE, DT)
+                b_dzs += tl.sum(b_aq * (b_sq * b_r)[:, None], 0)
+                b_dzc += tl.sum(b_aq * (b_cq * b_r)[:, None], 0)
+            # dH += q~^T g = relu(q)^T (sin_q g) (cos alike)
+            b_aqt = tl.trans(b_aqc)
+            b_dhs += _dot(b_aqt, _cvt(b_g * b_sq[:, None], DOT_MODE, DT), DOT_MODE, DT)
+            b_dhc += _dot(b_aqt, _cvt(b_g * b_cq[:, None], DOT_MODE, DT), DOT_MODE, DT)
     # selected, not multiplied: a padded key's gradients are exactly 0 even if dH holds NaN
     if DO_DK:
-        b_dk = tl.where(b_kv[:, None] & (b_ak > 0), b_dks * b_sk[:, None] + b_dkc * b_ck[:, None], 0.)
-        b_dp = tl.where(b_kv, HALF_PI * tl.sum(b_ak * (b_dks * b_ck[:, None] - b_dkc * b_sk[:, None]), 1), 0.)
+        # dk = relu'(k) (sin_k dk~_s + cos_k dk~_c), dpk = pi/2 relu(k) . (cos_k dk~_s - sin_k dk~_c):
+        # every term a scaled dot (none added to another dot's result)
+        b_u = b_sk[:, None] * b_es + b_ck[:, None] * b_ec
+        b_w = b_ck[:, None] * b_es - b_sk[:, None] * b_ec
+        if HAS_A:
+            b_u += b_sk[:, None] * b_dsi + b_ck[:, None] * b_dci
+            b_w += b_ck[:, None] * b_dsi - b_sk[:, None] * b_dci
+        b_dk = tl.where(b_kv[:, None] & (b_ak > 0), b_u, 0.)
+        b_dp = tl.where(b_kv, HALF_PI * tl.sum(b_ak * b_w, 1), 0.)
         tl.store(dk + o_s64[:, None] * (HKV * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty),
                  mask=m_s[:, None] & m_k[None, :])
         tl.store(dpk + i_k * NSK + o_s64 * HKV, b_dp, mask=m_s)
     if DO_DV:
         b_dv = tl.where(b_kv[:, None], b_dv, 0.)
+        if HAS_A:
+            b_dv += tl.where(b_kv[:, None], b_dvi, 0.)
         tl.store(dv + o_s64[:, None] * (HKV * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty),
                  mask=m_s[:, None] & m_v[None, :])
     return b_dhs, b_dhc, b_dzs, b_dzc
