@@ -25,14 +25,19 @@ Two sweep shapes (constexpr ``INTRA``):
      forward's ``den`` and ``dden = dL/dden`` per row (``triton_bwd.leap_bwd_kernel_dden``).
 (No stage recomputes ``den`` or ``do . num``: the forward's ``o`` and ``den`` are saved.)
 
-Factored dots (fewer operands held in registers; ``triton_report_3.9.0_v4_sm90_bf16.md``):
-``k~_s = diag(sin_k) relu(k)``, so the state update ``S_s += k~_s^T v`` is ``relu(k)^T (sin_k v)``
-(one register operand, relu(k), for both halves; the scaled values go to shared memory as the other
-operand), and each chunk's key-feature column sums are taken before the query tile, so the feature
-tiles die early. With ``BK > BV`` (Dk = 128: value tiles of 32) the forward's query tile is factored
-too: ``q~_s S_s + q~_c S_c = sin_q (relu(q) S_s) + cos_q (relu(q) S_c)`` and the scores are one dot,
-``(relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q cos_k^T)`` (the two halves share ``relu(q) . relu(k)``);
-the dots then run on the exact relu'd inputs.
+Register budget (``benchmarks/results/triton_report_3.9.0_v4_sm90_bf16.md``: no spills at Dk = 64, a
+few dozen bytes at Dk = 128, at sm_90 bf16):
+
+- Factored features: ``k~_s = diag(sin_k) relu(k)``, so the state update ``S_s += k~_s^T v`` is
+  ``relu(k)^T (sin_k v)``: one register operand, relu(k), for both halves, the scaled values in
+  shared memory. The forward's query tile likewise: ``q~_s S_s + q~_c S_c = sin_q (relu(q) S_s) +
+  cos_q (relu(q) S_c)``, and the scores are one dot, ``(relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q
+  cos_k^T)`` (the two halves share ``relu(q) . relu(k)``): the dots run on the exact relu'd inputs.
+- Sums of scaled dots, never a dot accumulating into another dot's result: Triton gives a dot whose
+  result feeds another dot the ``[num_warps, 1]`` warp layout, which at 64 rows and 8 warps holds (and
+  computes) each accumulator twice; independent dots get ``[4, 2]``.
+- Each chunk's key-feature column sums are taken before the query tile, so the feature tiles die early.
+
 The reverse sweep (``dk``, ``dv``, ``dpk``, ``dS0``, ``dz0``) is in ``triton_bwd.py``.
 
 Grid: ``(sequences x query heads, value tiles)`` (``triton_chunk.sweep_grid``): B*H on axis 0,
@@ -206,13 +211,21 @@ def _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H: tl.constex
 
 
 @triton.jit
-def _dq_tile(dq, dpq, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
-    """dq~ (sin and cos halves) -> dq rows ``o_t64`` (columns o_k) and their dpq (one fp32 per row)."""
-    b_dq = tl.where(b_a > 0, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None], 0.)
-    b_dp = HALF_PI * tl.sum(b_a * (b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None]), 1)
+def _dq_store(dq, dpq, b_a, b_u, b_w, o_t64, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """dq rows ``o_t64`` (columns o_k) = relu'(q) u and their dpq = pi/2 relu(q) . w (one fp32 per
+    row), from ``u = sin dq~_s + cos dq~_c`` and ``w = cos dq~_s - sin dq~_c``."""
+    b_dq = tl.where(b_a > 0, b_u, 0.)
+    b_dp = HALF_PI * tl.sum(b_a * b_w, 1)
     tl.store(dq + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
              mask=m_t[:, None] & m_k[None, :])
     tl.store(dpq + o_t64 * H, b_dp, mask=m_t)
+
+
+@triton.jit
+def _dq_tile(dq, dpq, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """dq~ (sin and cos halves) -> dq rows ``o_t64`` (columns o_k) and their dpq (``_dq_store``)."""
+    _dq_store(dq, dpq, b_a, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None],
+              b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None], o_t64, m_t, o_k, m_k, H, K)
 
 
 @triton.jit
@@ -299,71 +312,63 @@ def _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_
 
 @triton.jit
 def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
+                b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ps, b_pc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                STAGE: tl.constexpr,
-                HAS_A: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+                STAGE: tl.constexpr, HAS_A: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr,
+                DT: tl.constexpr):
     """One query tile of the forward-order sweep against the exclusive state, plus (HAS_A) the
-    masked intra-chunk scores against the chunk's own keys b_ks, b_kc, b_v under mask b_M."""
+    masked intra-chunk terms against the chunk's own keys under mask b_M: relu(k)^T ``b_akt``, their
+    sin / cos ``b_sk``, ``b_ck``, values ``b_v`` and a pair ``b_ps``, ``b_pc``: ``sin_k v``, ``cos_k v``
+    (forward) or the key features ``k~_s``, ``k~_c`` (dq stage)."""
     b_a, b_sin, b_cos = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
     o_t64 = o_t.to(tl.int64)
-    if STAGE == 0 and BK > BV:
-        # wide keys (Dk = 128, value tiles of 32): one relu(q) dot operand, the per-query sin / cos
-        # applied to the (narrower) results: q~_s S_s + q~_c S_c = sin_q (relu(q) S_s) + cos_q (...),
-        # and the scores as one dot, (relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q cos_k^T)
+    if STAGE == 0:
+        # one relu(q) dot operand, the per-query sin / cos applied to the results:
+        # q~_s S_s + q~_c S_c = sin_q (relu(q) S_s) + cos_q (relu(q) S_c), and the scores as one dot,
+        # (relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q cos_k^T), whose value term
+        # ((.) * M) v = sin_q (R (sin_k v)) + cos_q (R (cos_k v)) with R = (relu(q) relu(k)^T) * M
+        # (b_ps, b_pc: sin_k v, cos_k v); each term a scaled dot (none accumulates into another's result)
         b_ds = tl.sum(b_a * b_zs[None, :], 1)
         b_dc = tl.sum(b_a * b_zc[None, :], 1)
         b_aq = _cvt(b_a, DOT_MODE, DT)
-        b_vs = b_ks  # (sin_k v, cos_k v) in this shape
-        b_vc = b_kc
-        b_ns = _dot(b_aq, b_hs, DOT_MODE, DT)
-        b_nc = _dot(b_aq, b_hc, DOT_MODE, DT)
+        b_num = b_sin[:, None] * _dot(b_aq, b_hs, DOT_MODE, DT) + b_cos[:, None] * _dot(b_aq, b_hc, DOT_MODE, DT)
         if HAS_A:
             b_R = tl.where(b_M, _dot(b_aq, b_akt, DOT_MODE, DT), 0.)
             b_ds += tl.sum(b_R * b_sk[None, :], 1)
             b_dc += tl.sum(b_R * b_ck[None, :], 1)
             b_Rc = _cvt(b_R, DOT_MODE, DT)
-            b_ns += _dot(b_Rc, b_vs, DOT_MODE, DT)
-            b_nc += _dot(b_Rc, b_vc, DOT_MODE, DT)
-        b_num = b_sin[:, None] * b_ns + b_cos[:, None] * b_nc
+            b_num += b_sin[:, None] * _dot(b_Rc, b_ps, DOT_MODE, DT) + b_cos[:, None] * _dot(b_Rc, b_pc, DOT_MODE, DT)
         b_den = b_sin * b_ds + b_cos * b_dc
         _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
     else:
-        b_qs = _cvt(b_a * b_sin[:, None], DOT_MODE, DT)
-        b_qc = _cvt(b_a * b_cos[:, None], DOT_MODE, DT)
-        if STAGE == 0:
+        # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk). With more value columns
+        # than key columns (Dk = 128: key blocks of 32, all 128 value columns) g = do / den stays
+        # factored: do is the dot operand, 1 / den scales the (narrower) results' rows, and no fp32
+        # g tile is held (sm_90 bf16, dq D=128: 84 B of spills against 216 B; at D=64 the plain g: 0 B
+        # against 40 B)
+        if BV > BK:
+            b_do, b_inv, b_r = _grad_rows_scaled(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps,
+                                                 NORMALIZE)
+            b_dqs, b_dqc = _dq_state(b_do, b_inv, b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE, DT)
             if HAS_A:
-                b_A = _dot(b_qs, tl.trans(b_ks), DOT_MODE, DT) + _dot(b_qc, tl.trans(b_kc), DOT_MODE, DT)
-                b_A = tl.where(b_M, b_A, 0.)
-            b_num = _dot(b_qs, b_hs, DOT_MODE, DT) + _dot(b_qc, b_hc, DOT_MODE, DT)
-            if HAS_A:
-                b_num += _dot(b_A, b_v, DOT_MODE, DT)
-            b_den = tl.sum(b_qs * b_zs[None, :], 1) + tl.sum(b_qc * b_zc[None, :], 1)
-            if HAS_A:
-                b_den += tl.sum(b_A, 1)
-            _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
+                b_dA = tl.where(b_M, _dot(b_do, tl.trans(b_v), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None], 0.)
         else:
-            # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk). With more value columns
-            # than key columns (Dk = 128: key blocks of 32, all 128 value columns) g = do / den stays
-            # factored: do is the dot operand, 1 / den scales the (narrower) results' rows, and no fp32
-            # g tile is held (dq D=128: 274 B of spills against 362 B; at D=64 the plain g spilled less)
-            if BV > BK:
-                b_do, b_inv, b_r = _grad_rows_scaled(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps,
-                                                     NORMALIZE)
-                b_dqs, b_dqc = _dq_state(b_do, b_inv, b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE, DT)
-                if HAS_A:
-                    b_dA = tl.where(b_M, _dot(b_do, tl.trans(b_v), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None], 0.)
-            else:
-                b_g, b_r, b_dqs, b_dqc = _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc,
-                                                        i_v, eps, H, V, NORMALIZE, DOT_MODE, DT)
-                if HAS_A:
-                    b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
+            b_g, b_r, b_dqs, b_dqc = _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc,
+                                                    i_v, eps, H, V, NORMALIZE, DOT_MODE, DT)
             if HAS_A:
-                b_dqs += _dot(b_dA, b_ks, DOT_MODE, DT)
-                b_dqc += _dot(b_dA, b_kc, DOT_MODE, DT)
-            # complete dq rows for this program's key columns o_k (all value columns are here);
-            # dpq sums over every key column: one partial per key block (i_k), summed on the host
-            _dq_tile(dq, dpq + i_k * NTH, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H, K)
+                b_dA = tl.where(b_M, _dot(b_g, tl.trans(b_v), DOT_MODE, DT) + b_r[:, None], 0.)
+        # u = sin dq~_s + cos dq~_c, w = cos dq~_s - sin dq~_c, each term a scaled dot (none
+        # accumulates into another dot's result: no chained [8,1]-warp accumulators)
+        b_u = b_sin[:, None] * b_dqs + b_cos[:, None] * b_dqc
+        b_w = b_cos[:, None] * b_dqs - b_sin[:, None] * b_dqc
+        if HAS_A:
+            b_is = _dot(b_dA, b_ps, DOT_MODE, DT)
+            b_ic = _dot(b_dA, b_pc, DOT_MODE, DT)
+            b_u += b_sin[:, None] * b_is + b_cos[:, None] * b_ic
+            b_w += b_cos[:, None] * b_is - b_sin[:, None] * b_ic
+        # complete dq rows for this program's key columns o_k (all value columns are here);
+        # dpq sums over every key column: one partial per key block (i_k), summed on the host
+        _dq_store(dq, dpq + i_k * NTH, b_a, b_u, b_w, o_t64, m_t, o_k, m_k, H, K)
 
 
 @triton.jit
@@ -441,14 +446,14 @@ def leap_fwd_kernel_sweep(
             # feature column sums, taken now so that the feature tiles die here (sin_k v, cos_k v:
             # the forward's before the query tile, which reads them at Dk = 128; the dq stage's after
             # it, where they spilled less)
-            if STAGE == 0 and BK > BV:  # the factored query tile reads relu(k), sin_k v, cos_k v
+            if STAGE == 0:  # the forward's query tile reads relu(k), sin_k v, cos_k v
                 b_dzs = tl.sum(b_ak * b_sk[:, None], 0)
                 b_dzc = tl.sum(b_ak * b_ck[:, None], 0)
-            else:
-                b_ks = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
-                b_kc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
-                b_dzs = tl.sum(b_ks.to(tl.float32), 0)
-                b_dzc = tl.sum(b_kc.to(tl.float32), 0)
+            else:  # the dq stage's: the key features k~_s, k~_c
+                b_ps = _cvt(b_ak * b_sk[:, None], DOT_MODE, DT)
+                b_pc = _cvt(b_ak * b_ck[:, None], DOT_MODE, DT)
+                b_dzs = tl.sum(b_ps.to(tl.float32), 0)
+                b_dzc = tl.sum(b_pc.to(tl.float32), 0)
             b_akt = tl.trans(_cvt(b_ak, DOT_MODE, DT))
             o_t64 = o_t.to(tl.int64)
             b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :],
@@ -457,11 +462,10 @@ def leap_fwd_kernel_sweep(
                 b_vf = b_v.to(tl.float32)
                 b_vs = _cvt(b_vf * b_sk[:, None], DOT_MODE, DT)
                 b_vc = _cvt(b_vf * b_ck[:, None], DOT_MODE, DT)
-                if BK > BV:
-                    b_ks = b_vs
-                    b_kc = b_vc
+                b_ps = b_vs
+                b_pc = b_vc
             _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ks, b_kc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
+                        b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ps, b_pc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
                         H, K, V, BK, BV, STAGE, True, NORMALIZE, DOT_MODE, DT)
             if STAGE == 0:
                 b_hs += _dot(b_akt, b_vs, DOT_MODE, DT)
