@@ -168,10 +168,14 @@ def first_config_only():
 
 
 def configs(launch: Launch, which=None):
-    """The configs the autotuner may pick (index, Config or None for a plain kernel); ``which``: a
-    list of indices to keep."""
+    """The configs the autotuner may pick (index, Config or None for a plain kernel), after its
+    ``early_config_prune`` for this launch's arguments; ``which``: a list of indices to keep."""
     k = launch.kernel()
     cs = list(enumerate(getattr(k, "configs", [None])))
+    prune = getattr(k, "early_config_prune", None)
+    if prune is not None and len(cs) > 1:
+        kept = prune([c for _, c in cs], {}, **launch.kwargs)
+        cs = [(i, c) for i, c in cs if any(c is x for x in kept)]
     return [c for c in cs if which is None or c[0] in which]
 
 

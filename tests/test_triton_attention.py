@@ -139,6 +139,16 @@ def test_varlen(dtype, mode):
     _check(dtype, T=100, mode=mode, cu_seqlens=cu, padding=True, state=True)
 
 
+@pytest.mark.parametrize("mode", ["causal", "block70"])
+def test_one_program_dk_dv(monkeypatch, mode):
+    """``triton_chunk.MERGE_DKV``: dk and dv in one reverse sweep (Dk, Dv <= 64), the switch kept for
+    a GPU timing against the default two kernels, with GQA and a carried state."""
+    from leapformer_kernels.attention import triton_chunk as tc
+
+    monkeypatch.setattr(tc, "MERGE_DKV", True)
+    _check(torch.float32, B=1, T=70, H=4, Hkv=2, Dk=32, Dv=48, mode=mode, state=True, padding=True)
+
+
 @pytest.mark.parametrize("mode", ["causal", "block5", "block70", "cross"])
 def test_wide_tiles_gqa(mode):
     """Dk = 128 (BT = 64, BK = 128) and Dv = 80 (three value tiles of 32) with GQA: the forward's

@@ -94,6 +94,10 @@ def _key_tile(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m
             b_aq, b_sq, b_cq = _load_feat(q + j * K, pq + j, o_s, m_s, H * K, H, o_k, m_k)
             b_aqc = _cvt(b_aq, DOT_MODE, DT)
             b_g, b_r = _grad_rows(do + j * V, den + j, dden + j, o_s, m_s, o_v, m_v, H * V, H, 0, eps, NORMALIZE)
+            if not DO_DV:  # the dk kernel (Dk = 128) makes the scaled g tiles of the dH update here, early
+                # (sm_90 bf16: 112 B of spills at worst against 308 B; the dk + dv kernel spilled more so)
+                b_gs = _cvt(b_g * b_sq[:, None], DOT_MODE, DT)
+                b_gc = _cvt(b_g * b_cq[:, None], DOT_MODE, DT)
             if DO_DV:  # scores (relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q cos_k^T), one dot
                 b_C = b_sq[:, None] * b_sk[None, :] + b_cq[:, None] * b_ck[None, :]
                 b_A = tl.where(b_M, _dot(b_aqc, tl.trans(b_akc), DOT_MODE, DT) * b_C, 0.)
@@ -106,8 +110,12 @@ def _key_tile(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, o_s, m_s, o_k, m
                 b_dzc += tl.sum(b_aq * (b_cq * b_r)[:, None], 0)
             # dH += q~^T g = relu(q)^T (sin_q g) (cos alike)
             b_aqt = tl.trans(b_aqc)
-            b_dhs += _dot(b_aqt, _cvt(b_g * b_sq[:, None], DOT_MODE, DT), DOT_MODE, DT)
-            b_dhc += _dot(b_aqt, _cvt(b_g * b_cq[:, None], DOT_MODE, DT), DOT_MODE, DT)
+            if DO_DV:
+                b_dhs += _dot(b_aqt, _cvt(b_g * b_sq[:, None], DOT_MODE, DT), DOT_MODE, DT)
+                b_dhc += _dot(b_aqt, _cvt(b_g * b_cq[:, None], DOT_MODE, DT), DOT_MODE, DT)
+            else:
+                b_dhs += _dot(b_aqt, b_gs, DOT_MODE, DT)
+                b_dhc += _dot(b_aqt, b_gc, DOT_MODE, DT)
     # selected, not multiplied: a padded key's gradients are exactly 0 even if dH holds NaN
     if DO_DK:
         # dk = relu'(k) (sin_k dk~_s + cos_k dk~_c), dpk = pi/2 relu(k) . (cos_k dk~_s - sin_k dk~_c):
@@ -147,9 +155,22 @@ def _key_range(q, pq, do, den, dden, k, pk, v, kpm, dk, dpk, dv, s_lo, s_hi, o_i
                   H, G, HKV, K, V, False, HAS_KPM, DO_DK, DO_DV, NORMALIZE, DOT_MODE, DT)
 
 
+def dkv_configs(configs, named_args, **kwargs):
+    """The dk / dv sweep's configs by what it computes (``early_config_prune``): the stage counts
+    that did not spill at sm_90 bf16 (``triton_report_3.9.0_v4_sm90_bf16.md``): the dk kernel 1 stage at
+    Dk <= 64 (2, 3 stages: 88, 152 B), 2 or 3 stages at Dk = 128 (1 stage: 112 B); the dv kernel (none
+    spills) and the one-program dk + dv form keep every config. Never empty."""
+    if kwargs.get("DO_DK") and not kwargs.get("DO_DV"):
+        keep = (1,) if kwargs.get("K", 64) <= 64 else (2, 3)
+        kept = [c for c in configs if c.num_stages in keep]
+        return kept or configs
+    return configs
+
+
 @triton.autotune(configs=autotune_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
-                      'USE_DS', 'DO_DK', 'DO_DV', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'])
+                      'USE_DS', 'DO_DK', 'DO_DV', 'NORMALIZE', 'SEGMENTED', 'DOT_MODE'],
+                 prune_configs_by={"early_config_prune": dkv_configs})
 @triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NSK', 'eps'])
 def leap_bwd_kernel_dkv(
     q, k, v, pq, pk, kpm, cu_seqlens, dS, dz,

@@ -261,12 +261,21 @@ def _bwd_tiles(K: int, V: int):
     return BKq, triton.cdiv(K, BKq), BVf, BKq >= K
 
 
+# The sweep backward's key side when one program could hold every key and value column (Dk, Dv <= 64):
+# dk and dv in one program (one pass; at sm_90 bf16 it spills 304-416 B per thread) or, as at Dk = 128,
+# a dk kernel and a dv kernel (no spills with the dk kernel's one stage, but 15% more MMA instructions
+# and q, do, k read twice; ``triton_report_3.9.0_v4_sm90_bf16.md``). Two kernels until a GPU timing
+# (``benchmarks.gpu_report``) says the one-pass form is faster despite its spills. The monotone mode
+# keeps its own rule (``triton_monotone``).
+MERGE_DKV = False
+
+
 def _bwd_plan(device, T, S, N, H, Hkv, K, V, INTRA, W, CL):
     """The backward's segment plan: sized so that the key side (one program per sequence x key/value
     head x key block or value tile) fills the GPU."""
     NV = _tiles(K, V)[3]
     BKq, NK, BVf, merged = _bwd_tiles(K, V)
-    return _plan(device, T, S, N, Hkv, 1 if merged else min(NK, NV), INTRA, W, CL)
+    return _plan(device, T, S, N, Hkv, 1 if merged and MERGE_DKV else min(NK, NV), INTRA, W, CL)
 
 
 def _state_rows(N, H, K, V, rows):
@@ -501,7 +510,7 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
         kargs = (q, k, v, pq, pk, kp, cu, dS if dS is not None else dummy, dz if dz is not None else dummy,
                  do, den, dden, dk, dv, dpk, T, S, W, CL, L, NSK, eps)
         kflags = dict(USE_DS=dS is not None, SEGMENTED=kseg, **common)
-        if merged:  # one program holds every key and value column: dk and dv together
+        if merged and MERGE_DKV:  # one program holds every key and value column: dk and dv together
             leap_bwd_kernel_dkv[(N * Hkv, 1, kseg_n)](*kargs, BK=BK, BV=BVf, DO_DK=True, DO_DV=True, **kflags)
         else:  # dk over key blocks (all value columns), dv over value tiles (all key columns)
             leap_bwd_kernel_dkv[(N * Hkv, NK, kseg_n)](*kargs, BK=BKq, BV=BVf, DO_DK=True, DO_DV=False, **kflags)
