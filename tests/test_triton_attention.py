@@ -253,6 +253,46 @@ def test_step_from_zero_state_unnormalized():
     assert_close(z, z_r, torch.float32, "z")
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["step", "step_"])
+def test_step_reads_half_proportions_without_a_cast(inplace):
+    """The decode step takes pq, pk in q's half dtype as they are (the kernel converts them): no
+    host-side cast, i.e. no launch besides the step kernel's, and the result equals the step with
+    float32 proportions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks import aot
+
+    class _Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, pq, pk = make_inputs(2, 1, None, 2, 1, 16, 16)
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))
+    pq16, pk16 = pq.to(torch.float16), pk.to(torch.float16)
+    S0, z0 = make_state(2, 2, 16, 16)
+
+    def step(a, b):
+        if inplace:
+            S, z = S0.clone(), z0.clone()
+            return lk.leap_attention_step_(q, k, v, a, b, (S, z), backend="triton"), S, z
+        o, (S, z) = lk.leap_attention_step(q, k, v, a, b, (S0, z0), backend="triton")
+        return o, S, z
+
+    step(pq16, pk16)  # warm: the backend choice, the kernel's compile
+    with aot.record() as launches, _Ops() as rec:
+        step(pq16, pk16)
+    assert [L.name for L in launches] == ["leap_fwd_kernel_step"]
+    assert not any("_to_copy" in op or "copy_" in op for op in rec.ops), rec.ops
+    got, want = step(pq16, pk16), step(pq16.float(), pk16.float())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_float64_refused():
     q, k, v, pq, pk = make_inputs(1, 5, None, 1, None, 16, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="backend"):

@@ -195,16 +195,19 @@ def _(q, k, v, pq, pk, S0, z0, eps, normalize, backend):
     return q.new_empty(B, T, H, Dv), q.new_empty(B, H, 2 * Dk, Dv, dtype=acc), q.new_empty(B, H, 2 * Dk, dtype=acc)
 
 
-def _prepare(q, k, v, pq, pk, S0, z0):
+def _prepare(q, k, v, pq, pk, S0, z0, p_any: bool = False):
+    """Inputs as the kernels take them: contiguous, k, v in q's dtype, pq, pk and the state in the
+    state dtype (``p_any``: pq, pk in their own dtype, for a kernel that converts them itself)."""
     dt = q.dtype
     acc = state_dtype(dt)
-    if (k.dtype is dt and v.dtype is dt and pq.dtype is acc and pk.dtype is acc and q.is_contiguous()
+    pdt = (pq.dtype, pk.dtype) if p_any else (acc, acc)
+    if (k.dtype is dt and v.dtype is dt and pq.dtype is pdt[0] and pk.dtype is pdt[1] and q.is_contiguous()
             and k.is_contiguous() and v.is_contiguous() and pq.is_contiguous() and pk.is_contiguous()
             and (S0 is None or (S0.dtype is acc and S0.is_contiguous()))
             and (z0 is None or (z0.dtype is acc and z0.is_contiguous()))):
         return [q, k, v, pq, pk], S0, z0  # already as the kernels take them (the decode step's case)
-    c = [contiguous_as(q), contiguous_as(k, q.dtype), contiguous_as(v, q.dtype), contiguous_as(pq, acc),
-         contiguous_as(pk, acc)]
+    c = [contiguous_as(q), contiguous_as(k, q.dtype), contiguous_as(v, q.dtype), contiguous_as(pq, pdt[0]),
+         contiguous_as(pk, pdt[1])]
     return c, contiguous_as(S0, acc), contiguous_as(z0, acc)
 
 
@@ -238,7 +241,7 @@ def leap_attention(backend: str, q, k, v, pq, pk, *, causal, block_size, key_pad
 
 def leap_attention_step(backend: str, q, k, v, pq, pk, state, *, eps, normalize):
     S0, z0 = (None, None) if state is None else state
-    c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0)
+    c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0, getattr(_kernels(backend), "STEP_READS_ANY_P", False))
     if torch.compiler.is_compiling():
         o, S, z = leap_attention_step_op(*c, S0, z0, float(eps), normalize, backend)
     elif q.is_cuda:  # eager decoding: skip the dispatcher round trip (the step has no autograd to record)

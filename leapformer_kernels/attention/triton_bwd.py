@@ -40,6 +40,19 @@ from .triton_fwd import (HALF_PI, _clamp_den, _cvt, _dot, _grad_rows, _grad_rows
 
 
 @triton.jit
+def _key_program(i_nhk, i_b, HKV: tl.constexpr, DO_DV: tl.constexpr):
+    """(sequence, key/value head, key block, value tile) of a key-side program: axis 0 is
+    sequence x key/value head; axis 1 a value tile (dv kernel) or a key block (dk, or 0 for both)."""
+    if DO_DV:
+        i_k = i_b * 0
+        i_v = i_b
+    else:
+        i_k = i_b
+        i_v = i_b * 0
+    return i_nhk // HKV, i_nhk % HKV, i_k, i_v
+
+
+@triton.jit
 def _q_feats(q, pq, o_t, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr, DOT_MODE: tl.constexpr,
              DT: tl.constexpr):
     b_aq, b_sq, b_cq = _load_feat(q, pq, o_t, m_t, H * K, H, o_k, m_k)
@@ -185,15 +198,9 @@ def leap_bwd_kernel_dkv(
 ):
     # B*Hkv on axis 0 (CUDA: axes 1, 2 <= 65535); axis 1: key block (DO_DK only), value tile
     # (DO_DV only) or 0 (both)
-    i_nhk, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nhk, i_s = tl.program_id(0), tl.program_id(2)
     HKV: tl.constexpr = H // G
-    i_n, i_hk = i_nhk // HKV, i_nhk % HKV
-    if DO_DV:
-        i_k = i_b * 0
-        i_v = i_b
-    else:
-        i_k = i_b
-        i_v = i_b * 0
+    i_n, i_hk, i_k, i_v = _key_program(i_nhk, tl.program_id(1), HKV, DO_DV)
     bos, kbos, Lq, Lk = _seq_bounds(cu_seqlens, i_n, T, S, IS_VARLEN)
     h0 = i_hk * G  # the group's first query head
     q, pq = _query_rows_of(q, pq, bos, h0, H, K)

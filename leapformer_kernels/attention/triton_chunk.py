@@ -85,6 +85,9 @@ from . import triton_monotone  # its launchers (fwd, bwd) call back into this mo
 from .triton_step import leap_fwd_kernel_step
 
 SAVES_DEN = True  # fwd returns (o, S, z, den); bwd takes o=, den= (see attention/op.py)
+# the decode step reads pq, pk in any float dtype (converted in the kernel): no host-side cast, which
+# would be one more launch per token (attention/op.py passes them through)
+STEP_READS_ANY_P = True
 
 _DT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -467,17 +470,8 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
                   **LAUNCH)
     cu = cu_seqlens if cu_seqlens is not None else dummy
     kp = kpm if kpm is not None else dummy
-    if normalize:
-        o, den, dden = o.contiguous(), _c(den, torch.float32), ws["dden"]
-    else:
-        o = den = dden = dummy
-    dq = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
-    dpq = ws["dpq_part"] if NK > 1 else torch.empty(B, T, H, **f32)
-    dk = torch.empty(B, S, Hkv, K, dtype=q.dtype, device=dev)
-    dv = torch.empty(B, S, Hkv, V, dtype=q.dtype, device=dev)
-    dpk = ws["dpk_part"] if NK > 1 else torch.empty(B, S, Hkv, **f32)
-    dS0 = torch.empty(N, H, 2 * K, V, **f32) if S0 is not None else None
-    dz0 = torch.empty(N, H, 2 * K, **f32) if S0 is not None else None
+    o, den, dden, dq, dpq, dk, dv, dpk, dS0, dz0 = grad_buffers(q, k, v, S0 is not None, N, NK, ws, normalize, o,
+                                                                den, dummy)
     whole_bufs = (ws.get("whole_S"), ws.get("whole_z"))
     with on_device(q):
         s0, z0_ = S0, z0
@@ -520,6 +514,28 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
     return dq, dk, dv, dpq.to(pq_dtype), dpk.to(pk_dtype), dS0, dz0
 
 
+def grad_buffers(q, k, v, with_state, N, NK, ws, normalize, o, den, dummy):
+    """The backward's inputs and outputs as its kernels take them: o, den (contiguous, fp32) and the
+    workspace's dden (``dummy`` x 3 unnormalised), then dq, dpq, dk, dv, dpk (dpq / dpk: the
+    workspace's per-key-block fp32 partials when there are ``NK > 1`` key blocks) and dS0, dz0 for
+    ``N`` state rows (None without an initial state)."""
+    B, T, H, K = q.shape
+    S, Hkv, V = k.shape[1], k.shape[2], v.shape[3]
+    dev, f32 = q.device, dict(dtype=torch.float32, device=q.device)
+    if normalize:
+        o, den, dden = o.contiguous(), _c(den, torch.float32), ws["dden"]
+    else:
+        o = den = dden = dummy
+    dq = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
+    dpq = ws["dpq_part"] if NK > 1 else torch.empty(B, T, H, **f32)
+    dk = torch.empty(B, S, Hkv, K, dtype=q.dtype, device=dev)
+    dv = torch.empty(B, S, Hkv, V, dtype=q.dtype, device=dev)
+    dpk = ws["dpk_part"] if NK > 1 else torch.empty(B, S, Hkv, **f32)
+    dS0 = torch.empty(N, H, 2 * K, V, **f32) if with_state else None
+    dz0 = torch.empty(N, H, 2 * K, **f32) if with_state else None
+    return o, den, dden, dq, dpq, dk, dv, dpk, dS0, dz0
+
+
 def _dden(o, do, den, dden, eps):
     """``dden = dL/dden`` per query row and head from the forward's ``o`` and ``den``
     (``leap_bwd_kernel_dden``): ``o``, ``do`` ``[B, T, H, V]``, ``den``, ``dden`` ``[B, T, H]`` fp32."""
@@ -537,7 +553,7 @@ def _step_warps(BK: int, BV: int) -> int:
 def step(q, k, v, pq, pk, S0, z0, eps, normalize):
     _check_dtype(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    pq, pk, S0, z0 = _c(pq, torch.float32), _c(pk, torch.float32), _c(S0, torch.float32), _c(z0, torch.float32)
+    pq, pk, S0, z0 = _c(pq), _c(pk), _c(S0, torch.float32), _c(z0, torch.float32)  # pq, pk: any float dtype
     B, T, H, K = q.shape
     Hkv, V = k.shape[2], v.shape[3]
     BK = max(16, triton.next_power_of_2(K))
@@ -563,7 +579,7 @@ def step_(q, k, v, pq, pk, S, z, state_indices, eps, normalize):
     one rewrites. Returns o."""
     _check_dtype(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    pq, pk = _c(pq, torch.float32), _c(pk, torch.float32)
+    pq, pk = _c(pq), _c(pk)  # any float dtype: the kernel converts (no host-side cast, no extra launch)
     B, T, H, K = q.shape
     Hkv, V = k.shape[2], v.shape[3]
     BK = max(16, triton.next_power_of_2(K))

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from .._guard import on_device
 from . import triton_chunk as tc
-from .triton_bwd import _fold_query_grads
+from .triton_bwd import _fold_query_grads, _key_program
 from .triton_fwd import (HALF_PI, _cvt, _dot, _dq_from_state, _dq_tile, _fold_keys, _grad_rows, _grad_rows_of,
                          _key_rows, _key_valid, _load_feat, _load_state, _query_rows_of, _store_o, _store_state)
 
@@ -226,15 +226,8 @@ def leap_bwd_kernel_monotone_dkv(
     NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr,
 ):
     # B*Hkv on axis 0; axis 1: key block (DO_DK only), value tile (DO_DV only) or 0 (both)
-    i_nhk, i_b = tl.program_id(0), tl.program_id(1)
     HKV: tl.constexpr = H // G
-    i_n, i_hk = i_nhk // HKV, i_nhk % HKV
-    if DO_DV:
-        i_k = i_b * 0
-        i_v = i_b
-    else:
-        i_k = i_b
-        i_v = i_b * 0
+    i_n, i_hk, i_k, i_v = _key_program(tl.program_id(0), tl.program_id(1), HKV, DO_DV)
     NK = tl.cdiv(S, BT)
     bos, kbos = i_n.to(tl.int64) * T, i_n.to(tl.int64) * S
     h0 = i_hk * G  # the group's first query head
@@ -403,17 +396,8 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normali
     common = dict(H=H, G=G, K=K, V=V, BT=BT, HAS_KPM=kpm is not None, NORMALIZE=normalize,
                   DOT_MODE=tc._dot_mode(q.dtype), DT=tc._DT[q.dtype])
     kp = kpm if kpm is not None else dummy
-    if normalize:
-        o, den, dden = o.contiguous(), c(den, torch.float32), ws["dden"]
-    else:
-        o = den = dden = dummy
-    dq = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
-    dpq = ws["dpq_part"] if NKB > 1 else torch.empty(B, T, H, **f32)
-    dk = torch.empty(B, S, Hkv, K, dtype=q.dtype, device=dev)
-    dv = torch.empty(B, S, Hkv, V, dtype=q.dtype, device=dev)
-    dpk = ws["dpk_part"] if NKB > 1 else torch.empty(B, S, Hkv, **f32)
-    dS0 = torch.empty(B, H, 2 * K, V, **f32) if S0 is not None else None
-    dz0 = torch.empty(B, H, 2 * K, **f32) if S0 is not None else None
+    o, den, dden, dq, dpq, dk, dv, dpk, dS0, dz0 = tc.grad_buffers(q, k, v, S0 is not None, B, NKB, ws, normalize,
+                                                                   o, den, dummy)
     ds_ = (dS, dz) if dS is not None else (dummy, dummy)
     with on_device(q):
         tab = ws["tab"]
