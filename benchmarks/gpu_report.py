@@ -476,6 +476,17 @@ def anchor_record_fns(tiny):
     return [functools.partial(fn, var) for var in anchor_variants(tiny)]
 
 
+MERGED_DKV = "leap[triton] one-pass dk/dv"
+
+
+def _merge_dkv(method):
+    """triton_chunk.MERGE_DKV on for the MERGED_DKV method only (it changes how the backward runs at
+    Dk, Dv <= 64: one dk + dv kernel instead of two)."""
+    from leapformer_kernels.attention import triton_chunk
+
+    triton_chunk.MERGE_DKV = method == MERGED_DKV
+
+
 def stage_anchor(rep, dev, tiny, deadline, bw):
     from .attention import floor_bytes, make, methods, run_case
 
@@ -483,6 +494,8 @@ def stage_anchor(rep, dev, tiny, deadline, bw):
     st["copy_bandwidth_GBps"] = bw / 1e9
     st["results"] = res = []
     fns = methods(["triton"], dev)  # leap[triton], sdpa, and leap_on_fla where fla imports
+    if "leap[triton]" in fns:  # the one-pass dk + dv backward (triton_chunk.MERGE_DKV) against the default two
+        fns[MERGED_DKV] = fns["leap[triton]"]
     dtype = torch.bfloat16
     for var in anchor_variants(tiny):
         B, H, D = var["B"], var["H"], var["D"]
@@ -493,9 +506,11 @@ def stage_anchor(rep, dev, tiny, deadline, bw):
         t0 = time.perf_counter()  # untimed warm-up at the first T: cache loads and the autotune sweep
         for m, fn in fns.items():
             try:
+                _merge_dkv(m)
                 fn(*make(B, var["T"][0], H, D, dtype, dev, grad=True)).sum().backward()
             except Exception as e:
                 rep.log(f"  warm-up of {m} failed: {type(e).__name__}: {e}"[:300])
+        _merge_dkv(None)
         sync()
         rep.log(f"  B={B} H={H} D={D}: warm-up (compile + autotune) {time.perf_counter() - t0:.1f} s")
         c = Case(f"anchor.B{B}.H{H}.D{D}", "bfloat16", B=B, T=var["T"][0], H=H, D=D, final_state=False)
@@ -507,11 +522,13 @@ def stage_anchor(rep, dev, tiny, deadline, bw):
                     row[m] = {"method": m, "B": B, "H": H, "D": D, "T": T, "skipped": "stage budget"}
                     continue
                 try:
+                    _merge_dkv(m)
                     r = run_case(m, fn, B, T, H, D, dtype, dev, 3 if tiny else 5)
                 except Exception as e:  # e.g. out of memory: reported, the others go on
                     r = {"method": m, "B": B, "T": T, "H": H, "D": D, "error": f"{type(e).__name__}: {e}"[:300]}
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
+                _merge_dkv(None)
                 r["fwd_floor_ms"] = floor_bytes(B, T, H, D, dtype, False) / bw * 1e3
                 r["fwdbwd_floor_ms"] = floor_bytes(B, T, H, D, dtype, True) / bw * 1e3
                 row[m] = r
