@@ -9,12 +9,15 @@ import torch
 from torch import Tensor
 
 
+_NO_DEVICE = contextlib.nullcontext()  # reusable: off CUDA no context object is built per call
+
+
 def on_device(t: Tensor):
     """A context that launches on ``t``'s own GPU (a no-op off CUDA; a ``torch.device`` context
     would install a TorchFunctionMode that taxes every op inside)."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    return _NO_DEVICE
 
 
 def contiguous_as(t: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:

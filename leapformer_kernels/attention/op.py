@@ -244,11 +244,9 @@ def leap_attention_step(backend: str, q, k, v, pq, pk, state, *, eps, normalize)
     c, S0, z0 = _prepare(q, k, v, pq, pk, S0, z0, getattr(_kernels(backend), "STEP_READS_ANY_P", False))
     if torch.compiler.is_compiling():
         o, S, z = leap_attention_step_op(*c, S0, z0, float(eps), normalize, backend)
-    elif q.is_cuda:  # eager decoding: skip the dispatcher round trip (the step has no autograd to record)
+    else:  # eager decoding: skip the dispatcher round trip (the step has no autograd to record)
         with on_device(q):
             o, S, z = _kernels(backend).step(*c, S0, z0, float(eps), normalize)
-    else:  # on_device is a no-op off CUDA
-        o, S, z = _kernels(backend).step(*c, S0, z0, float(eps), normalize)
     return o, (S, z)
 
 

@@ -291,11 +291,12 @@ def _grad_rows(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps,
 
 
 @triton.jit
-def _dq_state(b_do, b_inv, b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE: tl.constexpr, DT: tl.constexpr):
-    """dq~ through the state, ``g S^T + r z^T`` (sin and cos halves), from the factored g
-    (``_grad_rows_scaled``): ``(do S^T) / den``."""
-    b_dqs = _dot(b_do, tl.trans(b_hs), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None] * b_zs[None, :]
-    b_dqc = _dot(b_do, tl.trans(b_hc), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None] * b_zc[None, :]
+def _dq_state(b_x, b_scale, b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE: tl.constexpr, DT: tl.constexpr):
+    """dq~ through the state, ``g S^T + r z^T`` (sin and cos halves), with ``g = b_x * b_scale``: the
+    factored g (``_grad_rows_scaled``: do and ``1 / den`` per row as a column ``[rows, 1]``), or g
+    itself and the scale 1."""
+    b_dqs = _dot(b_x, tl.trans(b_hs), DOT_MODE, DT) * b_scale + b_r[:, None] * b_zs[None, :]
+    b_dqc = _dot(b_x, tl.trans(b_hc), DOT_MODE, DT) * b_scale + b_r[:, None] * b_zc[None, :]
     return b_dqs, b_dqc
 
 
@@ -305,8 +306,7 @@ def _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_
     """g (fp32), r of query rows o_t (``_grad_rows``) and their dq~ through the state: ``g S^T + r z^T``
     (sin and cos halves)."""
     b_g, b_r = _grad_rows(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps, NORMALIZE)
-    b_dqs = _dot(b_g, tl.trans(b_hs), DOT_MODE, DT) + b_r[:, None] * b_zs[None, :]
-    b_dqc = _dot(b_g, tl.trans(b_hc), DOT_MODE, DT) + b_r[:, None] * b_zc[None, :]
+    b_dqs, b_dqc = _dq_state(b_g, 1., b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE, DT)
     return b_g, b_r, b_dqs, b_dqc
 
 
@@ -349,7 +349,7 @@ def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
         if BV > BK:
             b_do, b_inv, b_r = _grad_rows_scaled(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps,
                                                  NORMALIZE)
-            b_dqs, b_dqc = _dq_state(b_do, b_inv, b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE, DT)
+            b_dqs, b_dqc = _dq_state(b_do, b_inv[:, None], b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE, DT)
             if HAS_A:
                 b_dA = tl.where(b_M, _dot(b_do, tl.trans(b_v), DOT_MODE, DT) * b_inv[:, None] + b_r[:, None], 0.)
         else:
