@@ -476,15 +476,20 @@ def anchor_record_fns(tiny):
     return [functools.partial(fn, var) for var in anchor_variants(tiny)]
 
 
-MERGED_DKV = "leap[triton] one-pass dk/dv"
+# backward variants timed beside the default leap[triton] (Dk, Dv <= 64): the triton_chunk switch each sets
+MERGED_DKV = "leap[triton] one-pass dk/dv"  # MERGE_DKV: one dk + dv kernel instead of two
+R_FROM_O = "leap[triton] r from o"  # OWN_R off: r = dL/dden from the forward's o (a dden pass), not in the dq sweep
+VARIANTS = {MERGED_DKV: {"MERGE_DKV": True}, R_FROM_O: {"OWN_R": False}}
+DEFAULTS = {"MERGE_DKV": False, "OWN_R": True}
 
 
 def _merge_dkv(method):
-    """triton_chunk.MERGE_DKV on for the MERGED_DKV method only (it changes how the backward runs at
-    Dk, Dv <= 64: one dk + dv kernel instead of two)."""
+    """triton_chunk's backward switches as ``method`` (one of VARIANTS) sets them, the defaults for any
+    other method (None: back to the defaults)."""
     from leapformer_kernels.attention import triton_chunk
 
-    triton_chunk.MERGE_DKV = method == MERGED_DKV
+    for name, value in dict(DEFAULTS, **VARIANTS.get(method, {})).items():
+        setattr(triton_chunk, name, value)
 
 
 def stage_anchor(rep, dev, tiny, deadline, bw):
@@ -494,8 +499,9 @@ def stage_anchor(rep, dev, tiny, deadline, bw):
     st["copy_bandwidth_GBps"] = bw / 1e9
     st["results"] = res = []
     fns = methods(["triton"], dev)  # leap[triton], sdpa, and leap_on_fla where fla imports
-    if "leap[triton]" in fns:  # the one-pass dk + dv backward (triton_chunk.MERGE_DKV) against the default two
-        fns[MERGED_DKV] = fns["leap[triton]"]
+    if "leap[triton]" in fns:  # the backward variants (VARIANTS) against the default
+        for m in VARIANTS:
+            fns[m] = fns["leap[triton]"]
     dtype = torch.bfloat16
     for var in anchor_variants(tiny):
         B, H, D = var["B"], var["H"], var["D"]

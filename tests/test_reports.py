@@ -68,6 +68,17 @@ def test_gpu_report_rehearsal(tmp_path):
     assert "## Anchor" in (out / "report.md").read_text() and "done in" in proc.stdout
 
 
+def test_gpu_report_variant_defaults():
+    """gpu_report restores triton_chunk's backward switches to DEFAULTS after each variant: they must be
+    the module's own values, and every variant must change one."""
+    from benchmarks import gpu_report
+    from leapformer_kernels.attention import triton_chunk as tc
+
+    assert gpu_report.DEFAULTS == {n: getattr(tc, n) for n in gpu_report.DEFAULTS}
+    for sets in gpu_report.VARIANTS.values():
+        assert sets and all(gpu_report.DEFAULTS[n] != v for n, v in sets.items())
+
+
 def test_record_launches_on_meta_tensors():
     from benchmarks import aot
     from leapformer_kernels.attention import triton_chunk as tc

@@ -149,6 +149,45 @@ def test_one_program_dk_dv(monkeypatch, mode):
     _check(torch.float32, B=1, T=70, H=4, Hkv=2, Dk=32, Dv=48, mode=mode, state=True, padding=True)
 
 
+@pytest.mark.parametrize("mode", ["causal", "block5", "noncausal"])
+def test_r_from_o(monkeypatch, mode):
+    """``triton_chunk.OWN_R`` off: r = dL/dden from the forward's o (the dden pass) also at Dk, Dv <= 64,
+    the switch kept for a GPU timing against r formed in the dq sweep."""
+    from leapformer_kernels.attention import triton_chunk as tc
+
+    monkeypatch.setattr(tc, "OWN_R", False)
+    _check(torch.float32, B=1, T=70, H=4, Hkv=2, Dk=32, Dv=48, mode=mode, state=True, padding=True)
+
+
+@pytest.mark.parametrize("D,own", [(64, True), (128, False)])
+def test_r_pass(D, own):
+    """With every key and value column in one dq program (Dk, Dv <= 64) the dq sweep forms r itself:
+    no dden kernel (no pass over o); at Dk = 128 (key blocks) the dden kernel runs first."""
+    from benchmarks import aot
+    from leapformer_kernels.attention import triton_chunk as tc
+
+    q = torch.empty(2, 100, 2, D, dtype=torch.bfloat16, device="meta")
+    p = torch.empty(2, 100, 2, device="meta")
+    with aot.record() as launches:
+        o, _, _, den = tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
+        n_fwd = len(launches)
+        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, o=o, den=den)
+    launches = launches[n_fwd:]
+    names = [L.name for L in launches]
+    assert ("leap_bwd_kernel_dden" in names) != own, names
+    sweep = [L for L in launches if L.name == "leap_fwd_kernel_sweep"]
+    assert [L.kwargs["OWN_R"] for L in sweep] == [own], sweep
+
+
+def test_dpq_from_own_r_bf16():
+    """dpq is the difference of two nearly equal terms (through num and through den); with r from the
+    bf16 o its error was 2.1x and 4.6x the plain bf16 form's for 2 of 20 seeds at T = 1 (Dk = 32).
+    r formed in the dq sweep from the same fp32 terms as dq~: at most 0.4x over those 20 seeds."""
+    for seed in range(12):
+        torch.manual_seed(seed)
+        _check(torch.bfloat16, B=2, T=1, H=2, Hkv=1, Dk=32, Dv=32, padding=True, state=True)
+
+
 @pytest.mark.parametrize("mode", ["causal", "block5", "block70", "cross"])
 def test_wide_tiles_gqa(mode):
     """Dk = 128 (BT = 64, BK = 128) and Dv = 80 (three value tiles of 32) with GQA: the forward's

@@ -5,7 +5,8 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
 - ``triton_fwd.leap_fwd_kernel_sweep``: forward-order chunkwise sweep carrying the fp32
   state in registers; ``STAGE`` 0 = forward (o, ``den`` and the final state), 2 = ``dq`` and
   ``dpq``; no pass recomputes ``den``.
-- ``triton_bwd.leap_bwd_kernel_dden``: ``dL/dden`` per row from the forward's o and den.
+- ``triton_bwd.leap_bwd_kernel_dden``: ``dL/dden`` per row from the forward's o and den, where the
+  dq sweep cannot form it (Dk or Dv > 64: key blocks; ``OWN_R`` off; the monotone mode).
 - ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, one program per
   key/value head (the group's state gradient summed, its query heads looped over): dk and dv
   together (Dk, Dv <= 64), or a dk launch over key blocks and a dv launch over value tiles.
@@ -272,6 +273,12 @@ def _bwd_tiles(K: int, V: int):
 # keeps its own rule (``triton_monotone``).
 MERGE_DKV = False
 
+# r = dL/dden when one dq program holds every key and value column (NK == 1: Dk, Dv <= 64): formed in the
+# dq sweep from its own fp32 g . num (triton_fwd._dq_own_r, one more score dot per chunk, no pass over o)
+# rather than -(do . o) / den from the forward's rounded o (leap_bwd_kernel_dden, still used for NK > 1
+# and the monotone mode). False: the dden pass, for a GPU timing of both.
+OWN_R = True
+
 
 def _bwd_plan(device, T, S, N, H, Hkv, K, V, INTRA, W, CL):
     """The backward's segment plan: sized so that the key side (one program per sequence x key/value
@@ -481,13 +488,15 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
                                  common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], *whole_bufs)
         else:
             L, nseg = max(T, S, 1), 1
-        if normalize:
+        own_r = OWN_R and normalize and NK == 1  # the dq sweep forms r = dL/dden itself (triton_fwd._dq_own_r)
+        if normalize and not own_r:
             _dden(o, do, den, dden, eps)
         qargs = (q, k, v, pq, pk, kp, cu, s0 if s0 is not None else dummy, z0_ if z0_ is not None else dummy,
                  dummy, dummy, dummy, do, den, dden, dq, dpq, T, S, W, CL, L, NTH, eps)
         qflags = dict(USE_S0=s0 is not None, STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
         # dq, dpq: key blocks of BKq columns, every value column in one tile: complete dq rows
-        leap_fwd_kernel_sweep[(N * H, NK, nseg)](*qargs, BK=BKq, BV=BVf, STAGE=2, SPLIT_K=True, **qflags)
+        leap_fwd_kernel_sweep[(N * H, NK, nseg)](*qargs, BK=BKq, BV=BVf, STAGE=2, SPLIT_K=True, OWN_R=own_r,
+                                                 **qflags)
         kseg = _seg_mode(plan)
         if plan:  # the key side too: query segment sums, a reverse scan, every key segment at once
             dS, dz = query_grad_states(
