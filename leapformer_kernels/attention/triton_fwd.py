@@ -27,8 +27,9 @@ Two sweep shapes (constexpr ``INTRA``):
      with several it reads the r that ``triton_bwd.leap_bwd_kernel_dden`` made from the saved o.
 (No stage recomputes ``den``: the forward's ``o`` and ``den`` are saved.)
 
-Register budget (``benchmarks/results/triton_report_3.9.0_v4_sm90_bf16.md``: no spills at Dk = 64, a
-few dozen bytes at Dk = 128, at sm_90 bf16):
+Register budget (``benchmarks/results/triton_report_3.9.0_v5_sm90_bf16.md``: at sm_90 bf16 no spills in
+the forward at Dk = 64, 80 B in the dq stage there (its own r: one more score dot, ``_dq_own_r``; 0 B
+with r read from memory, v4), a few dozen bytes at Dk = 128):
 
 - Factored features: ``k~_s = diag(sin_k) relu(k)``, so the state update ``S_s += k~_s^T v`` is
   ``relu(k)^T (sin_k v)``: one register operand, relu(k), for both halves, the scaled values in
