@@ -478,9 +478,8 @@ def anchor_record_fns(tiny):
 
 # backward variants timed beside the default leap[triton] (Dk, Dv <= 64): the triton_chunk switch each sets
 MERGED_DKV = "leap[triton] one-pass dk/dv"  # MERGE_DKV: one dk + dv kernel instead of two
-R_FROM_O = "leap[triton] r from o"  # OWN_R off: r = dL/dden from the forward's o (a dden pass), not in the dq sweep
-VARIANTS = {MERGED_DKV: {"MERGE_DKV": True}, R_FROM_O: {"OWN_R": False}}
-DEFAULTS = {"MERGE_DKV": False, "OWN_R": True}
+VARIANTS = {MERGED_DKV: {"MERGE_DKV": True}}
+DEFAULTS = {"MERGE_DKV": False}
 
 
 def _merge_dkv(method):

@@ -149,43 +149,41 @@ def test_one_program_dk_dv(monkeypatch, mode):
     _check(torch.float32, B=1, T=70, H=4, Hkv=2, Dk=32, Dv=48, mode=mode, state=True, padding=True)
 
 
-@pytest.mark.parametrize("mode", ["causal", "block5", "noncausal"])
-def test_r_from_o(monkeypatch, mode):
-    """``triton_chunk.OWN_R`` off: r = dL/dden from the forward's o (the dden pass) also at Dk, Dv <= 64,
-    the switch kept for a GPU timing against r formed in the dq sweep."""
-    from leapformer_kernels.attention import triton_chunk as tc
-
-    monkeypatch.setattr(tc, "OWN_R", False)
-    _check(torch.float32, B=1, T=70, H=4, Hkv=2, Dk=32, Dv=48, mode=mode, state=True, padding=True)
-
-
-@pytest.mark.parametrize("D,own", [(64, True), (128, False)])
-def test_r_pass(D, own):
-    """With every key and value column in one dq program (Dk, Dv <= 64) the dq sweep forms r itself:
-    no dden kernel (no pass over o); at Dk = 128 (key blocks) the dden kernel runs first."""
-    from benchmarks import aot
-    from leapformer_kernels.attention import triton_chunk as tc
-
-    q = torch.empty(2, 100, 2, D, dtype=torch.bfloat16, device="meta")
-    p = torch.empty(2, 100, 2, device="meta")
-    with aot.record() as launches:
-        o, _, _, den = tc.fwd(q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, False)
-        n_fwd = len(launches)
-        tc.bwd(q, None, None, q, q, q, p, p, None, None, None, None, None, True, None, 1e-6, True, o=o, den=den)
-    launches = launches[n_fwd:]
-    names = [L.name for L in launches]
-    assert ("leap_bwd_kernel_dden" in names) != own, names
-    sweep = [L for L in launches if L.name == "leap_fwd_kernel_sweep"]
-    assert [L.kwargs["OWN_R"] for L in sweep] == [own], sweep
-
-
-def test_dpq_from_own_r_bf16():
-    """dpq is the difference of two nearly equal terms (through num and through den); with r from the
-    bf16 o its error was 2.1x and 4.6x the plain bf16 form's for 2 of 20 seeds at T = 1 (Dk = 32).
-    r formed in the dq sweep from the same fp32 terms as dq~: at most 0.4x over those 20 seeds."""
-    for seed in range(12):
+@pytest.mark.parametrize("D,seeds", [(32, 12), (128, 8)])
+def test_dpq_r_correction_bf16(D, seeds):
+    """dpq is the difference of two nearly equal terms (through num and through den). r = dL/dden from the
+    forward's bf16 o put up to 4.6x (Dk = 32) and 2.9x (Dk = 128, four key blocks) the plain bf16 form's
+    error into dpq at T = 1 over 20 / 10 seeds; with the dq sweep's correction (``triton_fwd._dq_store``,
+    FIX_R) at most 0.19x and 0.12x."""
+    for seed in range(seeds):
         torch.manual_seed(seed)
-        _check(torch.bfloat16, B=2, T=1, H=2, Hkv=1, Dk=32, Dv=32, padding=True, state=True)
+        _check(torch.bfloat16, B=2, T=1, H=2, Hkv=1, Dk=D, Dv=D, padding=True, state=True)
+
+
+@pytest.mark.parametrize("mode", ["causal", "block5", "noncausal", "cross"])
+def test_forward_saves_den_and_its_derivative(mode):
+    """The forward's residual ``den`` is ``[2, B, T, H]``: the normaliser q~ . z per row and its
+    derivative d den / d(pi/2 pq), which the dq sweep's r correction reads; both against float64
+    autograd of the reference's unnormalised output with v = 1 (= den; row t depends on pq_t only)."""
+    from leapformer_kernels.attention import triton_chunk as tc
+
+    kw = dict(MODES[mode])
+    T = 70
+    S = T + 9 if mode == "cross" else T
+    q, k, v, pq, pk = make_inputs(2, T, S, 2, 1, 16, 16, dtype=torch.float32)
+    kpm = torch.rand(2, S) < 0.3
+    kpm[:, 0] = True
+    o, _, _, den = tc.fwd(q, k, v, pq, pk, None, None, kpm.contiguous(), None, None, kw["causal"],
+                          kw.get("block_size"), 1e-6, True, False)
+    assert den.shape == (2, 2, T, 2) and den.dtype == torch.float32
+    pq64 = pq.double().requires_grad_()
+    ones = torch.ones(2, S, 1, 1, dtype=torch.float64)
+    # a padded key = a key with relu(k) = 0 (the reference slices the mask by T in cross-attention)
+    k64 = torch.where(kpm[:, :, None, None], -k.double().abs() - 1, k.double())
+    ref = lk.reference.leap_attention(q.double(), k64, ones, pq64, pk.double(), normalize=False, **kw)[..., 0]
+    (dref,) = torch.autograd.grad(ref.sum(), pq64)
+    assert_close(den[0], ref, torch.float32, "den")
+    assert_close(den[1], dref / (torch.pi / 2), torch.float32, "d den / d(pi/2 pq)")
 
 
 @pytest.mark.parametrize("mode", ["causal", "block5", "block70", "cross"])

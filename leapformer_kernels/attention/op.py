@@ -18,8 +18,9 @@ contiguous inputs:
 
 A kernel module that sets ``SAVES_DEN = True`` (the triton backend) keeps forward residuals for
 its backward, as flash-attention keeps ``lse``: its ``fwd`` returns ``(o, S, z, den)`` with ``den``
-the normaliser ``q~ . z`` per query row and head (state dtype ``[B, T, H]``; None when not
-normalised), and its ``bwd`` takes ``o=`` and ``den=`` (the
+the normaliser ``q~ . z`` per query row and head and its derivative ``d den / d(pi/2 pq)``
+(state dtype ``[2, B, T, H]``: ``den[0]``, ``den[1]``; None when not normalised; the backward's
+r correction reads ``den[1]``), and its ``bwd`` takes ``o=`` and ``den=`` (the
 forward's outputs, or None: it then recomputes them). The op saves ``o`` and ``den`` for such a
 backend only; for the others ``den`` is an empty placeholder and nothing more is saved.
 
@@ -109,7 +110,7 @@ def _(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys, c
     Dv = v.shape[-1]
     acc = state_dtype(q.dtype)
     o = q.new_empty(B, T, H, Dv)
-    den = q.new_empty((B, T, H) if normalize and _saves_den(_kernels(backend)) else (_EMPTY,), dtype=acc)
+    den = q.new_empty((2, B, T, H) if normalize and _saves_den(_kernels(backend)) else (_EMPTY,), dtype=acc)
     if not output_final_state:
         return o, q.new_empty(_EMPTY, dtype=acc), q.new_empty(_EMPTY, dtype=acc), den
     n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1

@@ -270,8 +270,7 @@ def leap_bwd_kernel_dden(o, do, den, dden, R, eps, V: tl.constexpr, BR: tl.const
     """``dden = dL/dden = -(do . num) / den^2 = -(do . o) / den`` per query row and head, from the
     forward's ``o`` and ``den`` (``o = num / den`` where ``den >= eps``; 0 where the clamp is active,
     also for a NaN ``den``), as flash-attention's backward first forms ``rowsum(do * o)``: the
-    backward's only pass over ``o``, where the dq sweep does not form r itself (key blocks, Dk or
-    Dv > 64; ``triton_chunk.OWN_R`` off; the monotone mode). ``o``, ``do``: ``[R, V]`` rows (R = B*T*H); ``den``, ``dden``:
+    backward's only pass over ``o``. ``o``, ``do``: ``[R, V]`` rows (R = B*T*H); ``den``, ``dden``:
     ``[R]`` fp32. One program per ``BR`` rows, ``BV >= V``."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < R
@@ -282,3 +281,4 @@ def leap_bwd_kernel_dden(o, do, den, dden, R, eps, V: tl.constexpr, BR: tl.const
     b_den = tl.load(den + o_r, mask=m_r, other=1.)
     b_r = tl.where(b_den >= eps, -tl.sum(b_do * b_o, 1) / _clamp_den(b_den, eps), 0.)
     tl.store(dden + o_r, b_r, mask=m_r)
+

@@ -5,8 +5,7 @@ The interface (shapes, dtypes, what may be None) is in ``attention/op.py``. Kern
 - ``triton_fwd.leap_fwd_kernel_sweep``: forward-order chunkwise sweep carrying the fp32
   state in registers; ``STAGE`` 0 = forward (o, ``den`` and the final state), 2 = ``dq`` and
   ``dpq``; no pass recomputes ``den``.
-- ``triton_bwd.leap_bwd_kernel_dden``: ``dL/dden`` per row from the forward's o and den, where the
-  dq sweep cannot form it (Dk or Dv > 64: key blocks; ``OWN_R`` off; the monotone mode).
+- ``triton_bwd.leap_bwd_kernel_dden``: ``dL/dden`` per row from the forward's o and den.
 - ``triton_bwd.leap_bwd_kernel_dkv``: reverse sweep for ``dk``, ``dv``, ``dpk``, one program per
   key/value head (the group's state gradient summed, its query heads looped over): dk and dv
   together (Dk, Dv <= 64), or a dk launch over key blocks and a dv launch over value tiles.
@@ -38,14 +37,17 @@ Scratch memory: ``_scratch`` lists every tensor a ``fwd`` / ``bwd`` call allocat
 outputs, ``workspace_bytes`` sums it (``tests/test_triton_workspace.py`` records an interpreted
 run and checks the two agree). At B=4, H=16, T=32768, 132 SMs: 26 MiB (D=64) and 96 MiB
 (D=128) for the backward, 73 / 121 MiB with GQA Hkv=4 (34 / 128 and 81 / 153 MiB before the backward
-read the forward's ``den``); the saved ``den`` itself is 8 MiB, an output of the forward. The
+read the forward's ``den``); the saved ``den`` itself (with its derivative in pi/2 pq: ``[2, B, T,
+H]``) is 16 MiB, an output of the forward. The
 monotone backward (``workspace_bytes(monotone=True)``, S=T): 8 MiB (D=64, MHA and GQA), 72 / 48 MiB
 (D=128, MHA / GQA Hkv=4), against 8 / 1296 MiB and 10312 / 10824 MiB of fp32 partials before.
 
 Grid: (sequences x query heads, value tiles, segments) (``sweep_grid``, ``step_grid``): B*H on
 axis 0, whose CUDA limit is 2**31 - 1, since axes 1 and 2 stop at 65535 (decoding at B*H >= 65536
-must launch). The forward returns ``den`` (fp32 per query row and head; ``SAVES_DEN``), which the
-op saves with ``o`` (as flash-attention saves ``lse``); the backward reads both and recomputes the
+must launch). The forward returns ``den`` (fp32 ``[2, B, T, H]``: the normaliser per query row and
+head and its derivative ``d den / d(pi/2 pq)``, which the dq sweep's dpq correction reads;
+``SAVES_DEN``), which the op saves with ``o`` (as flash-attention saves ``lse``); the backward reads
+both and recomputes the
 chunk states on the fly (nothing per chunk is stored); its extra memory is ``dden = dL/dden``
 (fp32, per query row and head) and, at Dk = 128, one fp32 per row and key block for
 ``dpq`` / ``dpk`` (summed here in a fixed order). dq, dk, dv are written complete, in the input
@@ -273,12 +275,6 @@ def _bwd_tiles(K: int, V: int):
 # keeps its own rule (``triton_monotone``).
 MERGE_DKV = False
 
-# r = dL/dden when one dq program holds every key and value column (NK == 1: Dk, Dv <= 64): formed in the
-# dq sweep from its own fp32 g . num (triton_fwd._dq_own_r, one more score dot per chunk, no pass over o)
-# rather than -(do . o) / den from the forward's rounded o (leap_bwd_kernel_dden, still used for NK > 1
-# and the monotone mode). False: the dden pass, for a GPU timing of both.
-OWN_R = True
-
 
 def _bwd_plan(device, T, S, N, H, Hkv, K, V, INTRA, W, CL):
     """The backward's segment plan: sized so that the key side (one program per sequence x key/value
@@ -385,7 +381,7 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_visible_keys,
     INTRA, W, CL = _sweep(T, S, causal, block_size, BT)
     f32 = dict(dtype=torch.float32, device=q.device)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    den = torch.empty(B, T, H, **f32) if normalize else None
+    den = torch.empty(2, B, T, H, **f32) if normalize else None  # den and d den / d(pi/2 pq)
     if output_final_state:
         Sf = torch.empty(N, H, 2 * K, V, **f32)
         zf = torch.empty(N, H, 2 * K, **f32)
@@ -488,15 +484,13 @@ def bwd(do, dS, dz, q, k, v, pq, pk, S0, z0, key_padding_mask, cu_seqlens, num_v
                                  common["DOT_MODE"], common["DT"], ws["seg_S"], ws["seg_z"], *whole_bufs)
         else:
             L, nseg = max(T, S, 1), 1
-        own_r = OWN_R and normalize and NK == 1  # the dq sweep forms r = dL/dden itself (triton_fwd._dq_own_r)
-        if normalize and not own_r:
+        if normalize:
             _dden(o, do, den, dden, eps)
         qargs = (q, k, v, pq, pk, kp, cu, s0 if s0 is not None else dummy, z0_ if z0_ is not None else dummy,
                  dummy, dummy, dummy, do, den, dden, dq, dpq, T, S, W, CL, L, NTH, eps)
         qflags = dict(USE_S0=s0 is not None, STORE_STATE=False, SEGMENTED=_seg_mode(plan), **common)
         # dq, dpq: key blocks of BKq columns, every value column in one tile: complete dq rows
-        leap_fwd_kernel_sweep[(N * H, NK, nseg)](*qargs, BK=BKq, BV=BVf, STAGE=2, SPLIT_K=True, OWN_R=own_r,
-                                                 **qflags)
+        leap_fwd_kernel_sweep[(N * H, NK, nseg)](*qargs, BK=BKq, BV=BVf, STAGE=2, SPLIT_K=True, **qflags)
         kseg = _seg_mode(plan)
         if plan:  # the key side too: query segment sums, a reverse scan, every key segment at once
             dS, dz = query_grad_states(
@@ -547,8 +541,9 @@ def grad_buffers(q, k, v, with_state, N, NK, ws, normalize, o, den, dummy):
 
 def _dden(o, do, den, dden, eps):
     """``dden = dL/dden`` per query row and head from the forward's ``o`` and ``den``
-    (``leap_bwd_kernel_dden``): ``o``, ``do`` ``[B, T, H, V]``, ``den``, ``dden`` ``[B, T, H]`` fp32."""
-    R, V = den.numel(), o.shape[-1]
+    (``leap_bwd_kernel_dden``): ``o``, ``do`` ``[B, T, H, V]``, ``den`` ``[2, B, T, H]`` (its first
+    plane read), ``dden`` ``[B, T, H]`` fp32."""
+    R, V = dden.numel(), o.shape[-1]
     BV = max(16, triton.next_power_of_2(V))
     BR = max(16, 4096 // BV)
     leap_bwd_kernel_dden[(triton.cdiv(R, BR),)](o, do, den, dden, R, eps, V=V, BR=BR, BV=BV, num_warps=4, **LAUNCH)

@@ -17,19 +17,20 @@ Two sweep shapes (constexpr ``INTRA``):
 
 ``STAGE`` picks what a query tile produces:
   0: forward, ``o = num / max(den, eps)`` (or ``num``), the final state, and (normalised) ``den``
-     per row, saved for the backward as flash-attention saves ``lse``;
+     per row with its derivative ``Y = d den / d(pi/2 pq)`` (``den`` is ``[2, B, T, H]``), saved for
+     the backward as flash-attention saves ``lse``;
   2: backward ``dq``/``dpq``, launched with ``SPLIT_K``: grid axis 1 is then a block of ``BK``
      key columns and one tile holds every value column (``BV >= V``), so each program writes
      complete ``dq`` rows for its columns (no fp32 partials; Dk = 128 runs 4 blocks of 32) and
      a ``dpq`` partial per key block (one fp32 per row, summed on the host). It reads the
-     forward's ``den``. ``r = dL/dden`` per row: with one key block (``OWN_R``, Dk, Dv <= 64) the
-     sweep forms it from its own fp32 ``g . num`` (``_dq_own_r``) and writes it for the key side;
-     with several it reads the r that ``triton_bwd.leap_bwd_kernel_dden`` made from the saved o.
-(No stage recomputes ``den``: the forward's ``o`` and ``den`` are saved.)
+     forward's ``den`` and ``dden = dL/dden`` per row (``triton_bwd.leap_bwd_kernel_dden``, from the
+     rounded ``o``), and takes the r error's share out of dpq with the forward's ``Y``
+     (``_dq_store``): dpq is the difference of two nearly equal terms, and with r from the bf16
+     ``o`` alone its error reached 4.6x the plain bf16 form's at T = 1 (0.19x corrected).
+(No stage recomputes ``den`` or ``do . num``: the forward's ``o`` and ``den`` are saved.)
 
-Register budget (``benchmarks/results/triton_report_3.9.0_v5_sm90_bf16.md``: at sm_90 bf16 no spills in
-the forward at Dk = 64, 80 B in the dq stage there (its own r: one more score dot, ``_dq_own_r``; 0 B
-with r read from memory, v4), a few dozen bytes at Dk = 128):
+Register budget (``benchmarks/results/triton_report_3.9.0_v6_sm90_bf16.md``: no spills at Dk = 64,
+at most 170 B per thread at Dk = 128 (dq), at sm_90 bf16):
 
 - Factored features: ``k~_s = diag(sin_k) relu(k)``, so the state update ``S_s += k~_s^T v`` is
   ``relu(k)^T (sin_k v)``: one register operand, relu(k), for both halves, the scaled values in
@@ -202,21 +203,39 @@ def _load_state(S, z, row, o_k, m_k, o_v, m_v, BK: tl.constexpr, BV: tl.constexp
 
 
 @triton.jit
-def _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H: tl.constexpr, V: tl.constexpr,
-             NORMALIZE: tl.constexpr):
-    """Store o rows ``o_t64`` = num / max(den, eps) (or num) and, on value tile 0, den."""
+def _store_o(o, den, b_num, b_den, b_y, o_t64, m_t, o_v, m_v, i_v, eps, NTH, H: tl.constexpr, V: tl.constexpr,
+             NORMALIZE: tl.constexpr, STORE_Y: tl.constexpr):
+    """Store o rows ``o_t64`` = num / max(den, eps) (or num) and, on value tile 0, den and (STORE_Y)
+    ``b_y = d den / d(pi/2 pq)`` one plane further (``den + NTH``: ``den`` is ``[2, B, T, H]``), which
+    the backward's r correction reads (``_dq_store``)."""
     if NORMALIZE:
         b_num = b_num / _clamp_den(b_den, eps)[:, None]
         if i_v == 0:
             tl.store(den + o_t64 * H, b_den, mask=m_t)
+            if STORE_Y:
+                tl.store(den + NTH + o_t64 * H, b_y, mask=m_t)
     tl.store(o + o_t64[:, None] * (H * V) + o_v[None, :], b_num.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _dq_store(dq, dpq, b_a, b_u, b_w, o_t64, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+def _dq_store(dq, dpq, den, b_a, b_u, b_w, o_t64, m_t, o_k, m_k, NTH, eps, H: tl.constexpr, K: tl.constexpr,
+              FIX_R: tl.constexpr):
     """dq rows ``o_t64`` (columns o_k) = relu'(q) u and their dpq = pi/2 relu(q) . w (one fp32 per
-    row), from ``u = sin dq~_s + cos dq~_c`` and ``w = cos dq~_s - sin dq~_c``."""
+    row), from ``u = sin dq~_s + cos dq~_c`` and ``w = cos dq~_s - sin dq~_c``.
+
+    FIX_R (normalised): dpq as the exact ``r = dL/dden`` gives it. ``r`` comes from the forward's
+    rounded ``o`` (``triton_bwd.leap_bwd_kernel_dden``), off by some ``e``; dpq, the difference of two
+    nearly equal terms (through num and through den), would keep ``e``'s share ``pi/2 e Y`` with
+    ``Y = d den / d(pi/2 pq)`` (saved by the forward as ``den[1]``). That share is measured here:
+    the exact r makes ``q~ . dq~ = g . num + r den`` vanish, so ``q~ . dq~ = relu(q) . u = e den``,
+    and ``w - (Y / den) u`` drops it (linear in u, so per key block too). Rows with the clamp
+    active (``den < eps``, NaN) have r = 0: no correction."""
+    if FIX_R:
+        b_den = tl.load(den + o_t64 * H, mask=m_t, other=1.)
+        b_y = tl.load(den + NTH + o_t64 * H, mask=m_t, other=0.)
+        b_y = tl.where(b_den >= eps, b_y / _clamp_den(b_den, eps), 0.)
+        b_w -= b_y[:, None] * b_u
     b_dq = tl.where(b_a > 0, b_u, 0.)
     b_dp = HALF_PI * tl.sum(b_a * b_w, 1)
     tl.store(dq + o_t64[:, None] * (H * K) + o_k[None, :], b_dq.to(dq.dtype.element_ty),
@@ -227,8 +246,8 @@ def _dq_store(dq, dpq, b_a, b_u, b_w, o_t64, m_t, o_k, m_k, H: tl.constexpr, K: 
 @triton.jit
 def _dq_tile(dq, dpq, b_a, b_sin, b_cos, b_dqs, b_dqc, o_t64, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
     """dq~ (sin and cos halves) -> dq rows ``o_t64`` (columns o_k) and their dpq (``_dq_store``)."""
-    _dq_store(dq, dpq, b_a, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None],
-              b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None], o_t64, m_t, o_k, m_k, H, K)
+    _dq_store(dq, dpq, dpq, b_a, b_dqs * b_sin[:, None] + b_dqc * b_cos[:, None],
+              b_dqs * b_cos[:, None] - b_dqc * b_sin[:, None], o_t64, m_t, o_k, m_k, 0, 0., H, K, False)
 
 
 @triton.jit
@@ -267,23 +286,17 @@ def _fold_keys(k, pk, v, kpm, s0, s1, o_i, o_k, m_k, o_v, m_v, b_hs, b_hc, b_zs,
 
 
 @triton.jit
-def _grad_rows_scaled(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr,
-                      LOAD_R: tl.constexpr = True):
+def _grad_rows_scaled(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr):
     """``g = dL/dnum = do / max(den, eps)`` kept factored: do (rows x value tile) as loaded, in its
     own dtype (an exact dot operand, no fp32 tile of g), and ``1 / max(den, eps)`` per row (1
     unnormalised); with r = dL/dden (rows, read from ``dden``, see
-    ``triton_bwd.leap_bwd_kernel_dden``), r counted on value tile 0 only. Normalised with
-    ``LOAD_R`` False, r is not read: its place holds the factor that turns ``g . num`` into r,
-    ``-1 / den`` (0 where the den clamp is active or den is NaN, as in ``leap_bwd_kernel_dden``)."""
+    ``triton_bwd.leap_bwd_kernel_dden``), r counted on value tile 0 only."""
     o_r64 = o_r.to(tl.int64)
     b_do = tl.load(do + o_r64[:, None] * stride_do + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.)
     if NORMALIZE:
         b_den = tl.load(den + o_r64 * stride_h, mask=m_r, other=1.)
         b_inv = 1. / _clamp_den(b_den, eps)
-        if LOAD_R:
-            b_r = tl.load(dden + o_r64 * stride_h, mask=m_r, other=0.)
-        else:
-            b_r = tl.where(b_den >= eps, -b_inv, 0.)
+        b_r = tl.load(dden + o_r64 * stride_h, mask=m_r, other=0.)
         b_r = tl.where(m_r & (i_v == 0), b_r, 0.)
     else:
         b_inv = tl.full([b_do.shape[0]], 1., dtype=tl.float32)
@@ -292,12 +305,10 @@ def _grad_rows_scaled(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_
 
 
 @triton.jit
-def _grad_rows(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr,
-               LOAD_R: tl.constexpr = True):
-    """g = dL/dnum = do / max(den, eps) (rows x value tile, fp32) and r = dL/dden, or its factor
-    (``LOAD_R``; ``_grad_rows_scaled``)."""
+def _grad_rows(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps, NORMALIZE: tl.constexpr):
+    """g = dL/dnum = do / max(den, eps) (rows x value tile, fp32) and r = dL/dden (``_grad_rows_scaled``)."""
     b_do, b_inv, b_r = _grad_rows_scaled(do, den, dden, o_r, m_r, o_v, m_v, stride_do, stride_h, i_v, eps,
-                                         NORMALIZE, LOAD_R)
+                                         NORMALIZE)
     return b_do.to(tl.float32) * b_inv[:, None], b_r
 
 
@@ -322,48 +333,11 @@ def _dq_from_state(do, den, dden, o_t, m_t, o_v, m_v, b_hs, b_hc, b_zs, b_zc, i_
 
 
 @triton.jit
-def _dq_own_r(dden, b_x, b_scale, b_f, b_a, b_sin, b_cos, b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_akt, b_sk, b_ck,
-              o_t64, m_t, H: tl.constexpr, HAS_A: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
-    """dq~ through the state and (HAS_A) the masked intra-chunk score gradient ``dA``, with
-    ``r = dL/dden`` formed here from this tile's own ``g . num`` rather than the forward's rounded o
-    (``OWN_R``: the program holds every key and value column). ``g = b_x * b_scale``; ``b_f``: r's
-    factor per row (``_grad_rows_scaled`` with ``LOAD_R`` False). ``g . num = q~ . (g S^T) +
-    rowsum(A * (g v^T))`` with the masked scores ``A = (relu(q) relu(k)^T) * (sin_q sin_k^T + cos_q
-    cos_k^T)``: the same fp32 terms that dq~ is made of, so the two terms of ``dpq`` (through num and
-    through den), which nearly cancel, are formed consistently (with r from a bf16 o, dpq's error was
-    up to 4.6x the plain bf16 form's at T = 1; 0.4x with r from here).
-
-    r is written to ``dden`` (for the key side) and read back after a barrier: computed from dot results
-    and fed into dA, the operand of the intra-chunk dots, it would make Triton give the score, state and
-    g v^T dots the ``[num_warps, 1]`` warp layout of a dot feeding a dot (every accumulator held twice:
-    sm_90 bf16: 48 wgmma against 36 at D = 64); through memory the chain is cut."""
-    b_gn = tl.zeros_like(b_f)
-    if HAS_A:  # the scores' term first: A dies before the state's dq~ tiles are made
-        b_A = tl.where(b_M, _dot(_cvt(b_a, DOT_MODE, DT), b_akt, DOT_MODE, DT)
-                       * (b_sin[:, None] * b_sk[None, :] + b_cos[:, None] * b_ck[None, :]), 0.)
-        b_dA = _dot(b_x, tl.trans(b_v), DOT_MODE, DT) * b_scale
-        b_gn += tl.sum(b_A * b_dA, 1)
-    b_dqs = _dot(b_x, tl.trans(b_hs), DOT_MODE, DT) * b_scale
-    b_dqc = _dot(b_x, tl.trans(b_hc), DOT_MODE, DT) * b_scale
-    if not HAS_A:
-        b_dA = b_dqs  # unused without intra-chunk scores
-    b_gn += tl.sum(b_a * (b_sin[:, None] * b_dqs + b_cos[:, None] * b_dqc), 1)
-    tl.store(dden + o_t64 * H, b_f * b_gn, mask=m_t)
-    tl.debug_barrier()
-    b_r = tl.load(dden + o_t64 * H, mask=m_t, other=0.)
-    b_dqs += b_r[:, None] * b_zs[None, :]
-    b_dqc += b_r[:, None] * b_zc[None, :]
-    if HAS_A:
-        b_dA = tl.where(b_M, b_dA + b_r[:, None], 0.)
-    return b_dqs, b_dqc, b_dA
-
-
-@triton.jit
 def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
                 b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ps, b_pc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 STAGE: tl.constexpr, HAS_A: tl.constexpr, NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr,
-                DT: tl.constexpr, OWN_R: tl.constexpr):
+                DT: tl.constexpr):
     """One query tile of the forward-order sweep against the exclusive state, plus (HAS_A) the
     masked intra-chunk terms against the chunk's own keys under mask b_M: relu(k)^T ``b_akt``, their
     sin / cos ``b_sk``, ``b_ck``, values ``b_v`` and a pair ``b_ps``, ``b_pc``: ``sin_k v``, ``cos_k v``
@@ -387,20 +361,15 @@ def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
             b_Rc = _cvt(b_R, DOT_MODE, DT)
             b_num += b_sin[:, None] * _dot(b_Rc, b_ps, DOT_MODE, DT) + b_cos[:, None] * _dot(b_Rc, b_pc, DOT_MODE, DT)
         b_den = b_sin * b_ds + b_cos * b_dc
-        _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
+        _store_o(o, den, b_num, b_den, b_cos * b_ds - b_sin * b_dc, o_t64, m_t, o_v, m_v, i_v, eps, NTH, H, V,
+                 NORMALIZE, True)
     else:
         # dq~ = g S^T + r z^T (+ ((g v^T + r) * M) k~ within the chunk). With more value columns
         # than key columns (Dk = 128: key blocks of 32, all 128 value columns) g = do / den stays
         # factored: do is the dot operand, 1 / den scales the (narrower) results' rows, and no fp32
         # g tile is held (sm_90 bf16, dq D=128: 84 B of spills against 216 B; at D=64 the plain g: 0 B
         # against 40 B)
-        if OWN_R:  # r from this tile's g . num (_dq_own_r); g factored
-            b_x, b_inv, b_f = _grad_rows_scaled(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps,
-                                                NORMALIZE, False)
-            b_scale = b_inv[:, None]
-            b_dqs, b_dqc, b_dA = _dq_own_r(dden, b_x, b_scale, b_f, b_a, b_sin, b_cos, b_hs, b_hc, b_zs, b_zc, b_M,
-                                           b_v, b_akt, b_sk, b_ck, o_t64, m_t, H, HAS_A, DOT_MODE, DT)
-        elif BV > BK:
+        if BV > BK:
             b_do, b_inv, b_r = _grad_rows_scaled(do, den, dden, o_t, m_t, o_v, m_v, H * V, H, i_v, eps,
                                                  NORMALIZE)
             b_dqs, b_dqc = _dq_state(b_do, b_inv[:, None], b_r, b_hs, b_hc, b_zs, b_zc, DOT_MODE, DT)
@@ -422,10 +391,7 @@ def _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
             b_w += b_cos[:, None] * b_is - b_sin[:, None] * b_ic
         # complete dq rows for this program's key columns o_k (all value columns are here);
         # dpq sums over every key column: one partial per key block (i_k), summed on the host
-        if OWN_R:  # relu(q) loaded again (a cache hit) rather than held through the intra-chunk dots
-            b_a = _relu(tl.load(q + o_t64[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                                other=0.).to(tl.float32))
-        _dq_store(dq, dpq + i_k * NTH, b_a, b_u, b_w, o_t64, m_t, o_k, m_k, H, K)
+        _dq_store(dq, dpq + i_k * NTH, den, b_a, b_u, b_w, o_t64, m_t, o_k, m_k, NTH, eps, H, K, NORMALIZE)
 
 
 @triton.jit
@@ -433,7 +399,7 @@ def _query_rows(q, pq, o, do, den, dden, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_
                 b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, STAGE: tl.constexpr,
-                NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr, OWN_R: tl.constexpr):
+                NORMALIZE: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr):
     """Query rows [t0, t1) in tiles of BT, all reading the same (inclusive) state: no intra-chunk
     scores."""
     b_M = o_i[:, None] >= 0  # unused without intra-chunk scores
@@ -441,12 +407,12 @@ def _query_rows(q, pq, o, do, den, dden, dq, dpq, t0, t1, o_i, o_k, m_k, o_v, m_
         o_t = r0 + o_i
         _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, o_t < t1, o_k, m_k, o_v, m_v,
                     b_hs, b_hc, b_zs, b_zc, b_M, b_hs, b_hs, b_hs, b_hs, b_zs, b_zs, i_k, i_v, eps, NTH,
-                    H, K, V, BK, BV, STAGE, False, NORMALIZE, DOT_MODE, DT, OWN_R)
+                    H, K, V, BK, BV, STAGE, False, NORMALIZE, DOT_MODE, DT)
 
 
 @triton.autotune(configs=sweep_configs(),
                  key=['H', 'G', 'K', 'V', 'BT', 'BK', 'BV', 'STAGE', 'INTRA', 'IS_VARLEN', 'HAS_KPM',
-                      'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'SPLIT_K', 'DOT_MODE', 'OWN_R'])
+                      'USE_S0', 'STORE_STATE', 'NORMALIZE', 'SEGMENTED', 'SPLIT_K', 'DOT_MODE'])
 @triton.jit(do_not_specialize=['T', 'S', 'W', 'CL', 'L', 'NTH', 'eps'])
 def leap_fwd_kernel_sweep(
     q, k, v, pq, pk, kpm, cu_seqlens, S0, z0,
@@ -458,7 +424,6 @@ def leap_fwd_kernel_sweep(
     STAGE: tl.constexpr, INTRA: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     USE_S0: tl.constexpr, STORE_STATE: tl.constexpr, NORMALIZE: tl.constexpr,
     SEGMENTED: tl.constexpr, DOT_MODE: tl.constexpr, DT: tl.constexpr, SPLIT_K: tl.constexpr = False,
-    OWN_R: tl.constexpr = False,
 ):
     i_nh, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if SPLIT_K:  # axis 1 = key block (BK of the K columns, all V in one tile: STAGE 2's dq)
@@ -524,14 +489,11 @@ def leap_fwd_kernel_sweep(
                 b_pc = b_vc
             _query_tile(q, pq, o, do, den, dden, dq, dpq, o_t, m_t, o_k, m_k, o_v, m_v,
                         b_hs, b_hc, b_zs, b_zc, b_M, b_v, b_ps, b_pc, b_akt, b_sk, b_ck, i_k, i_v, eps, NTH,
-                        H, K, V, BK, BV, STAGE, True, NORMALIZE, DOT_MODE, DT, OWN_R)
+                        H, K, V, BK, BV, STAGE, True, NORMALIZE, DOT_MODE, DT)
             if STAGE == 0:
                 b_hs += _dot(b_akt, b_vs, DOT_MODE, DT)
                 b_hc += _dot(b_akt, b_vc, DOT_MODE, DT)
             else:  # each scaled value tile made just before its dot (fewer live tiles: 68 B against 124 B)
-                if OWN_R:  # v loaded again (a cache hit), not held through the query tile: 80 B against 100 B
-                    b_v = tl.load(v + o_t64[:, None] * (HKV * V) + o_v[None, :], mask=b_kv[:, None] & m_v[None, :],
-                                  other=0.)
                 b_vf = b_v.to(tl.float32)
                 b_hs += _dot(b_akt, _cvt(b_vf * b_sk[:, None], DOT_MODE, DT), DOT_MODE, DT)
                 b_hc += _dot(b_akt, _cvt(b_vf * b_ck[:, None], DOT_MODE, DT), DOT_MODE, DT)
@@ -539,8 +501,7 @@ def leap_fwd_kernel_sweep(
             b_zc += b_dzc
     elif SEGMENTED == 2:  # one block holds every key: S0 is the whole state; queries [q0, q1) read it
         _query_rows(q, pq, o, do, den, dden, dq, dpq, q0, q1, o_i, o_k, m_k, o_v, m_v,
-                    b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, BK, BV, STAGE, NORMALIZE, DOT_MODE, DT,
-                    OWN_R)
+                    b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, BK, BV, STAGE, NORMALIZE, DOT_MODE, DT)
     else:
         # whole blocks [b0, b0 + W) from q0 (a multiple of W when segmented) to the segment's end
         b_end = tl.minimum(q0 + L, tl.maximum(Lq, Lk))
@@ -548,7 +509,6 @@ def leap_fwd_kernel_sweep(
             b_hs, b_hc, b_zs, b_zc = _fold_keys(k, pk, v, kpm, b0, tl.minimum(b0 + W, Lk), o_i, o_k, m_k, o_v, m_v,
                                                 b_hs, b_hc, b_zs, b_zc, HKV, K, V, BT, HAS_KPM, DOT_MODE, DT)
             _query_rows(q, pq, o, do, den, dden, dq, dpq, b0, tl.minimum(b0 + W, Lq), o_i, o_k, m_k, o_v, m_v,
-                        b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, BK, BV, STAGE, NORMALIZE, DOT_MODE, DT,
-                        OWN_R)
+                        b_hs, b_hc, b_zs, b_zc, i_k, i_v, eps, NTH, H, K, V, BT, BK, BV, STAGE, NORMALIZE, DOT_MODE, DT)
     if STORE_STATE:
         _store_state(Sf, zf, i_nh.to(tl.int64), b_hs, b_hc, b_zs, b_zc, o_k, m_k, o_v, m_v, i_v, K, V)

@@ -129,7 +129,7 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, dden, dq, dpq, t0, 
             b_A = tl.where(o_s[None, :] < b_n[:, None], b_A, 0.)
             b_num += _dot(b_A, b_v, DOT_MODE, DT)
             b_den += tl.sum(b_A, 1)
-        _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
+        _store_o(o, den, b_num, b_den, b_den, o_t64, m_t, o_v, m_v, i_v, eps, 0, H, V, NORMALIZE, False)
     else:
         # dq~ = g S^T + r z^T + where(M, g v^T + r, 0) k~ over the masked tiles (every value column
         # is here: g v^T is whole; k~, S, z only for this program's key columns)
@@ -347,7 +347,7 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize, output_f
     BT, BK, BV, NV = tc._tiles(K, V)
     f32 = dict(dtype=torch.float32, device=q.device)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    den = torch.empty(B, T, H, **f32) if normalize else None
+    den = torch.empty(2, B, T, H, **f32) if normalize else None  # as triton_chunk.fwd's (den[1] unused here)
     Sf = torch.empty(B, H, 2 * K, V, **f32) if output_final_state else None
     zf = torch.empty(B, H, 2 * K, **f32) if output_final_state else None
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
