@@ -129,7 +129,7 @@ def _mono_query_chunk(q, pq, k, pk, v, kpm, nvk, o, do, den, dden, dq, dpq, t0, 
             b_A = tl.where(o_s[None, :] < b_n[:, None], b_A, 0.)
             b_num += _dot(b_A, b_v, DOT_MODE, DT)
             b_den += tl.sum(b_A, 1)
-        _store_o(o, den, b_num, b_den, b_den, o_t64, m_t, o_v, m_v, i_v, eps, 0, H, V, NORMALIZE, False)
+        _store_o(o, den, b_num, b_den, o_t64, m_t, o_v, m_v, i_v, eps, H, V, NORMALIZE)
     else:
         # dq~ = g S^T + r z^T + where(M, g v^T + r, 0) k~ over the masked tiles (every value column
         # is here: g v^T is whole; k~, S, z only for this program's key columns)
