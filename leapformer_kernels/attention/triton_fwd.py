@@ -26,7 +26,7 @@ Two sweep shapes (constexpr ``INTRA``):
      forward's ``den`` and ``dden = dL/dden`` per row (``triton_bwd.leap_bwd_kernel_dden``, from the
      rounded ``o``), and takes the r error's share out of dpq with the forward's ``Y``
      (``_dq_store``): dpq is the difference of two nearly equal terms, and with r from the bf16
-     ``o`` alone its error reached 4.6x the plain bf16 form's at T = 1 (0.19x corrected).
+     ``o`` alone its error reached 4.6x the plain bf16 form's at T = 1 (0.40x corrected).
 (No stage recomputes ``den`` or ``do . num``: the forward's ``o`` and ``den`` are saved.)
 
 Register budget (``benchmarks/results/triton_report_3.9.0_v6_sm90_bf16.md``: no spills at Dk = 64,
