@@ -184,3 +184,44 @@ def test_installed_requirements():
     assert extras["zoo"] == {"tqdm", "matplotlib"}
     assert extras["triton"] == {"triton"}
     assert {"tqdm", "matplotlib", "triton", "pytest"} <= extras["test"]
+
+
+def test_built_binary_imported_without_cpp_extension(monkeypatch):
+    """A binary already in its build folder is imported as is: cpp_extension (its lock file, ninja) is
+    not called, so a lock left by a killed process does not make the import wait."""
+    import torch.utils.cpp_extension as cpp
+
+    name = "window_pool"
+    try:
+        _build.load(name)
+    except _build.BuildError as e:
+        pytest.skip(f"no C++ build here: {str(e).splitlines()[0]}")
+    openmp = not _build._no_openmp.get(name, False)
+    (_build.build_dir(name, openmp) / "lock").touch()  # what a process killed inside cpp_extension leaves
+    try:
+        monkeypatch.setattr(cpp, "load", lambda *a, **k: pytest.fail("cpp_extension.load called for a built binary"))
+        mod = _build._compile(name, openmp)
+        assert mod.__name__ == f"leapformer_{name}" and mod.__file__ == str(_build.build_dir(name, openmp) /
+                                                                             f"leapformer_{name}.so")
+    finally:
+        (_build.build_dir(name, openmp) / "lock").unlink()
+
+
+@pytest.mark.parametrize("age_s, removed", [(_build.STALE_LOCK_S + 60, True), (5, False)])
+def test_stale_build_lock_removed(tmp_path, monkeypatch, age_s, removed):
+    """With no binary yet, a lock file older than STALE_LOCK_S (left by a build that was killed) is removed
+    before cpp_extension runs; a fresh one (another process building now) is left for it to wait on."""
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LEAPFORMER_CACHE", str(tmp_path))
+    d = _build.build_dir("window_pool")
+    d.mkdir(parents=True)
+    lock = d / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    seen = []
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: seen.append(lock.exists()) or "module")
+    assert _build._compile("window_pool", True) == "module"
+    assert seen == [not removed]
