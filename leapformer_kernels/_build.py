@@ -153,45 +153,11 @@ def _ensure_ninja() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-# cpp_extension's lock file in a build folder, older than this, was left by a process killed while
-# it built (a build takes about a minute): removed, or every later load would wait on it forever
-STALE_LOCK_S = 600
-
-
-def _import_binary(module: str, path: Path):
-    """Import the extension module ``module`` from the shared library ``path`` (as cpp_extension does)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(module, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _compile(name: str, openmp: bool):
-    """Import ``leapformer_<name>`` from its build folder, building it first if it is not there.
-    A binary already built is imported directly: its folder's key covers every input, and
-    cpp_extension would only take its lock file and rerun ninja (a process killed right then left
-    the lock behind, and every later import waited on it)."""
-    import torch  # noqa: F401  (the binary links against libtorch)
     from torch.utils.cpp_extension import load as cpp_load
 
     d = build_dir(name, openmp)
-    binary = d / f"leapformer_{name}.so"
-    if binary.is_file():
-        try:
-            return _import_binary(f"leapformer_{name}", binary)
-        except ImportError:
-            pass  # a binary cut short (killed while linking): rebuild it
     d.mkdir(parents=True, exist_ok=True)
-    lock = d / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-    except FileNotFoundError:
-        pass
     return cpp_load(name=f"leapformer_{name}", sources=[str(p) for p in _sources(name)], extra_cflags=_flags(openmp),
                     extra_ldflags=_ldflags(openmp), build_directory=str(d), verbose=False)
 
