@@ -281,4 +281,3 @@ def leap_bwd_kernel_dden(o, do, den, dden, R, eps, V: tl.constexpr, BR: tl.const
     b_den = tl.load(den + o_r, mask=m_r, other=1.)
     b_r = tl.where(b_den >= eps, -tl.sum(b_do * b_o, 1) / _clamp_den(b_den, eps), 0.)
     tl.store(dden + o_r, b_r, mask=m_r)
-

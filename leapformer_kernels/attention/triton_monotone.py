@@ -347,8 +347,9 @@ def fwd(q, k, v, pq, pk, S0, z0, key_padding_mask, nvk, eps, normalize, output_f
     BT, BK, BV, NV = tc._tiles(K, V)
     f32 = dict(dtype=torch.float32, device=q.device)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    den = torch.empty(2, B, T, H, **f32) if normalize else None  # as triton_chunk.fwd's
-    if normalize:  # den[1] (d den / d(pi/2 pq)) is not formed here (no dpq correction): defined zeros
+    den = None
+    if normalize:  # [2, B, T, H] as triton_chunk.fwd's; its den[1] (d den / d(pi/2 pq)) is not formed here: zeros
+        den = torch.empty(2, B, T, H, **f32)
         den[1].zero_()
     Sf = torch.empty(B, H, 2 * K, V, **f32) if output_final_state else None
     zf = torch.empty(B, H, 2 * K, **f32) if output_final_state else None
